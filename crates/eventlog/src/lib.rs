@@ -1,0 +1,103 @@
+//! The append-only, partitioned log that is the source of truth of the chat.
+//!
+//! One trait, [`EventLog`], for every backend; the embedded backend
+//! ([`embedded::EmbeddedLog`], redb with group commit) is the default. A record
+//! goes to the partition Kafka's keyed partitioner picks for its key
+//! ([`partitioner`]), so every backend agrees on where a room lives.
+//!
+//! Promises every backend keeps (checked by [`conformance`]):
+//! - `append` returns only once the records are durable; their offsets are
+//!   dense and increasing per partition, in the order of the batch, and a batch
+//!   appended after another one completed gets higher offsets;
+//! - `read` yields a partition's records in offset order from the asked
+//!   offset, then keeps tailing new ones;
+//! - the epoch names this incarnation of the log and never changes while the
+//!   log's data lives.
+
+pub mod conformance;
+pub mod embedded;
+pub mod partitioner;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+
+/// A record to append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Partitioning key (the room).
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    /// Milliseconds since the Unix epoch.
+    pub ts: i64,
+}
+
+/// Where an appended record landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub partition: u32,
+    pub offset: u64,
+}
+
+/// A record read back from the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRecord {
+    pub partition: u32,
+    pub offset: u64,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub ts: i64,
+}
+
+/// A tailing read of one partition, in batches of records in offset order.
+pub type RecordStream = BoxStream<'static, Result<Vec<LogRecord>, LogError>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// The log cannot be reached or is shutting down; nothing was appended.
+    #[error("log unavailable: {0}")]
+    Unavailable(String),
+    #[error("log has {found} partitions but {wanted} were asked for; rooms would move, refusing")]
+    PartitionMismatch { found: u32, wanted: u32 },
+    #[error("partition {partition} out of range (log has {partitions})")]
+    NoSuchPartition { partition: u32, partitions: u32 },
+    #[error("log storage error: {0}")]
+    Storage(String),
+}
+
+impl LogError {
+    /// True when trying again later may succeed.
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, LogError::Unavailable(_))
+    }
+}
+
+/// The append-only partitioned log.
+#[async_trait]
+pub trait EventLog: Send + Sync + 'static {
+    /// Number of partitions; fixed for the life of the log.
+    fn partitions(&self) -> u32;
+
+    /// Identity of this incarnation of the log.
+    fn epoch(&self) -> &str;
+
+    /// The partition a key lives on.
+    fn partition_for(&self, key: &[u8]) -> u32 {
+        partitioner::partition_for(key, self.partitions())
+    }
+
+    /// Appends a batch; returns where each record landed, in batch order,
+    /// once all of them are durable.
+    async fn append(&self, records: Vec<Record>) -> Result<Vec<Appended>, LogError>;
+
+    /// The offset the next record of `partition` will get.
+    async fn end_offset(&self, partition: u32) -> Result<u64, LogError>;
+
+    /// Reads `partition` from offset `from` on, then tails it.
+    fn read(&self, partition: u32, from: u64) -> RecordStream;
+
+    /// The stored position (next offset to read) of a consumer `group`.
+    async fn load_position(&self, group: &str, partition: u32) -> Result<Option<u64>, LogError>;
+
+    /// Stores the position (next offset to read) of a consumer `group`.
+    async fn store_position(&self, group: &str, partition: u32, next: u64) -> Result<(), LogError>;
+}

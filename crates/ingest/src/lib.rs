@@ -1,0 +1,196 @@
+//! The gateway's front door: the WebSocket protocol of PROTOCOL.md, the HTTP
+//! endpoints, and the web page.
+//!
+//! Ingest validates each request, appends accepted messages to the log and
+//! acks them only once the append is durable. A connection's sends are
+//! appended in the order they arrived: while one batch is in the log, the
+//! next ones wait in a bounded per-connection queue and go as one batch
+//! (full queue policy: stop reading the socket). Fan-out (joins, live
+//! messages) is delegated to the `fanout` crate; history to the store.
+
+mod dedup;
+mod http;
+mod ws;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::Router;
+use eventlog::{EventLog, Record};
+use fanout::Fanout;
+use metrics_exporter_prometheus::PrometheusHandle;
+use projector::HistoryStore;
+use schemas::protocol::{ErrorCode, FrameError};
+use schemas::{ChatEvent, MessagePosted};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use dedup::AckInfo;
+
+/// Gateway settings; defaults in [`GatewayConfig::default`].
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Name of this node, sent in `welcome`.
+    pub node: String,
+    /// Frames queued for one client before it counts as a slow consumer.
+    pub client_queue: usize,
+    /// Sends of one connection waiting for the log before it stops reading.
+    pub max_pending_sends: usize,
+    /// Client message ids remembered for idempotent retries.
+    pub dedup_capacity: usize,
+    /// How long shutdown waits for connections to drain.
+    pub drain_timeout: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            node: "gw-1".to_owned(),
+            client_queue: 4096,
+            max_pending_sends: 1024,
+            dedup_capacity: 100_000,
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What a gateway serves from. `fanout` and `store` are optional roles: a
+/// gateway without them answers joins and history with `unavailable`.
+pub struct Gateway {
+    pub log: Arc<dyn EventLog>,
+    pub fanout: Option<Arc<Fanout>>,
+    pub store: Option<Arc<dyn HistoryStore>>,
+    pub metrics: Option<PrometheusHandle>,
+    pub config: GatewayConfig,
+}
+
+pub(crate) struct AppState {
+    gw: Gateway,
+    dedup: dedup::Dedup,
+    shutdown: CancellationToken,
+    connections: TaskTracker,
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A validated message waiting to be appended.
+pub(crate) struct PendingSend {
+    pub room: String,
+    pub id: String,
+    pub user: String,
+    pub body: String,
+    pub ts: i64,
+}
+
+impl PendingSend {
+    fn record(&self) -> Record {
+        let event = ChatEvent::MessagePosted(MessagePosted {
+            room: self.room.clone(),
+            client_id: self.id.clone(),
+            user: self.user.clone(),
+            body: self.body.clone(),
+            ts: self.ts,
+        });
+        Record {
+            key: self.room.as_bytes().to_vec(),
+            value: schemas::encode(&event),
+            ts: self.ts,
+        }
+    }
+}
+
+impl AppState {
+    /// Appends a batch in order; answers each send, records outcomes for retries.
+    pub(crate) async fn append(&self, batch: &[PendingSend]) -> Vec<dedup::Outcome> {
+        let records = batch.iter().map(PendingSend::record).collect();
+        let result = self.gw.log.append(records).await;
+        metrics::counter!("ingest_appends_total").increment(1);
+        let outcomes: Vec<dedup::Outcome> = match result {
+            Ok(placed) => placed
+                .iter()
+                .zip(batch)
+                .map(|(a, s)| {
+                    Ok(AckInfo {
+                        offset: a.offset as i64,
+                        ts: s.ts,
+                    })
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "append failed");
+                metrics::counter!("ingest_append_errors_total").increment(1);
+                batch
+                    .iter()
+                    .map(|s| {
+                        Err(FrameError::new(
+                            ErrorCode::Unavailable,
+                            "the log is unavailable; nothing was appended; retry with the same id",
+                            Some(s.id.clone()),
+                        ))
+                    })
+                    .collect()
+            }
+        };
+        for (s, o) in batch.iter().zip(&outcomes) {
+            self.dedup.finish(&s.room, &s.id, o);
+        }
+        metrics::counter!("ingest_messages_acked_total")
+            .increment(outcomes.iter().filter(|o| o.is_ok()).count() as u64);
+        outcomes
+    }
+}
+
+/// The HTTP router of a gateway, and the tracker of its WebSocket
+/// connections.
+fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(http::index))
+        .route("/ws", get(ws::upgrade))
+        .route(
+            "/rooms/{room}/messages",
+            get(http::history).post(http::post_message),
+        )
+        .route("/healthz", get(http::healthz))
+        .route("/readyz", get(http::readyz))
+        .route("/metrics", get(http::metrics))
+        .with_state(state)
+}
+
+/// Serves the gateway on `listener` until `shutdown` is cancelled, then
+/// drains: stops accepting, lets connections finish their appends and close
+/// with 1001, and returns once they are gone or `drain_timeout` passed.
+pub async fn serve(
+    listener: TcpListener,
+    gateway: Gateway,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    if gateway.store.is_none() {
+        tracing::info!("no history store on this node: history requests answer unavailable");
+    }
+    let drain_timeout = gateway.config.drain_timeout;
+    let state = Arc::new(AppState {
+        dedup: dedup::Dedup::new(gateway.config.dedup_capacity),
+        gw: gateway,
+        shutdown: shutdown.clone(),
+        connections: TaskTracker::new(),
+    });
+    let app = router(state.clone());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await?;
+    state.connections.close();
+    if tokio::time::timeout(drain_timeout, state.connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections did not drain in time");
+    }
+    Ok(())
+}

@@ -1,0 +1,407 @@
+//! One WebSocket connection: reads client frames, answers each request, and
+//! writes every frame for the client through one bounded queue.
+//!
+//! Tasks: the connection task reads and handles frames; a writer task owned
+//! by it drains the queue into the socket and sends the close frame. A bad
+//! frame is answered with an `error` and nothing else happens. Close codes:
+//! 4001 unauthorized, 4008 slow consumer (its queue filled up), 1001 server
+//! going away (shutdown, after in-flight appends are acked).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::response::Response;
+use fanout::{Frame, Member};
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, SplitSink};
+use futures::{FutureExt, SinkExt, StreamExt};
+use schemas::protocol::{
+    parse_client_frame, ClientFrame, ErrorCode, FrameError, Position, ServerFrame, PROTOCOL_VERSION,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::dedup::{self, AckInfo, Claim, Outcome};
+use crate::{now_ms, AppState, PendingSend};
+
+/// Close codes of PROTOCOL.md.
+pub const CLOSE_UNAUTHORIZED: u16 = 4001;
+pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+
+/// Largest frame accepted from a client; larger ones fail the connection,
+/// smaller ones over the body limit get `too_large`.
+const MAX_FRAME_BYTES: usize = 64 * 1024;
+
+/// User names follow the room-name rule.
+pub(crate) fn valid_user(user: &str) -> bool {
+    schemas::protocol::valid_room(user)
+}
+
+pub(crate) async fn upgrade(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<HashMap<String, String>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let user = query.get("user").filter(|u| valid_user(u)).cloned();
+    ws.max_message_size(MAX_FRAME_BYTES)
+        .on_upgrade(move |socket| {
+            let tracker = state.connections.clone();
+            tracker.track_future(connection(socket, state, user))
+        })
+}
+
+fn error_frame(e: &FrameError) -> Frame {
+    Frame::from(e.to_frame().to_json())
+}
+
+fn ack_frame(id: &str, room: &str, ack: AckInfo) -> Frame {
+    Frame::from(
+        ServerFrame::Ack {
+            id,
+            room,
+            offset: ack.offset,
+            ts: ack.ts,
+        }
+        .to_json(),
+    )
+}
+
+/// How a connection ends.
+#[derive(Debug, Clone, Copy)]
+struct Close {
+    code: u16,
+    reason: &'static str,
+    /// Send what is queued first (acks of a drain); a slow consumer's
+    /// backlog is dropped instead.
+    flush: bool,
+}
+
+const SLOW_CONSUMER: Close = Close {
+    code: CLOSE_SLOW_CONSUMER,
+    reason: "slow consumer",
+    flush: false,
+};
+const GOING_AWAY: Close = Close {
+    code: CLOSE_GOING_AWAY,
+    reason: "server going away",
+    flush: true,
+};
+const UNAUTHORIZED: Close = Close {
+    code: CLOSE_UNAUTHORIZED,
+    reason: "unauthorized",
+    flush: true,
+};
+
+/// Drains the queue into the socket until the queue closes or a close
+/// arrives.
+async fn writer(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Frame>,
+    mut close: oneshot::Receiver<Close>,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            close = &mut close => {
+                if let Ok(close) = close {
+                    if close.flush {
+                        while let Ok(frame) = rx.try_recv() {
+                            if sink.send(Message::Text(frame)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    let frame = CloseFrame { code: close.code, reason: Utf8Bytes::from_static(close.reason) };
+                    let _closing = sink.send(Message::Close(Some(frame))).await;
+                }
+                break;
+            }
+            frame = rx.recv() => match frame {
+                Some(frame) => {
+                    if sink.send(Message::Text(frame)).await.is_err() {
+                        break;
+                    }
+                }
+                None => break,
+            },
+        }
+    }
+    let _closed = sink.close().await;
+}
+
+type AppendFuture = BoxFuture<'static, (Vec<PendingSend>, Vec<Outcome>)>;
+type RetryFuture = BoxFuture<'static, (String, String, Outcome)>;
+
+struct Connection {
+    state: Arc<AppState>,
+    user: String,
+    member: Arc<Member>,
+    tx: mpsc::Sender<Frame>,
+    kick: CancellationToken,
+    rooms: HashSet<String>,
+    /// Sends waiting for the batch in flight to finish.
+    queued: Vec<PendingSend>,
+    /// At most one batch in the log at a time, so a connection's sends keep
+    /// their order.
+    inflight: FuturesUnordered<AppendFuture>,
+    /// Retries of ids whose first attempt is still in flight.
+    retries: FuturesUnordered<RetryFuture>,
+}
+
+async fn connection(socket: WebSocket, state: Arc<AppState>, user: Option<String>) {
+    let (sink, mut stream) = socket.split();
+    let (tx, rx) = mpsc::channel(state.gw.config.client_queue);
+    let (close_tx, close_rx) = oneshot::channel();
+    let writer = tokio::spawn(writer(sink, rx, close_rx));
+    let Some(user) = user else {
+        let e = FrameError::new(
+            ErrorCode::Unauthorized,
+            "connect with ?user=<name> (names match ^[A-Za-z0-9_.-]{1,64}$)",
+            None,
+        );
+        let _queued = tx.try_send(error_frame(&e));
+        drop(tx);
+        // Let the error go out before the close.
+        let _sent = close_tx.send(UNAUTHORIZED);
+        let _done = writer.await;
+        return;
+    };
+    metrics::gauge!("ingest_connections").increment(1.0);
+    let kick = CancellationToken::new();
+    let member = Member::new(&user, tx.clone(), kick.clone());
+    let mut conn = Connection {
+        state: state.clone(),
+        user,
+        member,
+        tx,
+        kick,
+        rooms: HashSet::new(),
+        queued: Vec::new(),
+        inflight: FuturesUnordered::new(),
+        retries: FuturesUnordered::new(),
+    };
+    let node = state.gw.config.node.clone();
+    conn.push(Frame::from(
+        ServerFrame::Welcome {
+            user: &conn.user,
+            node: &node,
+            v: PROTOCOL_VERSION,
+        }
+        .to_json(),
+    ));
+    let close = conn.run(&mut stream).await;
+    conn.leave_all();
+    if let Some(code) = close {
+        let _sent = close_tx.send(code);
+    } else {
+        drop(close_tx);
+    }
+    drop(conn);
+    let _done = writer.await;
+    metrics::gauge!("ingest_connections").decrement(1.0);
+}
+
+impl Connection {
+    /// Queues a frame for the client; a full queue makes it a slow consumer.
+    fn push(&self, frame: Frame) {
+        if self.tx.try_send(frame).is_err() && !self.kick.is_cancelled() {
+            metrics::counter!("fanout_slow_consumers_total").increment(1);
+            self.kick.cancel();
+        }
+    }
+
+    fn leave_all(&mut self) {
+        if let Some(fanout) = &self.state.gw.fanout {
+            for room in self.rooms.drain() {
+                fanout.leave(&room, &self.member);
+            }
+        }
+    }
+
+    /// Handles frames until the client leaves or must be closed; returns the
+    /// close code to send, if any.
+    async fn run(&mut self, stream: &mut futures::stream::SplitStream<WebSocket>) -> Option<Close> {
+        let shutdown = self.state.shutdown.clone();
+        let kick = self.kick.clone();
+        let max_pending = self.state.gw.config.max_pending_sends;
+        loop {
+            let can_read = self.queued.len() + self.retries.len() < max_pending;
+            tokio::select! {
+                biased;
+                _ = kick.cancelled() => return Some(SLOW_CONSUMER),
+                _ = shutdown.cancelled() => {
+                    // Drain: finish the appends already accepted, ack them.
+                    while !self.inflight.is_empty() || !self.queued.is_empty() {
+                        if let Some((batch, outcomes)) = self.inflight.next().await {
+                            self.answer(batch, outcomes);
+                        }
+                        self.start_batch();
+                    }
+                    while let Some((id, room, outcome)) = self.retries.next().await {
+                        self.answer_one(&id, &room, outcome);
+                    }
+                    return Some(GOING_AWAY);
+                }
+                Some((batch, outcomes)) = self.inflight.next(), if !self.inflight.is_empty() => {
+                    self.answer(batch, outcomes);
+                    self.start_batch();
+                }
+                Some((id, room, outcome)) = self.retries.next(), if !self.retries.is_empty() => {
+                    self.answer_one(&id, &room, outcome);
+                }
+                msg = stream.next(), if can_read => match msg {
+                    Some(Ok(Message::Text(text))) => self.handle(&text).await,
+                    Some(Ok(Message::Binary(_))) => self.push(error_frame(&FrameError::new(
+                        ErrorCode::BadFrame,
+                        "frames are json text",
+                        None,
+                    ))),
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                        // The client is gone; appends in flight still complete.
+                        while let Some((batch, outcomes)) = self.inflight.next().await {
+                            self.answer(batch, outcomes);
+                            self.start_batch();
+                        }
+                        return None;
+                    }
+                    Some(Ok(_)) => {} // ping/pong are answered by the library
+                },
+            }
+        }
+    }
+
+    fn answer(&mut self, batch: Vec<PendingSend>, outcomes: Vec<Outcome>) {
+        for (send, outcome) in batch.iter().zip(outcomes) {
+            self.answer_one(&send.id, &send.room, outcome);
+        }
+    }
+
+    fn answer_one(&self, id: &str, room: &str, outcome: Outcome) {
+        match outcome {
+            Ok(ack) => self.push(ack_frame(id, room, ack)),
+            Err(e) => self.push(error_frame(&e)),
+        }
+    }
+
+    /// Sends the queued sends to the log as one batch, if none is in flight.
+    fn start_batch(&mut self) {
+        if !self.inflight.is_empty() || self.queued.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.queued);
+        let state = self.state.clone();
+        self.inflight.push(
+            async move {
+                let outcomes = state.append(&batch).await;
+                (batch, outcomes)
+            }
+            .boxed(),
+        );
+    }
+
+    async fn handle(&mut self, text: &str) {
+        metrics::counter!("ingest_frames_total").increment(1);
+        let frame = match parse_client_frame(text) {
+            Ok(frame) => frame,
+            Err(e) => {
+                metrics::counter!("ingest_bad_frames_total", "code" => e.code.as_str())
+                    .increment(1);
+                return self.push(error_frame(&e));
+            }
+        };
+        match frame {
+            ClientFrame::Send { room, id, body } => self.send(room, id, body),
+            ClientFrame::Join { room, since } => self.join(room, since).await,
+            ClientFrame::Leave { room } => {
+                if !self.rooms.remove(&room) {
+                    return self.push(not_joined(&room));
+                }
+                if let Some(fanout) = &self.state.gw.fanout {
+                    fanout.leave(&room, &self.member);
+                }
+            }
+            ClientFrame::Typing { room } => {
+                if !self.rooms.contains(&room) {
+                    return self.push(not_joined(&room));
+                }
+                if let Some(fanout) = &self.state.gw.fanout {
+                    let frame = ServerFrame::Typing {
+                        room: &room,
+                        user: &self.user,
+                    };
+                    fanout.broadcast_ephemeral(&room, Frame::from(frame.to_json()));
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, room: String, id: String, body: String) {
+        match self.state.dedup.claim(&room, &id, &self.user) {
+            Err(e) => self.push(error_frame(&e)),
+            Ok(Claim::Done(ack)) => self.push(ack_frame(&id, &room, ack)),
+            Ok(Claim::Pending(rx)) => self.retries.push(
+                async move {
+                    let outcome = dedup::wait(rx, &id).await;
+                    (id, room, outcome)
+                }
+                .boxed(),
+            ),
+            Ok(Claim::New) => {
+                self.queued.push(PendingSend {
+                    room,
+                    id,
+                    user: self.user.clone(),
+                    body,
+                    ts: now_ms(),
+                });
+                self.start_batch();
+            }
+        }
+    }
+
+    async fn join(&mut self, room: String, since: Option<Position>) {
+        let Some(fanout) = self.state.gw.fanout.clone() else {
+            return self.push(error_frame(&FrameError::new(
+                ErrorCode::Unavailable,
+                "this node does not serve live messages",
+                None,
+            )));
+        };
+        if self.rooms.remove(&room) {
+            fanout.leave(&room, &self.member);
+        }
+        let joined = tokio::select! {
+            r = fanout.join(&room, &self.member, since.as_ref()) => r,
+            _ = self.kick.cancelled() => Err(fanout::FanoutError::Slow),
+            _ = self.state.shutdown.cancelled() => return,
+        };
+        match joined {
+            Ok(()) => {
+                self.rooms.insert(room);
+            }
+            Err(fanout::FanoutError::Slow) => {
+                // Joined as far as the fan-out is concerned; leave_all cleans up.
+                self.rooms.insert(room);
+            }
+            Err(fanout::FanoutError::Log(e)) => {
+                tracing::warn!(error = %e, room, "join failed");
+                self.push(error_frame(&FrameError::new(
+                    ErrorCode::Unavailable,
+                    "the log is unavailable; join again",
+                    None,
+                )));
+            }
+        }
+    }
+}
+
+fn not_joined(room: &str) -> Frame {
+    error_frame(&FrameError::new(
+        ErrorCode::NotJoined,
+        format!("not a member of {room}"),
+        None,
+    ))
+}

@@ -1,0 +1,269 @@
+//! The embedded history store: a redb database in the data dir.
+//!
+//! Every table name carries a namespace, so several projection versions (a
+//! replay building a new one while the current one serves reads) live side by
+//! side in one file. One `apply` is one durable transaction holding the
+//! messages and the partition position that covers them.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::{Database, ReadableTable, TableDefinition};
+use schemas::protocol::MessageView;
+use serde::{Deserialize, Serialize};
+
+use crate::{HistoryStore, StoreError};
+
+/// What a message row holds besides its key (room, offset).
+#[derive(Serialize, Deserialize)]
+struct Row {
+    id: String,
+    user: String,
+    body: String,
+    ts: i64,
+}
+
+fn storage(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Storage(e.to_string())
+}
+
+struct Tables {
+    messages: String,
+    ids: String,
+    positions: String,
+}
+
+impl Tables {
+    fn new(namespace: &str) -> Self {
+        Tables {
+            messages: format!("messages@{namespace}"),
+            ids: format!("ids@{namespace}"),
+            positions: format!("positions@{namespace}"),
+        }
+    }
+
+    fn messages(&self) -> TableDefinition<'_, (&'static str, u64), &'static [u8]> {
+        TableDefinition::new(&self.messages)
+    }
+
+    fn ids(&self) -> TableDefinition<'_, (&'static str, &'static str), u64> {
+        TableDefinition::new(&self.ids)
+    }
+
+    fn positions(&self) -> TableDefinition<'_, u32, u64> {
+        TableDefinition::new(&self.positions)
+    }
+}
+
+/// Embedded history store. Cheap to clone.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    tables: Arc<Tables>,
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) `history.redb` in `dir`, using projection version
+    /// `namespace`.
+    pub fn open(dir: &Path, namespace: &str) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(storage)?;
+        let db = Database::create(dir.join("history.redb")).map_err(storage)?;
+        Self::with_database(Arc::new(db), namespace)
+    }
+
+    /// Another projection version in the same database.
+    pub fn namespace(&self, namespace: &str) -> Result<Self, StoreError> {
+        Self::with_database(self.db.clone(), namespace)
+    }
+
+    fn with_database(db: Arc<Database>, namespace: &str) -> Result<Self, StoreError> {
+        let tables = Tables::new(namespace);
+        let txn = db.begin_write().map_err(storage)?;
+        txn.open_table(tables.messages()).map_err(storage)?;
+        txn.open_table(tables.ids()).map_err(storage)?;
+        txn.open_table(tables.positions()).map_err(storage)?;
+        txn.commit().map_err(storage)?;
+        Ok(EmbeddedStore {
+            db,
+            tables: Arc::new(tables),
+        })
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database, &Tables) -> Result<T, StoreError> + Send + 'static,
+    {
+        let db = self.db.clone();
+        let tables = self.tables.clone();
+        tokio::task::spawn_blocking(move || f(&db, &tables))
+            .await
+            .map_err(storage)?
+    }
+}
+
+fn apply_blocking(
+    db: &Database,
+    tables: &Tables,
+    partition: u32,
+    messages: &[MessageView],
+    next: u64,
+) -> Result<(), StoreError> {
+    let txn = db.begin_write().map_err(storage)?;
+    {
+        let mut positions = txn.open_table(tables.positions()).map_err(storage)?;
+        let stored = positions
+            .get(partition)
+            .map_err(storage)?
+            .map(|v| v.value());
+        if stored.is_some_and(|s| next <= s) {
+            return Ok(()); // already applied; the transaction is dropped unchanged
+        }
+        let mut rows = txn.open_table(tables.messages()).map_err(storage)?;
+        let mut ids = txn.open_table(tables.ids()).map_err(storage)?;
+        for m in messages {
+            let offset = u64::try_from(m.offset).map_err(storage)?;
+            if let Some(first) = ids.get((m.room.as_str(), m.id.as_str())).map_err(storage)? {
+                if first.value() != offset {
+                    metrics::counter!("projector_duplicate_ids_total").increment(1);
+                    continue;
+                }
+            }
+            let row = serde_json::to_vec(&Row {
+                id: m.id.clone(),
+                user: m.user.clone(),
+                body: m.body.clone(),
+                ts: m.ts,
+            })
+            .map_err(storage)?;
+            rows.insert((m.room.as_str(), offset), row.as_slice())
+                .map_err(storage)?;
+            ids.insert((m.room.as_str(), m.id.as_str()), offset)
+                .map_err(storage)?;
+        }
+        positions.insert(partition, next).map_err(storage)?;
+    }
+    txn.commit().map_err(storage)
+}
+
+#[async_trait]
+impl HistoryStore for EmbeddedStore {
+    async fn apply(
+        &self,
+        partition: u32,
+        messages: Vec<MessageView>,
+        next: u64,
+    ) -> Result<(), StoreError> {
+        self.blocking(move |db, tables| apply_blocking(db, tables, partition, &messages, next))
+            .await
+    }
+
+    async fn position(&self, partition: u32) -> Result<Option<u64>, StoreError> {
+        self.blocking(move |db, tables| {
+            let txn = db.begin_read().map_err(storage)?;
+            let positions = txn.open_table(tables.positions()).map_err(storage)?;
+            let value = positions
+                .get(partition)
+                .map_err(storage)?
+                .map(|v| v.value());
+            Ok(value)
+        })
+        .await
+    }
+
+    async fn page(
+        &self,
+        room: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<MessageView>, StoreError> {
+        let room = room.to_owned();
+        self.blocking(move |db, tables| {
+            let txn = db.begin_read().map_err(storage)?;
+            let rows = txn.open_table(tables.messages()).map_err(storage)?;
+            let end = before.unwrap_or(u64::MAX);
+            let mut page = Vec::with_capacity(limit.min(1024));
+            for entry in rows
+                .range((room.as_str(), 0)..(room.as_str(), end))
+                .map_err(storage)?
+                .rev()
+                .take(limit)
+            {
+                let (key, value) = entry.map_err(storage)?;
+                let row: Row = serde_json::from_slice(value.value()).map_err(storage)?;
+                page.push(MessageView {
+                    room: room.clone(),
+                    offset: key.value().1 as i64,
+                    id: row.id,
+                    user: row.user,
+                    body: row.body,
+                    ts: row.ts,
+                });
+            }
+            page.reverse();
+            Ok(page)
+        })
+        .await
+    }
+
+    async fn find_id(&self, room: &str, id: &str) -> Result<Option<u64>, StoreError> {
+        let (room, id) = (room.to_owned(), id.to_owned());
+        self.blocking(move |db, tables| {
+            let txn = db.begin_read().map_err(storage)?;
+            let ids = txn.open_table(tables.ids()).map_err(storage)?;
+            let value = ids
+                .get((room.as_str(), id.as_str()))
+                .map_err(storage)?
+                .map(|v| v.value());
+            Ok(value)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Harness {
+        dirs: std::sync::Mutex<Vec<tempfile::TempDir>>,
+    }
+
+    #[async_trait]
+    impl crate::conformance::StoreHarness for Harness {
+        async fn fresh(&self) -> Arc<dyn HistoryStore> {
+            let dir = tempfile::tempdir().unwrap();
+            let store = EmbeddedStore::open(dir.path(), "v1").unwrap();
+            self.dirs.lock().unwrap().push(dir);
+            Arc::new(store)
+        }
+    }
+
+    fn harness() -> Harness {
+        Harness {
+            dirs: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    crate::store_conformance_suite!(harness());
+
+    #[tokio::test]
+    async fn namespaces_are_separate_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let v1 = EmbeddedStore::open(dir.path(), "v1").unwrap();
+        let v2 = v1.namespace("v2").unwrap();
+        let m = MessageView {
+            room: "r".into(),
+            offset: 0,
+            id: "a".into(),
+            user: "u".into(),
+            body: "b".into(),
+            ts: 1,
+        };
+        v1.apply(0, vec![m], 1).await.unwrap();
+        assert_eq!(v1.page("r", None, 10).await.unwrap().len(), 1);
+        assert!(v2.page("r", None, 10).await.unwrap().is_empty());
+        assert_eq!(v2.position(0).await.unwrap(), None);
+    }
+}

@@ -1,0 +1,9 @@
+//! The contracts every other crate relies on: the Avro event schemas and their
+//! codec (`event`), and the client protocol frames of PROTOCOL.md (`protocol`).
+//!
+//! Nothing here does I/O; a change here is a change to a public contract.
+
+pub mod event;
+pub mod protocol;
+
+pub use event::{decode, encode, ChatEvent, DecodeError, MessagePosted};

@@ -1,0 +1,378 @@
+//! Client protocol v1 frames (PROTOCOL.md): parsing and validation of what a
+//! client sends, and the frames a gateway answers with.
+//!
+//! Parsing never fails the connection: every problem becomes a [`FrameError`]
+//! carrying the protocol error code and, when the frame had one, the request
+//! `id`, so the gateway can answer that request alone and keep going.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Protocol version spoken by this crate.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest message body, in bytes of UTF-8.
+pub const MAX_BODY_BYTES: usize = 4096;
+/// Longest room name.
+pub const MAX_ROOM_LEN: usize = 64;
+/// Longest client message id.
+pub const MAX_ID_LEN: usize = 128;
+
+/// A log position: an offset in the room's partition and the log's epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    /// Offset of the last message covered; -1 before the first one.
+    pub offset: i64,
+    pub epoch: String,
+}
+
+/// A validated frame from a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientFrame {
+    Join {
+        room: String,
+        since: Option<Position>,
+    },
+    Leave {
+        room: String,
+    },
+    Send {
+        room: String,
+        id: String,
+        body: String,
+    },
+    Typing {
+        room: String,
+    },
+}
+
+/// The error codes of PROTOCOL.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadFrame,
+    TooLarge,
+    BadRoom,
+    Unauthorized,
+    Forbidden,
+    RateLimited,
+    Unavailable,
+    NotJoined,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::BadRoom => "bad_room",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::NotJoined => "not_joined",
+        }
+    }
+}
+
+/// A rejected request: what to answer, and to which request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub id: Option<String>,
+}
+
+impl FrameError {
+    pub fn new(code: ErrorCode, message: impl Into<String>, id: Option<String>) -> Self {
+        FrameError {
+            code,
+            message: message.into(),
+            id,
+        }
+    }
+}
+
+/// True when `room` matches `^[A-Za-z0-9_.-]{1,64}$`.
+pub fn valid_room(room: &str) -> bool {
+    !room.is_empty()
+        && room.len() <= MAX_ROOM_LEN
+        && room
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// Checks a message body against the protocol limits.
+pub fn check_body(body: &str, id: Option<&str>) -> Result<(), FrameError> {
+    let id = id.map(str::to_owned);
+    if body.is_empty() {
+        return Err(FrameError::new(ErrorCode::BadFrame, "empty body", id));
+    }
+    if body.len() > MAX_BODY_BYTES {
+        return Err(FrameError::new(
+            ErrorCode::TooLarge,
+            format!("body is {} bytes, limit is {MAX_BODY_BYTES}", body.len()),
+            id,
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a client message id.
+pub fn check_id(id: &str) -> Result<(), FrameError> {
+    if id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(char::is_control) {
+        return Err(FrameError::new(
+            ErrorCode::BadFrame,
+            format!("id must be 1 to {MAX_ID_LEN} printable bytes"),
+            None,
+        ));
+    }
+    Ok(())
+}
+
+fn check_room(room: Option<&str>, id: Option<&str>) -> Result<String, FrameError> {
+    let id = id.map(str::to_owned);
+    match room {
+        None => Err(FrameError::new(ErrorCode::BadFrame, "missing room", id)),
+        Some(r) if !valid_room(r) => Err(FrameError::new(
+            ErrorCode::BadRoom,
+            "room names match ^[A-Za-z0-9_.-]{1,64}$",
+            id,
+        )),
+        Some(r) => Ok(r.to_owned()),
+    }
+}
+
+/// Parses and validates one text frame from a client.
+pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| FrameError::new(ErrorCode::BadFrame, format!("not json: {e}"), None))?;
+    let Value::Object(obj) = value else {
+        return Err(FrameError::new(
+            ErrorCode::BadFrame,
+            "a frame is a json object",
+            None,
+        ));
+    };
+    let id = obj.get("id").and_then(Value::as_str);
+    let str_field = |name: &str| obj.get(name).and_then(Value::as_str);
+    let kind = str_field("type")
+        .ok_or_else(|| FrameError::new(ErrorCode::BadFrame, "missing type", id.map(Into::into)))?;
+    match kind {
+        "join" => {
+            let room = check_room(str_field("room"), id)?;
+            let since = match obj.get("since") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(Position::deserialize(v).map_err(|e| {
+                    FrameError::new(
+                        ErrorCode::BadFrame,
+                        format!("since must be {{offset, epoch}}: {e}"),
+                        None,
+                    )
+                })?),
+            };
+            Ok(ClientFrame::Join { room, since })
+        }
+        "leave" => Ok(ClientFrame::Leave {
+            room: check_room(str_field("room"), id)?,
+        }),
+        "typing" => Ok(ClientFrame::Typing {
+            room: check_room(str_field("room"), id)?,
+        }),
+        "send" => {
+            let Some(id) = id else {
+                return Err(FrameError::new(
+                    ErrorCode::BadFrame,
+                    "send needs a string id",
+                    None,
+                ));
+            };
+            check_id(id)?;
+            let room = check_room(str_field("room"), Some(id))?;
+            let Some(body) = str_field("body") else {
+                return Err(FrameError::new(
+                    ErrorCode::BadFrame,
+                    "send needs a string body",
+                    Some(id.to_owned()),
+                ));
+            };
+            check_body(body, Some(id))?;
+            Ok(ClientFrame::Send {
+                room,
+                id: id.to_owned(),
+                body: body.to_owned(),
+            })
+        }
+        other => Err(FrameError::new(
+            ErrorCode::BadFrame,
+            format!("unknown type {other:?}"),
+            id.map(Into::into),
+        )),
+    }
+}
+
+/// A chat message as clients see it, live and in history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageView {
+    pub room: String,
+    pub offset: i64,
+    pub id: String,
+    pub user: String,
+    pub body: String,
+    pub ts: i64,
+}
+
+/// Frames a gateway sends to a client; `type` is serialized first.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ServerFrame<'a> {
+    Welcome {
+        user: &'a str,
+        node: &'a str,
+        v: u32,
+    },
+    Joined {
+        room: &'a str,
+        position: Position,
+        recovered: bool,
+    },
+    Left {
+        room: &'a str,
+    },
+    Ack {
+        id: &'a str,
+        room: &'a str,
+        offset: i64,
+        ts: i64,
+    },
+    Message(&'a MessageView),
+    Typing {
+        room: &'a str,
+        user: &'a str,
+    },
+    Error {
+        code: ErrorCode,
+        message: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a str>,
+    },
+}
+
+impl ServerFrame<'_> {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("server frames always serialize")
+    }
+}
+
+impl FrameError {
+    pub fn to_frame(&self) -> ServerFrame<'_> {
+        ServerFrame::Error {
+            code: self.code,
+            message: &self.message,
+            id: self.id.as_deref(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(text: &str) -> (ErrorCode, Option<String>) {
+        let e = parse_client_frame(text).unwrap_err();
+        (e.code, e.id)
+    }
+
+    #[test]
+    fn parses_every_client_frame() {
+        assert_eq!(
+            parse_client_frame(r#"{"type":"join","room":"general"}"#).unwrap(),
+            ClientFrame::Join {
+                room: "general".into(),
+                since: None
+            }
+        );
+        assert_eq!(
+            parse_client_frame(
+                r#"{"type":"join","room":"a.b-c_d","since":{"offset":41,"epoch":"e1"}}"#
+            )
+            .unwrap(),
+            ClientFrame::Join {
+                room: "a.b-c_d".into(),
+                since: Some(Position {
+                    offset: 41,
+                    epoch: "e1".into()
+                })
+            }
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"type":"send","room":"r","id":"x","body":"hi","extra":1}"#)
+                .unwrap(),
+            ClientFrame::Send {
+                room: "r".into(),
+                id: "x".into(),
+                body: "hi".into()
+            }
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"type":"leave","room":"r"}"#).unwrap(),
+            ClientFrame::Leave { room: "r".into() }
+        );
+    }
+
+    #[test]
+    fn bad_frames_get_their_codes() {
+        assert_eq!(code("nope"), (ErrorCode::BadFrame, None));
+        assert_eq!(code("[1]"), (ErrorCode::BadFrame, None));
+        assert_eq!(
+            code(r#"{"type":"dance","id":"q"}"#),
+            (ErrorCode::BadFrame, Some("q".into()))
+        );
+        assert_eq!(
+            code(r#"{"type":"send","room":"r","body":"hi"}"#),
+            (ErrorCode::BadFrame, None)
+        );
+        assert_eq!(
+            code(r#"{"type":"send","room":"r","id":"i","body":""}"#),
+            (ErrorCode::BadFrame, Some("i".into()))
+        );
+        let big = format!(
+            r#"{{"type":"send","room":"r","id":"i","body":"{}"}}"#,
+            "x".repeat(5000)
+        );
+        assert_eq!(code(&big), (ErrorCode::TooLarge, Some("i".into())));
+        assert_eq!(
+            code(r#"{"type":"send","room":"no spaces","id":"i","body":"x"}"#),
+            (ErrorCode::BadRoom, Some("i".into()))
+        );
+        assert_eq!(
+            code(&format!(r#"{{"type":"join","room":"{}"}}"#, "a".repeat(65))),
+            (ErrorCode::BadRoom, None)
+        );
+    }
+
+    #[test]
+    fn server_frames_put_type_first() {
+        let json = ServerFrame::Ack {
+            id: "i",
+            room: "r",
+            offset: 3,
+            ts: 9,
+        }
+        .to_json();
+        assert_eq!(
+            json,
+            r#"{"type":"ack","id":"i","room":"r","offset":3,"ts":9}"#
+        );
+        let m = MessageView {
+            room: "r".into(),
+            offset: 1,
+            id: "i".into(),
+            user: "u".into(),
+            body: "b".into(),
+            ts: 2,
+        };
+        assert!(ServerFrame::Message(&m)
+            .to_json()
+            .starts_with(r#"{"type":"message","room":"r""#));
+    }
+}

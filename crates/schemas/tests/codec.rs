@@ -1,0 +1,218 @@
+//! The event codec from the outside: round trips, hostile input, and the
+//! committed fixture every release must keep decoding.
+
+use std::path::PathBuf;
+
+use proptest::prelude::*;
+use schemas::event::{self, ChatEvent, DecodeError, MessagePosted};
+
+fn posted(room: &str, client_id: &str, user: &str, body: &str, ts: i64) -> ChatEvent {
+    ChatEvent::MessagePosted(MessagePosted {
+        room: room.to_owned(),
+        client_id: client_id.to_owned(),
+        user: user.to_owned(),
+        body: body.to_owned(),
+        ts,
+    })
+}
+
+fn arb_event() -> impl Strategy<Value = ChatEvent> {
+    (".*", ".*", ".*", ".*", any::<i64>()).prop_map(|(room, client_id, user, body, ts)| {
+        ChatEvent::MessagePosted(MessagePosted {
+            room,
+            client_id,
+            user,
+            body,
+            ts,
+        })
+    })
+}
+
+proptest! {
+    #[test]
+    fn encode_then_decode_is_identity(event in arb_event()) {
+        prop_assert_eq!(event::decode(&event::encode(&event)).unwrap(), event);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
+        let _ = event::decode(&bytes);
+    }
+
+    #[test]
+    fn valid_header_with_random_tail_never_panics(
+        tail in proptest::collection::vec(any::<u8>(), 0..128),
+    ) {
+        let mut bytes = vec![0xC3, 0x01];
+        bytes.extend_from_slice(&event::fingerprint().to_le_bytes());
+        bytes.extend_from_slice(&tail);
+        if let Ok(decoded) = event::decode(&bytes) {
+            // Whatever it read, it reads as exactly these bytes.
+            prop_assert_eq!(event::encode(&decoded), bytes);
+        }
+    }
+
+    #[test]
+    fn corrupted_records_never_panic(
+        event in arb_event(),
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let mut bytes = event::encode(&event);
+        for (at, xor) in flips {
+            let i = at.index(bytes.len());
+            bytes[i] ^= xor;
+        }
+        let _ = event::decode(&bytes);
+        let _ = event::decode(&bytes[..cut.index(bytes.len())]);
+    }
+}
+
+#[test]
+fn every_strict_prefix_is_an_error() {
+    let bytes = event::encode(&posted("room-1", "id", "ada", "héllo 👋", -5));
+    for len in 0..bytes.len() {
+        assert!(
+            event::decode(&bytes[..len]).is_err(),
+            "a {len}-byte prefix decoded"
+        );
+    }
+}
+
+#[test]
+fn trailing_bytes_are_malformed() {
+    let mut bytes = event::encode(&posted("r", "c", "u", "b", 1));
+    bytes.push(0);
+    assert!(matches!(
+        event::decode(&bytes),
+        Err(DecodeError::Malformed(_))
+    ));
+}
+
+#[test]
+fn bad_headers_are_named() {
+    assert!(matches!(event::decode(&[]), Err(DecodeError::BadHeader)));
+    assert!(matches!(
+        event::decode(&[0xC3, 0x01, 1, 2]),
+        Err(DecodeError::BadHeader)
+    ));
+    let mut bytes = event::encode(&posted("r", "c", "u", "b", 1));
+    bytes[1] = 0x02;
+    assert!(matches!(event::decode(&bytes), Err(DecodeError::BadHeader)));
+}
+
+#[test]
+fn unknown_fingerprint_is_reported_not_guessed() {
+    let mut bytes = event::encode(&posted("r", "c", "u", "b", 1));
+    bytes[2..10].copy_from_slice(&0x0123_4567_89ab_cdefu64.to_le_bytes());
+    let err = event::decode(&bytes).unwrap_err();
+    assert!(matches!(
+        err,
+        DecodeError::UnknownFingerprint(0x0123_4567_89ab_cdef)
+    ));
+    assert_eq!(
+        err.to_string(),
+        "unknown schema fingerprint 0x0123456789abcdef"
+    );
+}
+
+/// A string length prefix far beyond the input: an error, fast, without
+/// reading (or keeping) what the prefix claims.
+#[test]
+fn huge_length_prefixes_are_malformed() {
+    let header = {
+        let mut h = vec![0xC3, 0x01];
+        h.extend_from_slice(&event::fingerprint().to_le_bytes());
+        h
+    };
+    // zig-zag varints: i64::MAX, 400 MiB, 2^40, and a negative length.
+    let lengths: [&[u8]; 4] = [
+        &[0xfe, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01],
+        &[0x80, 0x80, 0x80, 0x90, 0x03],
+        &[0x80, 0x80, 0x80, 0x80, 0x80, 0x40],
+        &[0x01],
+    ];
+    for length in lengths {
+        let mut bytes = header.clone();
+        bytes.push(0); // union branch 0
+        bytes.extend_from_slice(length);
+        bytes.extend_from_slice(b"short");
+        let started = std::time::Instant::now();
+        let result = event::decode(&bytes);
+        assert!(
+            matches!(result, Err(DecodeError::Malformed(_))),
+            "{length:?}: {result:?}"
+        );
+        eprintln!("length {length:?}: {:?} in {:?}", result, started.elapsed());
+    }
+    // An over-long varint (more than 10 bytes).
+    let mut bytes = header.clone();
+    bytes.extend_from_slice(&[0xff; 16]);
+    assert!(matches!(
+        event::decode(&bytes),
+        Err(DecodeError::Malformed(_))
+    ));
+}
+
+#[test]
+fn invalid_utf8_is_malformed() {
+    let mut bytes = event::encode(&posted("ab", "c", "u", "b", 1));
+    // header, branch, len(2), then "ab": make it an invalid UTF-8 sequence.
+    bytes[12] = 0xff;
+    assert!(matches!(
+        event::decode(&bytes),
+        Err(DecodeError::Malformed(_))
+    ));
+}
+
+// The fixture: bytes written by schema v1 and committed, so every later build
+// proves it still reads what v1 wrote.
+
+fn fixture_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../schemas/avro/history/v1/fixtures/message_posted.bin")
+}
+
+fn fixture_event() -> ChatEvent {
+    posted(
+        "general",
+        "6f1c2a4e-3b5d-4c8e-9f70-1a2b3c4d5e6f",
+        "ada",
+        "héllo, wörld 👋",
+        1_700_000_000_123,
+    )
+}
+
+/// v1's fingerprint as the fixture header carries it; fixed forever.
+const V1_FINGERPRINT: u64 = 0xdca6_4ae9_6418_94f0;
+
+#[test]
+fn v1_fixture_still_decodes() {
+    let bytes = std::fs::read(fixture_path()).expect("committed fixture");
+    assert_eq!(bytes[..2], [0xC3, 0x01]);
+    assert_eq!(bytes[2..10], V1_FINGERPRINT.to_le_bytes());
+    assert_eq!(event::decode(&bytes).unwrap(), fixture_event());
+    if event::fingerprint() == V1_FINGERPRINT {
+        // While v1 is current, the encoder must reproduce it byte for byte.
+        assert_eq!(event::encode(&fixture_event()), bytes);
+    }
+}
+
+/// Writes the v1 fixture, once. Fixtures are history: never regenerate one.
+#[test]
+#[ignore = "run once, when a schema version is released"]
+fn write_v1_fixture() {
+    let path = fixture_path();
+    assert!(
+        !path.exists(),
+        "{} exists; fixtures are immutable",
+        path.display()
+    );
+    assert_eq!(
+        event::fingerprint(),
+        V1_FINGERPRINT,
+        "the current schema is not v1"
+    );
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, event::encode(&fixture_event())).unwrap();
+}

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on a fresh Debian machine with only the Rust
+# toolchain: installs what the tests need (Debian's Chromium, playwright-core
+# from npm, cargo-nextest when missing), then runs formatting and lint checks,
+# every Rust test (unit, conformance suites, end-to-end over real sockets)
+# and the real-browser test of the web page.
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo_root"
+target_dir="${CARGO_TARGET_DIR:-$repo_root/target}"
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+step "installing test dependencies"
+"$repo_root/scripts/install-browser-deps.sh"
+if ! cargo nextest --version >/dev/null 2>&1; then
+    cargo install cargo-nextest --locked
+fi
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "rust tests"
+cargo build --workspace --locked --bins
+cargo nextest run --workspace --locked --no-fail-fast
+
+step "browser test (headless Chromium)"
+CHAT_BIN="$target_dir/debug/chat" node --test "$repo_root/tests/browser/"

@@ -1,0 +1,248 @@
+//! Helpers for end-to-end tests: a real `chat` process on a free port and a
+//! real WebSocket client. Every wait has a deadline; nothing sleeps blindly.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A `chat serve` process, killed with SIGKILL when dropped.
+pub struct Server {
+    child: Child,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    log_file: PathBuf,
+}
+
+impl Server {
+    /// Starts `chat serve` on a free port of 127.0.0.1 with `data_dir`.
+    pub async fn start(data_dir: &Path, partitions: u32) -> Server {
+        Self::start_with(data_dir, partitions, &[]).await
+    }
+
+    pub async fn start_with(data_dir: &Path, partitions: u32, extra: &[&str]) -> Server {
+        std::fs::create_dir_all(data_dir).unwrap();
+        let log_file = data_dir.join(format!("server-{}.log", uuid::Uuid::new_v4().simple()));
+        let stderr = std::fs::File::create(&log_file).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_chat"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--partitions"])
+            .arg(partitions.to_string())
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("chat binary starts");
+        let mut server = Server {
+            child,
+            addr: String::new(),
+            data_dir: data_dir.to_owned(),
+            log_file,
+        };
+        server.addr = server.wait_for_addr().await;
+        server
+    }
+
+    async fn wait_for_addr(&mut self) -> String {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let log = std::fs::read_to_string(&self.log_file).unwrap_or_default();
+            if let Some(rest) = log.split("web page at http://").nth(1) {
+                return rest.split('/').next().unwrap().to_owned();
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("chat serve exited with {status}:\n{log}");
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "server did not start:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no exit after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn connect(&self, user: &str) -> Client {
+        Client::connect(&self.addr, user).await
+    }
+
+    /// Every message of `room` in history, walking pages of `limit` back with
+    /// `before` cursors; returns them oldest first.
+    pub async fn history(&self, room: &str, limit: usize) -> Vec<Value> {
+        let http = reqwest::Client::new();
+        let mut all: Vec<Value> = Vec::new();
+        let mut before: Option<i64> = None;
+        loop {
+            let mut url = self.url(&format!("/rooms/{room}/messages?limit={limit}"));
+            if let Some(b) = before {
+                url.push_str(&format!("&before={b}"));
+            }
+            let page: Value = http.get(&url).send().await.unwrap().json().await.unwrap();
+            let messages = page["messages"].as_array().unwrap().clone();
+            assert!(messages.len() <= limit);
+            all.splice(0..0, messages);
+            match page["before"].as_i64() {
+                Some(b) => before = Some(b),
+                None => return all,
+            }
+        }
+    }
+
+    /// Waits until the history of `room` holds `n` messages.
+    pub async fn history_with(&self, room: &str, n: usize) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let h = self.history(room, 50).await;
+            if h.len() >= n || tokio::time::Instant::now() > deadline {
+                return h;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- server log ---\n{}", self.log());
+        }
+    }
+}
+
+/// A WebSocket chat client speaking PROTOCOL.md.
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub user: String,
+}
+
+impl Client {
+    pub async fn connect(addr: &str, user: &str) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?user={user}"))
+            .await
+            .expect("websocket connects");
+        let mut c = Client {
+            ws,
+            user: user.to_owned(),
+        };
+        let welcome = c.recv().await;
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        assert_eq!(welcome["user"], user);
+        c
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.unwrap();
+    }
+
+    pub async fn send_json(&mut self, v: Value) {
+        self.send_text(&v.to_string()).await;
+    }
+
+    /// The next frame; panics after the deadline.
+    pub async fn recv(&mut self) -> Value {
+        self.try_recv(WAIT)
+            .await
+            .expect("a frame before the deadline")
+    }
+
+    /// The next text frame within `wait`, or None.
+    pub async fn try_recv(&mut self, wait: Duration) -> Option<Value> {
+        loop {
+            let msg = tokio::time::timeout(wait, self.ws.next()).await.ok()??;
+            match msg.expect("websocket read") {
+                Message::Text(t) => return Some(serde_json::from_str(&t).unwrap()),
+                Message::Close(frame) => {
+                    return Some(json!({"type": "close", "code": frame.map(|f| u16::from(f.code))}))
+                }
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next frame of type `kind`, skipping others.
+    pub async fn recv_type(&mut self, kind: &str) -> Value {
+        loop {
+            let f = self.recv().await;
+            if f["type"] == kind {
+                return f;
+            }
+        }
+    }
+
+    /// Joins `room` (live, or from `since`) and returns the `joined` frame.
+    pub async fn join(&mut self, room: &str, since: Option<(i64, &str)>) -> Value {
+        let mut frame = json!({"type": "join", "room": room});
+        if let Some((offset, epoch)) = since {
+            frame["since"] = json!({"offset": offset, "epoch": epoch});
+        }
+        self.send_json(frame).await;
+        let joined = self.recv().await;
+        assert_eq!(joined["type"], "joined", "{joined}");
+        assert_eq!(joined["room"], room);
+        joined
+    }
+
+    pub async fn send_message(&mut self, room: &str, id: &str, body: &str) {
+        self.send_json(json!({"type": "send", "room": room, "id": id, "body": body}))
+            .await;
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+    }
+}
+
+pub fn id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}

@@ -1,0 +1,408 @@
+//! End-to-end tests of `chat serve` on the embedded backends: real processes,
+//! real sockets, a real WebSocket client.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+
+use common::{id, Client, Server, WAIT};
+use serde_json::{json, Value};
+
+const ROOMS: [&str; 3] = ["general", "random", "rust.lang"];
+
+/// Reads frames until `n` `message` frames and `acks` `ack` frames arrived.
+async fn collect(c: &mut Client, n: usize, acks: usize) -> (Vec<Value>, Vec<Value>) {
+    let (mut messages, mut acked) = (Vec::new(), Vec::new());
+    while messages.len() < n || acked.len() < acks {
+        let f = c.recv().await;
+        match f["type"].as_str().unwrap() {
+            "message" => messages.push(f),
+            "ack" => acked.push(f),
+            other => panic!("unexpected {other}: {f}"),
+        }
+    }
+    (messages, acked)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_in_three_rooms_get_everything_once_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), 4).await;
+    let mut alice = server.connect("alice").await;
+    let mut bob = server.connect("bob").await;
+    for room in ROOMS {
+        alice.join(room, None).await;
+        bob.join(room, None).await;
+    }
+    const EACH: usize = 200;
+    let send_all = |mut c: Client| async move {
+        let mut sent = Vec::new();
+        for i in 0..EACH {
+            for room in ROOMS {
+                let id = id();
+                c.send_message(room, &id, &format!("{} #{i} in {room}", c.user))
+                    .await;
+                sent.push(id);
+            }
+        }
+        (c, sent)
+    };
+    let ((mut alice, _), (mut bob, _)) = tokio::join!(send_all(alice), send_all(bob));
+    let total = 2 * EACH * ROOMS.len();
+    let mine = EACH * ROOMS.len();
+    let ((a_msgs, a_acks), (b_msgs, b_acks)) = tokio::join!(
+        collect(&mut alice, total, mine),
+        collect(&mut bob, total, mine)
+    );
+
+    for (msgs, acks) in [(&a_msgs, &a_acks), (&b_msgs, &b_acks)] {
+        // Exactly once.
+        let ids: HashSet<&str> = msgs.iter().map(|m| m["id"].as_str().unwrap()).collect();
+        assert_eq!(ids.len(), total, "every message delivered exactly once");
+        // In offset order per room.
+        let mut last: HashMap<&str, i64> = HashMap::new();
+        for m in msgs {
+            let room = m["room"].as_str().unwrap();
+            let offset = m["offset"].as_i64().unwrap();
+            if let Some(prev) = last.insert(room, offset) {
+                assert!(
+                    offset > prev,
+                    "offset order in {room}: {prev} then {offset}"
+                );
+            }
+        }
+        // Each ack's offset is the offset of the delivered message.
+        let delivered: HashMap<&str, (&str, i64)> = msgs
+            .iter()
+            .map(|m| {
+                (
+                    m["id"].as_str().unwrap(),
+                    (m["room"].as_str().unwrap(), m["offset"].as_i64().unwrap()),
+                )
+            })
+            .collect();
+        for a in acks {
+            let (room, offset) = delivered[a["id"].as_str().unwrap()];
+            assert_eq!(a["room"], room);
+            assert_eq!(a["offset"].as_i64().unwrap(), offset);
+        }
+    }
+    // Both clients saw the same sequence per room, and history pages give it too.
+    for room in ROOMS {
+        let seq = |msgs: &[Value]| -> Vec<Value> {
+            msgs.iter().filter(|m| m["room"] == room).cloned().collect()
+        };
+        let a = seq(&a_msgs);
+        assert_eq!(a, seq(&b_msgs));
+        let history = server.history_with(room, a.len()).await;
+        let history: Vec<Value> = history
+            .into_iter()
+            .map(|mut m| {
+                m.as_object_mut()
+                    .unwrap()
+                    .insert("type".into(), json!("message"));
+                m
+            })
+            .collect();
+        assert_eq!(history, a, "history of {room} equals the live sequence");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_with_since_gives_exactly_the_missed_messages_then_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), 4).await;
+    let mut alice = server.connect("alice").await;
+    let mut bob = server.connect("bob").await;
+    let joined = alice.join("general", None).await;
+    let epoch = joined["position"]["epoch"].as_str().unwrap().to_owned();
+    bob.join("general", None).await;
+    // Some traffic alice sees, and traffic in another room of the partition space.
+    bob.send_message("general", &id(), "before").await;
+    let seen = alice.recv_type("message").await;
+    let last_seen = seen["offset"].as_i64().unwrap();
+    alice.close().await;
+
+    let mut sent = Vec::new();
+    for i in 0..500 {
+        let id = id();
+        bob.send_message("general", &id, &format!("missed {i}"))
+            .await;
+        bob.send_message("other", &common::id(), "noise").await;
+        sent.push(id);
+    }
+    for _ in 0..1000 {
+        assert_eq!(bob.recv_type("ack").await["type"], "ack");
+    }
+
+    let mut alice = server.connect("alice").await;
+    let joined = alice.join("general", Some((last_seen, &epoch))).await;
+    assert_eq!(joined["recovered"], true);
+    let mut got = Vec::new();
+    while got.len() < 500 {
+        let f = alice.recv().await;
+        assert_eq!(f["type"], "message", "{f}");
+        got.push(f);
+    }
+    let ids: Vec<&str> = got.iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(
+        ids,
+        sent.iter().map(String::as_str).collect::<Vec<_>>(),
+        "exactly the missed ones, in order"
+    );
+    assert!(got
+        .windows(2)
+        .all(|w| w[0]["offset"].as_i64() < w[1]["offset"].as_i64()));
+    // Then live.
+    let live = id();
+    bob.send_message("general", &live, "live again").await;
+    let f = alice.recv().await;
+    assert_eq!(f["id"], live.as_str(), "{f}");
+    // Nothing else arrives.
+    assert!(alice
+        .try_recv(std::time::Duration::from_millis(300))
+        .await
+        .is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_send_is_one_message_with_one_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), 4).await;
+    let mut alice = server.connect("alice").await;
+    let mut bob = server.connect("bob").await;
+    alice.join("general", None).await;
+    bob.join("general", None).await;
+    let retried = id();
+    alice.send_message("general", &retried, "once").await;
+    alice.send_message("general", &retried, "once").await;
+    let mut acks = Vec::new();
+    while acks.len() < 2 {
+        let f = alice.recv().await;
+        if f["type"] == "ack" {
+            acks.push(f);
+        }
+    }
+    assert_eq!(acks[0]["offset"], acks[1]["offset"]);
+    assert_eq!(acks[0]["ts"], acks[1]["ts"]);
+    // A retry after reconnecting is answered the same way.
+    alice.close().await;
+    let mut alice = server.connect("alice").await;
+    alice.send_message("general", &retried, "once").await;
+    let again = alice.recv_type("ack").await;
+    assert_eq!(again["offset"], acks[0]["offset"]);
+    // Bob sees it once: a marker sent after it is the next thing he gets.
+    let marker = id();
+    alice.send_message("general", &marker, "marker").await;
+    let first = bob.recv_type("message").await;
+    assert_eq!(first["id"], retried.as_str());
+    let second = bob.recv_type("message").await;
+    assert_eq!(second["id"], marker.as_str());
+    let history = server.history_with("general", 2).await;
+    let ids: Vec<&str> = history.iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [retried.as_str(), marker.as_str()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_its_error_code_and_appends_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), 4).await;
+    let mut alice = server.connect("alice").await;
+    let mut bob = server.connect("bob").await;
+    alice.join("general", None).await;
+    bob.join("general", None).await;
+    let big = "x".repeat(5000);
+    let cases: Vec<(String, &str, Option<&str>)> = vec![
+        ("this is not json".into(), "bad_frame", None),
+        (
+            json!({"type": "shout", "room": "general", "id": "u1"}).to_string(),
+            "bad_frame",
+            Some("u1"),
+        ),
+        (
+            json!({"type": "send", "room": "general", "id": "u2", "body": big}).to_string(),
+            "too_large",
+            Some("u2"),
+        ),
+        (
+            json!({"type": "send", "room": "general", "id": "u3", "body": ""}).to_string(),
+            "bad_frame",
+            Some("u3"),
+        ),
+        (
+            json!({"type": "send", "room": "no/such room", "id": "u4", "body": "hi"}).to_string(),
+            "bad_room",
+            Some("u4"),
+        ),
+        (
+            json!({"type": "send", "room": "general", "body": "no id"}).to_string(),
+            "bad_frame",
+            None,
+        ),
+        (
+            json!({"type": "join", "room": ""}).to_string(),
+            "bad_room",
+            None,
+        ),
+        (
+            json!({"type": "leave", "room": "never-joined"}).to_string(),
+            "not_joined",
+            None,
+        ),
+    ];
+    for (frame, code, id) in &cases {
+        alice.send_text(frame).await;
+        let e = alice.recv().await;
+        assert_eq!(e["type"], "error", "{frame} -> {e}");
+        assert_eq!(e["code"], *code, "{frame} -> {e}");
+        assert_eq!(e["id"].as_str(), *id, "{frame} -> {e}");
+        assert!(!e["message"].as_str().unwrap().is_empty());
+    }
+    // The connection is still usable, and only the good message was appended.
+    let good = id();
+    alice.send_message("general", &good, "good").await;
+    let ack = alice.recv_type("ack").await;
+    assert_eq!(ack["id"], good.as_str());
+    assert_eq!(ack["offset"], 0, "nothing was appended before it");
+    let m = bob.recv_type("message").await;
+    assert_eq!(m["id"], good.as_str());
+    let history = server.history_with("general", 1).await;
+    assert_eq!(history.len(), 1);
+    assert!(bob
+        .try_recv(std::time::Duration::from_millis(300))
+        .await
+        .is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_messages_survive_sigkill_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), 4).await;
+    let mut alice = server.connect("alice").await;
+    let mut acked = Vec::new();
+    for i in 0..300 {
+        alice.send_message("general", &id(), &format!("m{i}")).await;
+    }
+    while acked.len() < 300 {
+        let ack = alice.recv_type("ack").await;
+        acked.push((
+            ack["id"].as_str().unwrap().to_owned(),
+            ack["offset"].as_i64().unwrap(),
+        ));
+    }
+    server.kill();
+    let server = Server::start(dir.path(), 4).await;
+    let history = server.history_with("general", 300).await;
+    let got: Vec<(String, i64)> = history
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap().to_owned(),
+                m["offset"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, acked, "every acked message, in order, after SIGKILL");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_post_health_and_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), 2).await;
+    let http = reqwest::Client::new();
+    assert_eq!(
+        http.get(server.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        http.get(server.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let page = http
+        .get(server.url("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("<html"), "the web page is served");
+    let id = id();
+    let post = |body: Value| {
+        http.post(server.url("/rooms/general/messages?user=carol"))
+            .json(&body)
+            .send()
+    };
+    let ack: Value = post(json!({"id": id, "body": "via http"}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ack["type"], "ack");
+    let again: Value = post(json!({"id": id, "body": "via http"}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["offset"], ack["offset"]);
+    let bad = post(json!({"id": "x", "body": ""})).await.unwrap();
+    assert_eq!(bad.status(), 400);
+    let bad: Value = bad.json().await.unwrap();
+    assert_eq!(bad["code"], "bad_frame");
+    let bad_room = http
+        .get(server.url("/rooms/bad%20room/messages"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_room.status(), 400);
+    let history = server.history_with("general", 1).await;
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0]["user"], "carol");
+    let metrics = http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("ingest_messages_acked_total"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_connection_is_closed_with_4001() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), 2).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", server.addr))
+        .await
+        .unwrap();
+    use futures::StreamExt;
+    let mut saw_error = false;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, ws.next()).await.unwrap();
+        match msg {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                assert_eq!(v["code"], "unauthorized");
+                saw_error = true;
+            }
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(f)))) => {
+                assert_eq!(u16::from(f.code), 4001);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(saw_error);
+}

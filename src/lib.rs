@@ -51,6 +51,26 @@ impl FromStr for LogSpec {
     }
 }
 
+/// Producer settings of the Kafka log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaTuning {
+    /// Bound of the producer queue, in KiB.
+    pub queue_kbytes: u32,
+    /// How long a send waits for room in a full producer queue before it is
+    /// answered `unavailable`.
+    pub enqueue_timeout: std::time::Duration,
+}
+
+impl Default for KafkaTuning {
+    fn default() -> Self {
+        let c = KafkaConfig::new("", "", 1);
+        KafkaTuning {
+            queue_kbytes: c.queue_kbytes,
+            enqueue_timeout: c.enqueue_timeout,
+        }
+    }
+}
+
 /// Where the history lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreSpec {
@@ -124,6 +144,7 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub partitions: u32,
     pub log: LogSpec,
+    pub kafka: KafkaTuning,
     pub store: StoreSpec,
     pub roles: Roles,
     /// Consumer group of the projector; defaults to one named after the store.
@@ -137,6 +158,7 @@ pub async fn open_log(
     data_dir: &std::path::Path,
     topic: &str,
     partitions: u32,
+    tuning: &KafkaTuning,
 ) -> anyhow::Result<Arc<dyn EventLog>> {
     Ok(match spec {
         LogSpec::Embedded => {
@@ -146,11 +168,18 @@ pub async fn open_log(
                     .with_context(|| format!("opening the log {topic} in {}", dir.display()))?,
             )
         }
-        LogSpec::Kafka(brokers) => Arc::new(
-            KafkaLog::connect(KafkaConfig::new(brokers, topic, partitions))
-                .await
-                .with_context(|| format!("opening topic {topic} on {brokers}"))?,
-        ),
+        LogSpec::Kafka(brokers) => {
+            let config = KafkaConfig {
+                queue_kbytes: tuning.queue_kbytes,
+                enqueue_timeout: tuning.enqueue_timeout,
+                ..KafkaConfig::new(brokers, topic, partitions)
+            };
+            Arc::new(
+                KafkaLog::connect(config)
+                    .await
+                    .with_context(|| format!("opening topic {topic} on {brokers}"))?,
+            )
+        }
     })
 }
 
@@ -184,6 +213,7 @@ pub async fn serve(
         &config.data_dir,
         MESSAGES_TOPIC,
         config.partitions,
+        &config.kafka,
     )
     .await?;
     let (store, store_group) = open_store(&config.store, &config.data_dir, STORE_NAMESPACE).await?;
@@ -196,7 +226,7 @@ pub async fn serve(
 
     let projector_stop = CancellationToken::new();
     let projector_task = if config.roles.has(Role::Projector) {
-        let dlq = open_log(&config.log, &config.data_dir, DLQ_TOPIC, 1).await?;
+        let dlq = open_log(&config.log, &config.data_dir, DLQ_TOPIC, 1, &config.kafka).await?;
         let group = config.group.clone().unwrap_or(store_group);
         tracing::info!(group, "projector starts");
         let projector = Projector::new(

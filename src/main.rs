@@ -43,6 +43,14 @@ struct ServeArgs {
     /// kafka://HOST:PORT[,HOST:PORT...] for Kafka or Redpanda.
     #[arg(long, default_value = "embedded", env = "CHAT_LOG")]
     log: chat::LogSpec,
+    /// Kafka log: bound of the producer queue, in KiB. When the brokers
+    /// stall, intake stops once it is full.
+    #[arg(long, default_value_t = chat::KafkaTuning::default().queue_kbytes)]
+    log_queue_kbytes: u32,
+    /// Kafka log: how long a send waits for room in a full producer queue
+    /// before it is answered `unavailable` (never sent, so retry is safe).
+    #[arg(long, default_value_t = chat::KafkaTuning::default().enqueue_timeout.as_millis() as u64)]
+    log_enqueue_timeout_ms: u64,
     /// The history store: `embedded` (in the data dir).
     #[arg(long, default_value = "embedded", env = "CHAT_STORE")]
     store: chat::StoreSpec,
@@ -97,6 +105,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         partitions: args.partitions,
         log: args.log,
+        kafka: chat::KafkaTuning {
+            queue_kbytes: args.log_queue_kbytes,
+            enqueue_timeout: std::time::Duration::from_millis(args.log_enqueue_timeout_ms),
+        },
         store: args.store,
         roles: args.roles,
         group: args.group,

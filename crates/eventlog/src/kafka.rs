@@ -45,8 +45,11 @@ pub struct KafkaConfig {
     pub replication: i32,
     /// Deadline of metadata and admin requests.
     pub timeout: Duration,
-    /// How long an append may wait for the brokers before it fails.
-    pub message_timeout: Duration,
+    /// How long an append waits for room in a full producer queue before
+    /// the rest of its batch is refused (`unavailable`: never sent).
+    pub enqueue_timeout: Duration,
+    /// Bound of the producer queue, in KiB.
+    pub queue_kbytes: u32,
 }
 
 impl KafkaConfig {
@@ -57,7 +60,8 @@ impl KafkaConfig {
             partitions,
             replication: 1,
             timeout: Duration::from_secs(10),
-            message_timeout: Duration::from_secs(15),
+            enqueue_timeout: Duration::from_secs(5),
+            queue_kbytes: 64 * 1024,
         }
     }
 
@@ -148,9 +152,14 @@ impl KafkaLog {
             .set("batch.num.messages", "10000")
             .set("queue.buffering.max.messages", "200000")
             .set(
-                "message.timeout.ms",
-                config.message_timeout.as_millis().to_string(),
+                "queue.buffering.max.kbytes",
+                config.queue_kbytes.to_string(),
             )
+            // A record sent but not acknowledged may yet be written: it is
+            // never timed out and reported as failed, which would tell a
+            // client `unavailable` (nothing appended) falsely. It waits for
+            // the brokers instead; the queue bound above stops intake.
+            .set("message.timeout.ms", "0")
             .create()
             .map_err(unavailable)?;
         let meta: BaseConsumer = config.consumer("chat-meta").create().map_err(unavailable)?;
@@ -375,7 +384,9 @@ impl EventLog for KafkaLog {
 
     async fn append(&self, records: Vec<Record>) -> Result<Vec<Appended>, LogError> {
         let mut deliveries = Vec::with_capacity(records.len());
-        for r in &records {
+        let mut refused = None;
+        'records: for r in &records {
+            let deadline = tokio::time::Instant::now() + self.config.enqueue_timeout;
             loop {
                 let record = FutureRecord::to(&self.config.topic)
                     .key(&r.key)
@@ -386,26 +397,48 @@ impl EventLog for KafkaLog {
                         deliveries.push(delivery);
                         break;
                     }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                        // Full producer queue: wait for room.
-                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
+                        if tokio::time::Instant::now() < deadline =>
+                    {
+                        // Full producer queue (the brokers are slow or
+                        // gone): wait for room, up to the deadline.
+                        tokio::time::sleep(Duration::from_millis(2)).await;
                     }
-                    Err((e, _)) => return Err(unavailable(e)),
+                    Err((e, _)) => {
+                        // Never enqueued, so certainly not appended.
+                        refused = Some(unavailable(e));
+                        break 'records;
+                    }
                 }
             }
         }
         let mut placed = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
+            // Enqueued records are awaited whatever happens: their outcome
+            // decides what the caller may be told.
             match delivery.await {
                 Ok(Ok(d)) => placed.push(Appended {
                     partition: d.partition as u32,
                     offset: d.offset as u64,
                 }),
-                Ok(Err((e, _))) => return Err(unavailable(e)),
-                Err(_) => return Err(LogError::Unavailable("producer closed".into())),
+                Ok(Err((e, _))) => {
+                    refused.get_or_insert(unavailable(e));
+                    break;
+                }
+                Err(_) => {
+                    refused.get_or_insert(LogError::Unavailable("producer closed".into()));
+                    break;
+                }
             }
         }
-        Ok(placed)
+        match refused {
+            None => Ok(placed),
+            Some(cause) if placed.is_empty() => Err(cause),
+            Some(cause) => Err(LogError::Partial {
+                appended: placed,
+                cause: Box::new(cause),
+            }),
+        }
     }
 
     async fn end_offset(&self, partition: u32) -> Result<u64, LogError> {

@@ -64,12 +64,23 @@ pub enum LogError {
     NoSuchPartition { partition: u32, partitions: u32 },
     #[error("log storage error: {0}")]
     Storage(String),
+    /// Only the first `appended.len()` records of the batch were appended;
+    /// the others were not, for `cause`.
+    #[error("{} records appended, the rest not: {cause}", appended.len())]
+    Partial {
+        appended: Vec<Appended>,
+        cause: Box<LogError>,
+    },
 }
 
 impl LogError {
     /// True when trying again later may succeed.
     pub fn is_retriable(&self) -> bool {
-        matches!(self, LogError::Unavailable(_))
+        match self {
+            LogError::Unavailable(_) => true,
+            LogError::Partial { cause, .. } => cause.is_retriable(),
+            _ => false,
+        }
     }
 }
 
@@ -88,7 +99,9 @@ pub trait EventLog: Send + Sync + 'static {
     }
 
     /// Appends a batch; returns where each record landed, in batch order,
-    /// once all of them are durable.
+    /// once all of them are durable. On error nothing was appended, except
+    /// what a [`LogError::Partial`] names; an append whose outcome is
+    /// unknown (sent, not yet acknowledged) keeps waiting rather than fail.
     async fn append(&self, records: Vec<Record>) -> Result<Vec<Appended>, LogError>;
 
     /// The offset the next record of `partition` will get.

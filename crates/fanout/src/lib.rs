@@ -38,6 +38,8 @@ pub struct FanoutConfig {
     pub ring: usize,
     /// Wait before reading a partition again after a log error.
     pub retry: Duration,
+    /// Message identities remembered per partition to drop duplicates.
+    pub seen_ids: usize,
 }
 
 impl Default for FanoutConfig {
@@ -45,6 +47,7 @@ impl Default for FanoutConfig {
         FanoutConfig {
             ring: 4096,
             retry: Duration::from_millis(200),
+            seen_ids: 65_536,
         }
     }
 }
@@ -103,7 +106,60 @@ impl Member {
 struct Entry {
     offset: u64,
     room: String,
+    /// Hash of (room, client id): the identity a retried send keeps.
+    key: u64,
     frame: Frame,
+}
+
+/// The recent message identities of a partition, with the first offset
+/// each was seen at, so a retried send appended twice (a retry through
+/// another node, or after a crash) is delivered once. Bounded: the oldest
+/// identities are forgotten first.
+struct SeenIds {
+    first: HashMap<u64, u64>,
+    order: VecDeque<u64>,
+    capacity: usize,
+}
+
+impl SeenIds {
+    fn new(capacity: usize) -> Self {
+        SeenIds {
+            first: HashMap::new(),
+            order: VecDeque::new(),
+            capacity,
+        }
+    }
+
+    /// Records `key` at `offset`; false when it was first seen earlier.
+    fn first_sighting(&mut self, key: u64, offset: u64) -> bool {
+        match self.first.get(&key) {
+            Some(&first) => first >= offset,
+            None => {
+                self.first.insert(key, offset);
+                self.order.push_back(key);
+                if self.order.len() > self.capacity {
+                    let old = self.order.pop_front().expect("order is not empty");
+                    self.first.remove(&old);
+                }
+                true
+            }
+        }
+    }
+
+    /// True when `key` was first seen before `offset`.
+    fn seen_before(&self, key: u64, offset: u64) -> bool {
+        self.first.get(&key).is_some_and(|&first| first < offset)
+    }
+}
+
+fn identity(room: &str, id: &str) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    let mut h = KEYS.get_or_init(Default::default).build_hasher();
+    room.hash(&mut h);
+    id.hash(&mut h);
+    h.finish()
 }
 
 /// A member of a room, with the first offset it has not seen yet.
@@ -120,6 +176,7 @@ struct PartitionState {
     ring_start: u64,
     /// Next offset the dispatcher will read.
     next: u64,
+    seen: SeenIds,
 }
 
 struct Slot {
@@ -153,6 +210,7 @@ fn decode(record: &LogRecord) -> Option<Entry> {
     };
     Some(Entry {
         offset: record.offset,
+        key: identity(&view.room, &view.id),
         frame: message_frame(&view),
         room: view.room,
     })
@@ -274,6 +332,13 @@ impl Fanout {
         if from >= target {
             return Ok(());
         }
+        let state = self
+            .slots
+            .lock()
+            .unwrap()
+            .get(&partition)
+            .map(|s| s.state.clone());
+        let mut sent = SeenIds::new(usize::MAX);
         let mut stream = self.log.read(partition, from);
         while let Some(batch) = stream.next().await {
             for record in batch? {
@@ -284,7 +349,11 @@ impl Fanout {
                     continue;
                 }
                 if let Some(e) = decode(&record) {
-                    if e.room == room {
+                    let duplicate = !sent.first_sighting(e.key, e.offset)
+                        || state
+                            .as_ref()
+                            .is_some_and(|st| st.lock().unwrap().seen.seen_before(e.key, e.offset));
+                    if e.room == room && !duplicate {
                         // Catch-up waits for room in the queue (its own pace).
                         member
                             .tx
@@ -361,6 +430,7 @@ impl Fanout {
             ring: VecDeque::new(),
             ring_start: end,
             next: end,
+            seen: SeenIds::new(self.config.seen_ids),
         }));
         let stop = self.shutdown.child_token();
         slots.insert(
@@ -436,6 +506,10 @@ impl Dispatcher {
         let mut st = self.state.lock().unwrap();
         let mut delivered = 0u64;
         for e in entries {
+            if !st.seen.first_sighting(e.key, e.offset) {
+                metrics::counter!("fanout_duplicates_dropped_total").increment(1);
+                continue;
+            }
             if let Some(members) = st.rooms.get_mut(&e.room) {
                 members.retain(|s| {
                     if e.offset < s.from {

@@ -45,6 +45,9 @@ pub struct GatewayConfig {
     /// Whether this node accepts messages; without the ingest role, sends
     /// and posts are answered `unavailable`.
     pub ingest: bool,
+    /// Look each new send id up in the history before appending, so a retry
+    /// through another node is not appended twice.
+    pub check_history: bool,
 }
 
 impl Default for GatewayConfig {
@@ -56,6 +59,7 @@ impl Default for GatewayConfig {
             dedup_capacity: 100_000,
             drain_timeout: Duration::from_secs(10),
             ingest: true,
+            check_history: true,
         }
     }
 }
@@ -129,41 +133,95 @@ impl AppState {
             }
             return outcomes;
         }
-        let records = batch.iter().map(PendingSend::record).collect();
-        let result = self.gw.log.append(records).await;
+        // A retry whose first attempt went through another node, or an
+        // earlier process, is answered from the history instead of appended.
+        let known = self.known(batch).await;
+        let fresh: Vec<&PendingSend> = batch
+            .iter()
+            .zip(&known)
+            .filter(|(_, k)| k.is_none())
+            .map(|(s, _)| s)
+            .collect();
+        let records = fresh.iter().map(|s| s.record()).collect();
+        let appended = if fresh.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.gw.log.append(records).await
+        };
         metrics::counter!("ingest_appends_total").increment(1);
-        let outcomes: Vec<dedup::Outcome> = match result {
-            Ok(placed) => placed
-                .iter()
-                .zip(batch)
-                .map(|(a, s)| {
-                    Ok(AckInfo {
+        if let Err(e) = &appended {
+            tracing::warn!(error = %e, "append failed");
+            metrics::counter!("ingest_append_errors_total").increment(1);
+        }
+        let mut placed = match &appended {
+            Ok(all) => Some(all.iter()),
+            Err(eventlog::LogError::Partial { appended, .. }) => Some(appended.iter()),
+            Err(_) => None,
+        };
+        let outcomes: Vec<dedup::Outcome> = batch
+            .iter()
+            .zip(known)
+            .map(|(s, known)| match (known, placed.as_mut()) {
+                (Some(ack), _) => Ok(ack),
+                (None, Some(placed)) => match placed.next() {
+                    Some(a) => Ok(AckInfo {
                         offset: a.offset as i64,
                         ts: s.ts,
-                    })
-                })
-                .collect(),
-            Err(e) => {
-                tracing::warn!(error = %e, "append failed");
-                metrics::counter!("ingest_append_errors_total").increment(1);
-                batch
-                    .iter()
-                    .map(|s| {
-                        Err(FrameError::new(
-                            ErrorCode::Unavailable,
-                            "the log is unavailable; nothing was appended; retry with the same id",
-                            Some(s.id.clone()),
-                        ))
-                    })
-                    .collect()
-            }
-        };
+                    }),
+                    None => Err(FrameError::new(
+                        ErrorCode::Unavailable,
+                        "the log is unavailable; nothing was appended; retry with the same id",
+                        Some(s.id.clone()),
+                    )),
+                },
+                (None, None) => Err(FrameError::new(
+                    ErrorCode::Unavailable,
+                    "the log is unavailable; nothing was appended; retry with the same id",
+                    Some(s.id.clone()),
+                )),
+            })
+            .collect();
         for (s, o) in batch.iter().zip(&outcomes) {
             self.dedup.finish(&s.room, &s.id, o);
         }
         metrics::counter!("ingest_messages_acked_total")
             .increment(outcomes.iter().filter(|o| o.is_ok()).count() as u64);
         outcomes
+    }
+}
+
+impl AppState {
+    /// The acks of sends already in the history, when the node has one.
+    async fn known(&self, batch: &[PendingSend]) -> Vec<Option<AckInfo>> {
+        let Some(store) = self
+            .gw
+            .store
+            .as_ref()
+            .filter(|_| self.gw.config.check_history)
+        else {
+            return vec![None; batch.len()];
+        };
+        let keys: Vec<(String, String)> = batch
+            .iter()
+            .map(|s| (s.room.clone(), s.id.clone()))
+            .collect();
+        match store.find_ids(&keys).await {
+            Ok(found) => found
+                .into_iter()
+                .map(|f| {
+                    f.map(|(offset, ts)| AckInfo {
+                        offset: offset as i64,
+                        ts,
+                    })
+                })
+                .collect(),
+            Err(e) => {
+                // Not knowing is not fatal: the store and fan-out drop
+                // duplicates of an id too.
+                tracing::debug!(error = %e, "history lookup of send ids failed");
+                vec![None; batch.len()]
+            }
+        }
     }
 }
 

@@ -31,6 +31,9 @@ pub const CLOSE_UNAUTHORIZED: u16 = 4001;
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 
+/// How long a closing connection may take to flush its last frames.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Largest frame accepted from a client; larger ones fail the connection,
 /// smaller ones over the body limit get `too_large`.
 const MAX_FRAME_BYTES: usize = 64 * 1024;
@@ -155,7 +158,7 @@ async fn connection(socket: WebSocket, state: Arc<AppState>, user: Option<String
     let (sink, mut stream) = socket.split();
     let (tx, rx) = mpsc::channel(state.gw.config.client_queue);
     let (close_tx, close_rx) = oneshot::channel();
-    let writer = tokio::spawn(writer(sink, rx, close_rx));
+    let mut writer = tokio::spawn(writer(sink, rx, close_rx));
     let Some(user) = user else {
         let e = FrameError::new(
             ErrorCode::Unauthorized,
@@ -166,7 +169,12 @@ async fn connection(socket: WebSocket, state: Arc<AppState>, user: Option<String
         drop(tx);
         // Let the error go out before the close.
         let _sent = close_tx.send(UNAUTHORIZED);
-        let _done = writer.await;
+        if tokio::time::timeout(CLOSE_GRACE, &mut writer)
+            .await
+            .is_err()
+        {
+            writer.abort();
+        }
         return;
     };
     metrics::gauge!("ingest_connections").increment(1.0);
@@ -200,7 +208,14 @@ async fn connection(socket: WebSocket, state: Arc<AppState>, user: Option<String
         drop(close_tx);
     }
     drop(conn);
-    let _done = writer.await;
+    // A client that does not read cannot hold the connection open: after a
+    // grace period the socket is dropped with whatever is still unsent.
+    if tokio::time::timeout(CLOSE_GRACE, &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
     metrics::gauge!("ingest_connections").decrement(1.0);
 }
 

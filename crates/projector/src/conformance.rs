@@ -31,6 +31,7 @@ macro_rules! store_conformance_suite {
             duplicate_id_is_stored_once,
             positions_are_per_partition,
             find_id_returns_the_first_offset,
+            find_ids_answers_each_key,
             unicode_bodies_round_trip,
         );
     };
@@ -164,6 +165,18 @@ pub async fn find_id_returns_the_first_offset(h: &impl StoreHarness) {
         .unwrap();
     assert_eq!(s.find_id("r", "x").await.unwrap(), Some(7));
     assert_eq!(s.find_id("other", "x").await.unwrap(), None);
+}
+
+pub async fn find_ids_answers_each_key(h: &impl StoreHarness) {
+    let s = h.fresh().await;
+    s.apply(0, vec![message("r", 3, "x"), message("q", 4, "y")], 5)
+        .await
+        .unwrap();
+    let keys = [("r", "x"), ("r", "y"), ("q", "y"), ("nowhere", "x")]
+        .map(|(r, i)| (r.to_owned(), i.to_owned()));
+    let found = s.find_ids(&keys).await.unwrap();
+    let ts = |o: u64| message("r", o, "").ts;
+    assert_eq!(found, vec![Some((3, ts(3))), None, Some((4, ts(4))), None]);
 }
 
 pub async fn unicode_bodies_round_trip(h: &impl StoreHarness) {

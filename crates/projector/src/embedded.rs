@@ -232,6 +232,38 @@ impl HistoryStore for EmbeddedStore {
         .await
     }
 
+    async fn find_ids(
+        &self,
+        keys: &[(String, String)],
+    ) -> Result<Vec<Option<(u64, i64)>>, StoreError> {
+        let keys = keys.to_vec();
+        self.blocking(move |db, tables| {
+            let txn = db.begin_read().map_err(storage)?;
+            let ids = txn.open_table(tables.ids()).map_err(storage)?;
+            let rows = txn.open_table(tables.messages()).map_err(storage)?;
+            let mut found = Vec::with_capacity(keys.len());
+            for (room, id) in &keys {
+                let offset = ids
+                    .get((room.as_str(), id.as_str()))
+                    .map_err(storage)?
+                    .map(|v| v.value());
+                let hit = match offset {
+                    Some(offset) => rows
+                        .get((room.as_str(), offset))
+                        .map_err(storage)?
+                        .map(|v| serde_json::from_slice::<Row>(v.value()))
+                        .transpose()
+                        .map_err(storage)?
+                        .map(|row| (offset, row.ts)),
+                    None => None,
+                };
+                found.push(hit);
+            }
+            Ok(found)
+        })
+        .await
+    }
+
     async fn find_id(&self, room: &str, id: &str) -> Result<Option<u64>, StoreError> {
         let (room, id) = (room.to_owned(), id.to_owned());
         self.blocking(move |db, tables| {

@@ -62,4 +62,27 @@ pub trait HistoryStore: Send + Sync + 'static {
 
     /// The offset of the message of `room` sent with client id `id`.
     async fn find_id(&self, room: &str, id: &str) -> Result<Option<u64>, StoreError>;
+
+    /// For each (room, id), the offset and timestamp of the stored message,
+    /// if any: how a gateway answers a retry whose first attempt another
+    /// node (or an earlier process) appended.
+    async fn find_ids(
+        &self,
+        keys: &[(String, String)],
+    ) -> Result<Vec<Option<(u64, i64)>>, StoreError> {
+        let mut found = Vec::with_capacity(keys.len());
+        for (room, id) in keys {
+            let hit = match self.find_id(room, id).await? {
+                Some(offset) => self
+                    .page(room, Some(offset + 1), 1)
+                    .await?
+                    .into_iter()
+                    .find(|m| m.offset == offset as i64)
+                    .map(|m| (offset, m.ts)),
+                None => None,
+            };
+            found.push(hit);
+        }
+        Ok(found)
+    }
 }

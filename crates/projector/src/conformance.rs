@@ -18,11 +18,34 @@ pub trait StoreHarness: Send + Sync {
 }
 
 /// Expands the suite into one `#[tokio::test]` per case; `$harness` is an
-/// expression building a [`StoreHarness`].
+/// expression building a [`StoreHarness`]. Attributes written before it are
+/// put on every case, e.g. an `#[ignore = "why"]` for a backend that needs a
+/// server: the runner then reports those cases as skipped, not passed.
+///
+/// ```ignore
+/// store_conformance_suite!(harness());
+/// store_conformance_suite!(#[ignore = "needs SCYLLA_URI"] harness());
+/// ```
 #[macro_export]
 macro_rules! store_conformance_suite {
-    ($harness:expr) => {
-        $crate::store_conformance_suite!(@cases $harness;
+    (@cases $attrs:tt $harness:expr; $($case:ident),* $(,)?) => {
+        $(
+            $crate::store_conformance_suite!(@case $attrs $harness; $case);
+        )*
+    };
+    (@case { $(#[$attr:meta])* } $harness:expr; $case:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        $(#[$attr])*
+        async fn $case() {
+            let harness = $harness;
+            $crate::conformance::$case(&harness).await;
+        }
+    };
+    (@attrs { $($acc:tt)* } #[$attr:meta] $($rest:tt)*) => {
+        $crate::store_conformance_suite!(@attrs { $($acc)* #[$attr] } $($rest)*);
+    };
+    (@attrs $attrs:tt $harness:expr) => {
+        $crate::store_conformance_suite!(@cases $attrs $harness;
             empty_store_has_no_positions_or_messages,
             apply_stores_messages_and_position,
             pages_walk_back_with_before_cursors,
@@ -35,14 +58,8 @@ macro_rules! store_conformance_suite {
             unicode_bodies_round_trip,
         );
     };
-    (@cases $harness:expr; $($case:ident),* $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $case() {
-                let harness = $harness;
-                $crate::conformance::$case(&harness).await;
-            }
-        )*
+    ($($input:tt)*) => {
+        $crate::store_conformance_suite!(@attrs {} $($input)*);
     };
 }
 

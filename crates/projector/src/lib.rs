@@ -13,6 +13,7 @@
 pub mod conformance;
 pub mod embedded;
 mod run;
+pub mod scylla;
 
 pub use run::{Projector, ProjectorConfig, DLQ_TOPIC};
 

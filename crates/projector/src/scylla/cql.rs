@@ -1,0 +1,499 @@
+//! The store on a ScyllaDB cluster: [`ScyllaStore::connect`] opens a session,
+//! creates the keyspace and the tables of its projection version when
+//! missing, prepares every statement once, and serves [`HistoryStore`]
+//! through [`BucketedStore`] over [`CqlTables`].
+//!
+//! Routing: every request is a prepared statement whose partition key is
+//! bound, and the driver's default load-balancing policy is token-aware and
+//! shard-aware, so each request goes to a replica owning the partition, on
+//! the shard owning it; an unlogged row batch stays within one partition,
+//! and the driver routes a batch by its first statement, so it is token- and
+//! shard-aware too.
+//!
+//! Consistency: the driver's default, LOCAL_QUORUM, for reads and writes, so
+//! a projector reads the claims and the position it wrote in earlier batches.
+//! Every statement is marked idempotent (each is an upsert or a read), so the
+//! driver may retry it after a timeout, and a replayed batch writes the same
+//! cells again.
+//!
+//! Errors: what says the cluster cannot be reached or answer now (no
+//! connection, timeouts, unavailable replicas, overload) is
+//! [`StoreError::Unavailable`], for the projector to retry; the rest is
+//! [`StoreError::Storage`].
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use schemas::protocol::MessageView;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::errors::{
+    DbError, ExecutionError, IntoRowsResultError, MaybeFirstRowError, NewSessionError,
+    PrepareError, RequestAttemptError, RowsError, SchemaAgreementError,
+};
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
+
+use super::buckets::{Bucketing, Claim, RowBatch};
+use super::schema::{keyspace_statement, table_statements, Names, Statements};
+use super::store::{BucketedStore, Tables};
+use super::uri::{ScyllaUri, UriError};
+use crate::{HistoryStore, StoreError};
+
+/// What can go wrong talking to Scylla.
+#[derive(Debug, thiserror::Error)]
+pub enum ScyllaError {
+    #[error(transparent)]
+    Uri(#[from] UriError),
+    #[error("{0}")]
+    Names(String),
+    #[error("connecting: {0}")]
+    Connect(#[from] NewSessionError),
+    #[error("preparing a statement: {0}")]
+    Prepare(#[from] PrepareError),
+    #[error("executing a statement: {0}")]
+    Execute(#[from] ExecutionError),
+    #[error("reading rows: {0}")]
+    Rows(String),
+}
+
+impl From<IntoRowsResultError> for ScyllaError {
+    fn from(e: IntoRowsResultError) -> Self {
+        ScyllaError::Rows(e.to_string())
+    }
+}
+
+impl From<RowsError> for ScyllaError {
+    fn from(e: RowsError) -> Self {
+        ScyllaError::Rows(e.to_string())
+    }
+}
+
+impl From<MaybeFirstRowError> for ScyllaError {
+    fn from(e: MaybeFirstRowError) -> Self {
+        ScyllaError::Rows(e.to_string())
+    }
+}
+
+impl From<scylla::deserialize::DeserializationError> for ScyllaError {
+    fn from(e: scylla::deserialize::DeserializationError) -> Self {
+        ScyllaError::Rows(e.to_string())
+    }
+}
+
+/// Whether a failed attempt says "not now" rather than "not this".
+fn attempt_unavailable(e: &RequestAttemptError) -> bool {
+    match e {
+        RequestAttemptError::BrokenConnectionError(_)
+        | RequestAttemptError::UnableToAllocStreamId => true,
+        RequestAttemptError::DbError(db, _) => matches!(
+            db,
+            DbError::Unavailable { .. }
+                | DbError::Overloaded
+                | DbError::IsBootstrapping
+                | DbError::ReadTimeout { .. }
+                | DbError::WriteTimeout { .. }
+                | DbError::RateLimitReached { .. }
+        ),
+        _ => false,
+    }
+}
+
+fn prepare_unavailable(e: &PrepareError) -> bool {
+    match e {
+        PrepareError::ConnectionPoolError(_) => true,
+        PrepareError::AllAttemptsFailed { first_attempt } => attempt_unavailable(first_attempt),
+        _ => false,
+    }
+}
+
+impl ScyllaError {
+    /// Whether retrying later may succeed: the cluster is unreachable, busy
+    /// or short of replicas.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            ScyllaError::Uri(_) | ScyllaError::Names(_) | ScyllaError::Rows(_) => false,
+            ScyllaError::Connect(e) => !matches!(
+                e,
+                NewSessionError::EmptyKnownNodesList | NewSessionError::IllegalConfig(_)
+            ),
+            ScyllaError::Prepare(e) => prepare_unavailable(e),
+            ScyllaError::Execute(e) => match e {
+                ExecutionError::ConnectionPoolError(_)
+                | ExecutionError::EmptyPlan
+                | ExecutionError::RequestTimeout(_)
+                | ExecutionError::MetadataError(_) => true,
+                ExecutionError::LastAttemptError(a) => attempt_unavailable(a),
+                ExecutionError::PrepareError(p) => prepare_unavailable(p),
+                ExecutionError::SchemaAgreementError(s) => matches!(
+                    s,
+                    SchemaAgreementError::ConnectionPoolError(_) | SchemaAgreementError::Timeout(_)
+                ),
+                _ => false,
+            },
+        }
+    }
+}
+
+impl From<ScyllaError> for StoreError {
+    fn from(e: ScyllaError) -> Self {
+        if e.is_unavailable() {
+            StoreError::Unavailable(e.to_string())
+        } else {
+            StoreError::Storage(e.to_string())
+        }
+    }
+}
+
+fn exec(e: ExecutionError) -> StoreError {
+    ScyllaError::Execute(e).into()
+}
+
+fn rows(e: impl Into<ScyllaError>) -> StoreError {
+    e.into().into()
+}
+
+/// Converts a row count bound into CQL's `int`.
+fn cql_limit(limit: usize) -> i32 {
+    i32::try_from(limit).unwrap_or(i32::MAX)
+}
+
+/// The prepared statements of one projection version.
+struct Prepared {
+    insert_message: PreparedStatement,
+    insert_bucket: PreparedStatement,
+    insert_claim: PreparedStatement,
+    select_claim: PreparedStatement,
+    insert_position: PreparedStatement,
+    select_position: PreparedStatement,
+    select_buckets: PreparedStatement,
+    select_rows: PreparedStatement,
+}
+
+impl Prepared {
+    async fn new(session: &Session, texts: &Statements) -> Result<Self, ScyllaError> {
+        let prepare = |text: &str| {
+            let text = text.to_owned();
+            async move {
+                let mut statement = session.prepare(text).await?;
+                statement.set_is_idempotent(true);
+                Ok::<_, ScyllaError>(statement)
+            }
+        };
+        Ok(Prepared {
+            insert_message: prepare(&texts.insert_message).await?,
+            insert_bucket: prepare(&texts.insert_bucket).await?,
+            insert_claim: prepare(&texts.insert_claim).await?,
+            select_claim: prepare(&texts.select_claim).await?,
+            insert_position: prepare(&texts.insert_position).await?,
+            select_position: prepare(&texts.select_position).await?,
+            select_buckets: prepare(&texts.select_buckets).await?,
+            select_rows: prepare(&texts.select_rows).await?,
+        })
+    }
+}
+
+/// The tables of one projection version on a cluster.
+pub struct CqlTables {
+    session: Arc<Session>,
+    prepared: Prepared,
+}
+
+#[async_trait]
+impl Tables for CqlTables {
+    async fn position(&self, partition: u32) -> Result<Option<i64>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.prepared.select_position, (partition as i32,))
+            .await
+            .map_err(exec)?
+            .into_rows_result()
+            .map_err(rows)?;
+        let row = result.maybe_first_row::<(i64,)>().map_err(rows)?;
+        Ok(row.map(|(next,)| next))
+    }
+
+    async fn write_position(&self, partition: u32, next: i64) -> Result<(), StoreError> {
+        // The write timestamp is the position itself: a stale write loses.
+        self.session
+            .execute_unpaged(
+                &self.prepared.insert_position,
+                (partition as i32, next, next),
+            )
+            .await
+            .map_err(exec)?;
+        Ok(())
+    }
+
+    async fn claim(&self, room: &str, id: &str) -> Result<Option<(i64, i64)>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.prepared.select_claim, (room, id))
+            .await
+            .map_err(exec)?
+            .into_rows_result()
+            .map_err(rows)?;
+        result.maybe_first_row::<(i64, i64)>().map_err(rows)
+    }
+
+    async fn write_claim(&self, claim: &Claim) -> Result<(), StoreError> {
+        self.session
+            .execute_unpaged(
+                &self.prepared.insert_claim,
+                (&claim.room, &claim.id, claim.offset, claim.ts),
+            )
+            .await
+            .map_err(exec)?;
+        Ok(())
+    }
+
+    async fn write_bucket(&self, room: &str, bucket: i64) -> Result<(), StoreError> {
+        self.session
+            .execute_unpaged(&self.prepared.insert_bucket, (room, bucket))
+            .await
+            .map_err(exec)?;
+        Ok(())
+    }
+
+    async fn write_rows(&self, batch: &RowBatch) -> Result<(), StoreError> {
+        let values: Vec<_> = batch
+            .rows
+            .iter()
+            .map(|m| {
+                (
+                    batch.room.as_str(),
+                    batch.bucket,
+                    m.offset,
+                    m.id.as_str(),
+                    m.user.as_str(),
+                    m.body.as_str(),
+                    m.ts,
+                )
+            })
+            .collect();
+        if let [row] = values.as_slice() {
+            self.session
+                .execute_unpaged(&self.prepared.insert_message, row)
+                .await
+                .map_err(exec)?;
+            return Ok(());
+        }
+        // One partition, so UNLOGGED: no batch log, applied atomically by
+        // the replicas of that partition.
+        let mut cql = Batch::new(BatchType::Unlogged);
+        for _ in &values {
+            cql.append_statement(self.prepared.insert_message.clone());
+        }
+        cql.set_is_idempotent(true);
+        self.session.batch(&cql, values).await.map_err(exec)?;
+        Ok(())
+    }
+
+    async fn buckets(
+        &self,
+        room: &str,
+        at_most: i64,
+        limit: usize,
+    ) -> Result<Vec<i64>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(
+                &self.prepared.select_buckets,
+                (room, at_most, cql_limit(limit)),
+            )
+            .await
+            .map_err(exec)?
+            .into_rows_result()
+            .map_err(rows)?;
+        result
+            .rows::<(i64,)>()
+            .map_err(rows)?
+            .map(|row| row.map(|(bucket,)| bucket).map_err(rows))
+            .collect()
+    }
+
+    async fn rows(
+        &self,
+        room: &str,
+        bucket: i64,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<MessageView>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(
+                &self.prepared.select_rows,
+                (room, bucket, before, cql_limit(limit)),
+            )
+            .await
+            .map_err(exec)?
+            .into_rows_result()
+            .map_err(rows)?;
+        result
+            .rows::<(i64, String, String, String, i64)>()
+            .map_err(rows)?
+            .map(|row| {
+                let (offset, id, user, body, ts) = row.map_err(rows)?;
+                Ok(MessageView {
+                    room: room.to_owned(),
+                    offset,
+                    id,
+                    user,
+                    body,
+                    ts,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The history store on ScyllaDB. Cheap to clone.
+#[derive(Clone)]
+pub struct ScyllaStore {
+    inner: Arc<BucketedStore<CqlTables>>,
+    names: Arc<Names>,
+}
+
+impl ScyllaStore {
+    /// Connects to `uri` (`scylla://HOST:9042[,HOST...]/KEYSPACE[?replication_factor=N&strategy=S]`),
+    /// creates the keyspace and the tables of projection version `namespace`
+    /// when missing, and prepares the statements.
+    ///
+    /// Creating tables from several processes at once is safe on Scylla
+    /// with Raft-managed schema (the default since 5.4); on older clusters,
+    /// apply `schemas/cql/` once before starting several projectors.
+    pub async fn connect(uri: &str, namespace: &str) -> Result<Self, StoreError> {
+        Ok(Self::connect_inner(uri, namespace).await?)
+    }
+
+    async fn connect_inner(uri: &str, namespace: &str) -> Result<Self, ScyllaError> {
+        let target = ScyllaUri::parse(uri)?;
+        let names = Names::new(&target.keyspace, namespace).map_err(ScyllaError::Names)?;
+        let session = SessionBuilder::new()
+            .known_nodes(&target.hosts)
+            .build()
+            .await?;
+        // DDL waits for schema agreement before returning (the driver's
+        // default), so the statements below are prepared against it.
+        session
+            .query_unpaged(
+                keyspace_statement(&names.keyspace, &target.replication),
+                &[],
+            )
+            .await?;
+        for ddl in table_statements(&names) {
+            session.query_unpaged(ddl, &[]).await?;
+        }
+        let prepared = Prepared::new(&session, &Statements::new(&names)).await?;
+        tracing::info!(
+            hosts = ?target.hosts,
+            keyspace = names.keyspace,
+            namespace = names.namespace,
+            "scylla history store ready"
+        );
+        let tables = CqlTables {
+            session: Arc::new(session),
+            prepared,
+        };
+        Ok(ScyllaStore {
+            inner: Arc::new(BucketedStore::new(tables, Bucketing::default())),
+            names: Arc::new(names),
+        })
+    }
+
+    /// A name for this keyspace and projection version: projectors writing
+    /// it share one consumer group.
+    pub fn id(&self) -> String {
+        format!("scylla-{}-{}", self.names.keyspace, self.names.namespace)
+    }
+
+    /// Another projection version on the same session (a replay builds it
+    /// while this one serves reads); its tables are created when missing.
+    pub async fn namespace(&self, namespace: &str) -> Result<Self, StoreError> {
+        Ok(self.namespace_inner(namespace).await?)
+    }
+
+    async fn namespace_inner(&self, namespace: &str) -> Result<Self, ScyllaError> {
+        let names = Names::new(&self.names.keyspace, namespace).map_err(ScyllaError::Names)?;
+        let session = self.inner.tables().session.clone();
+        for ddl in table_statements(&names) {
+            session.query_unpaged(ddl, &[]).await?;
+        }
+        let prepared = Prepared::new(&session, &Statements::new(&names)).await?;
+        Ok(ScyllaStore {
+            inner: Arc::new(BucketedStore::new(
+                CqlTables { session, prepared },
+                Bucketing::default(),
+            )),
+            names: Arc::new(names),
+        })
+    }
+}
+
+#[async_trait]
+impl HistoryStore for ScyllaStore {
+    async fn apply(
+        &self,
+        partition: u32,
+        messages: Vec<MessageView>,
+        next: u64,
+    ) -> Result<(), StoreError> {
+        self.inner.apply(partition, messages, next).await
+    }
+
+    async fn position(&self, partition: u32) -> Result<Option<u64>, StoreError> {
+        self.inner.position(partition).await
+    }
+
+    async fn page(
+        &self,
+        room: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<MessageView>, StoreError> {
+        self.inner.page(room, before, limit).await
+    }
+
+    async fn find_id(&self, room: &str, id: &str) -> Result<Option<u64>, StoreError> {
+        self.inner.find_id(room, id).await
+    }
+
+    async fn find_ids(
+        &self,
+        keys: &[(String, String)],
+    ) -> Result<Vec<Option<(u64, i64)>>, StoreError> {
+        self.inner.find_ids(keys).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_bad_uri_or_namespace_fails_before_connecting() {
+        let e = ScyllaStore::connect("scylla://127.0.0.1:9/Chat", "v1")
+            .await
+            .err()
+            .unwrap();
+        assert!(!e.is_retriable(), "{e}");
+        assert!(e.to_string().contains("keyspace"), "{e}");
+        let e = ScyllaStore::connect("scylla://127.0.0.1:9/chat", "v-1")
+            .await
+            .err()
+            .unwrap();
+        assert!(!e.is_retriable(), "{e}");
+        assert!(e.to_string().contains("namespace"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_cluster_is_unavailable() {
+        // Nothing listens on port 9 of the loopback: the driver's connection
+        // is refused at once.
+        let e = ScyllaStore::connect("scylla://127.0.0.1:9/chat", "v1")
+            .await
+            .err()
+            .unwrap();
+        assert!(e.is_retriable(), "{e}");
+    }
+}

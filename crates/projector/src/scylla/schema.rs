@@ -1,0 +1,262 @@
+//! The CQL text of the store: the schema, filled in from the templates in
+//! `schemas/cql/` (the one source of truth, compiled in), and every statement
+//! the store prepares. Pure text, no I/O, so it is tested everywhere.
+//!
+//! Names are spliced in unquoted; [`Names::new`] only accepts ones that CQL
+//! reads back unchanged (`[a-z0-9_]`).
+
+use super::uri::{is_plain_name, Replication};
+
+const KEYSPACE_CQL: &str = include_str!("../../../../schemas/cql/keyspace.cql");
+const TABLES_CQL: &str = include_str!("../../../../schemas/cql/tables.cql");
+
+/// The tables of one projection version (namespace) in one keyspace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    pub keyspace: String,
+    pub namespace: String,
+}
+
+impl Names {
+    /// `namespace` is the projection version: 1 to 32 of `[a-z0-9_]`, so
+    /// the longest table name (`room_buckets_` + namespace) stays under
+    /// Scylla's 48 characters.
+    pub fn new(keyspace: &str, namespace: &str) -> Result<Self, String> {
+        if !is_plain_name(keyspace, 48, true) {
+            return Err(format!(
+                "bad keyspace {keyspace:?}: 1 to 48 of [a-z0-9_], starting with a letter"
+            ));
+        }
+        if !is_plain_name(namespace, 32, false) {
+            return Err(format!("bad namespace {namespace:?}: 1 to 32 of [a-z0-9_]"));
+        }
+        Ok(Names {
+            keyspace: keyspace.to_owned(),
+            namespace: namespace.to_owned(),
+        })
+    }
+
+    fn table(&self, base: &str) -> String {
+        format!("{}.{base}_{}", self.keyspace, self.namespace)
+    }
+
+    pub fn messages(&self) -> String {
+        self.table("messages")
+    }
+
+    pub fn room_buckets(&self) -> String {
+        self.table("room_buckets")
+    }
+
+    pub fn message_ids(&self) -> String {
+        self.table("message_ids")
+    }
+
+    pub fn positions(&self) -> String {
+        self.table("positions")
+    }
+}
+
+/// The statements of a CQL script: `--` comments dropped, split on `;`.
+fn statements(script: &str) -> Vec<String> {
+    let stripped: String = script
+        .lines()
+        .map(|line| line.split_once("--").map_or(line, |(code, _)| code))
+        .collect::<Vec<_>>()
+        .join("\n");
+    stripped
+        .split(';')
+        .map(|s| {
+            s.lines()
+                .map(str::trim_end)
+                .filter(|l| !l.trim().is_empty())
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// `CREATE KEYSPACE IF NOT EXISTS`, with the URI's replication.
+pub fn keyspace_statement(keyspace: &str, replication: &Replication) -> String {
+    let script = KEYSPACE_CQL
+        .replace("${keyspace}", keyspace)
+        .replace("${replication}", &replication.cql());
+    statements(&script).concat()
+}
+
+/// `CREATE TABLE IF NOT EXISTS` for every table of the version.
+pub fn table_statements(names: &Names) -> Vec<String> {
+    let script = TABLES_CQL
+        .replace("${keyspace}", &names.keyspace)
+        .replace("${ns}", &names.namespace);
+    statements(&script)
+}
+
+/// Every statement the store prepares. Partition key values are always bound
+/// (never literals), which is what lets the driver route each request to a
+/// replica, and the right shard of it, owning the partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Statements {
+    /// (room, bucket, log_offset, msg_id, author, body, ts)
+    pub insert_message: String,
+    /// (room, bucket)
+    pub insert_bucket: String,
+    /// (room, msg_id, log_offset, ts)
+    pub insert_claim: String,
+    /// (room, msg_id) -> (log_offset, ts)
+    pub select_claim: String,
+    /// (log_partition, next_offset, write timestamp = next_offset)
+    pub insert_position: String,
+    /// (log_partition) -> (next_offset)
+    pub select_position: String,
+    /// (room, at_most, limit) -> (bucket), newest first
+    pub select_buckets: String,
+    /// (room, bucket, before, limit) -> (log_offset, msg_id, author, body, ts), newest first
+    pub select_rows: String,
+}
+
+impl Statements {
+    pub fn new(names: &Names) -> Self {
+        let (messages, buckets, ids, positions) = (
+            names.messages(),
+            names.room_buckets(),
+            names.message_ids(),
+            names.positions(),
+        );
+        Statements {
+            insert_message: format!(
+                "INSERT INTO {messages} (room, bucket, log_offset, msg_id, author, body, ts) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?)"
+            ),
+            insert_bucket: format!("INSERT INTO {buckets} (room, bucket) VALUES (?, ?)"),
+            insert_claim: format!(
+                "INSERT INTO {ids} (room, msg_id, log_offset, ts) VALUES (?, ?, ?, ?)"
+            ),
+            select_claim: format!("SELECT log_offset, ts FROM {ids} WHERE room = ? AND msg_id = ?"),
+            insert_position: format!(
+                "INSERT INTO {positions} (log_partition, next_offset) VALUES (?, ?) \
+                 USING TIMESTAMP ?"
+            ),
+            select_position: format!("SELECT next_offset FROM {positions} WHERE log_partition = ?"),
+            select_buckets: format!(
+                "SELECT bucket FROM {buckets} WHERE room = ? AND bucket <= ? LIMIT ?"
+            ),
+            select_rows: format!(
+                "SELECT log_offset, msg_id, author, body, ts FROM {messages} \
+                 WHERE room = ? AND bucket = ? AND log_offset < ? LIMIT ?"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::uri::Strategy;
+    use super::*;
+
+    fn names() -> Names {
+        Names::new("chat", "v1").unwrap()
+    }
+
+    #[test]
+    fn keyspace_statement_carries_the_replication() {
+        let cql = keyspace_statement(
+            "chat",
+            &Replication {
+                strategy: Strategy::Simple,
+                factor: 1,
+            },
+        );
+        assert_eq!(
+            cql,
+            "CREATE KEYSPACE IF NOT EXISTS chat\n  \
+             WITH replication = {'class': 'SimpleStrategy', 'replication_factor': 1}\n  \
+             AND durable_writes = true"
+        );
+    }
+
+    #[test]
+    fn table_statements_create_the_four_tables_of_the_version() {
+        let stmts = table_statements(&names());
+        assert_eq!(stmts.len(), 4, "{stmts:#?}");
+        for (stmt, table) in stmts.iter().zip([
+            "chat.messages_v1",
+            "chat.room_buckets_v1",
+            "chat.message_ids_v1",
+            "chat.positions_v1",
+        ]) {
+            assert!(
+                stmt.starts_with(&format!("CREATE TABLE IF NOT EXISTS {table} (")),
+                "{stmt}"
+            );
+            assert!(!stmt.contains("${"), "{stmt}");
+            assert!(!stmt.contains("--"), "{stmt}");
+        }
+        assert!(stmts[0].contains("PRIMARY KEY ((room, bucket), log_offset)"));
+        assert!(stmts[0].ends_with("WITH CLUSTERING ORDER BY (log_offset DESC)"));
+        assert!(stmts[1].contains("PRIMARY KEY ((room), bucket)"));
+        assert!(stmts[1].ends_with("WITH CLUSTERING ORDER BY (bucket DESC)"));
+        assert!(stmts[2].contains("PRIMARY KEY ((room, msg_id))"));
+        assert!(stmts[3].contains("PRIMARY KEY (log_partition)"));
+    }
+
+    #[test]
+    fn statements_name_the_versioned_tables() {
+        let s = Statements::new(&Names::new("chat_test", "t42").unwrap());
+        assert_eq!(
+            s.insert_message,
+            "INSERT INTO chat_test.messages_t42 (room, bucket, log_offset, msg_id, author, body, ts) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)"
+        );
+        assert_eq!(
+            s.insert_position,
+            "INSERT INTO chat_test.positions_t42 (log_partition, next_offset) VALUES (?, ?) \
+             USING TIMESTAMP ?"
+        );
+        assert_eq!(
+            s.select_rows,
+            "SELECT log_offset, msg_id, author, body, ts FROM chat_test.messages_t42 \
+             WHERE room = ? AND bucket = ? AND log_offset < ? LIMIT ?"
+        );
+        assert_eq!(
+            s.select_buckets,
+            "SELECT bucket FROM chat_test.room_buckets_t42 WHERE room = ? AND bucket <= ? LIMIT ?"
+        );
+        assert_eq!(
+            s.select_claim,
+            "SELECT log_offset, ts FROM chat_test.message_ids_t42 WHERE room = ? AND msg_id = ?"
+        );
+        // Every statement binds its values: no literal partition keys.
+        for text in [
+            &s.insert_message,
+            &s.insert_bucket,
+            &s.insert_claim,
+            &s.select_claim,
+            &s.insert_position,
+            &s.select_position,
+            &s.select_buckets,
+            &s.select_rows,
+        ] {
+            assert!(!text.contains('\''), "{text}");
+            assert!(
+                text.contains("chat_test.") && text.contains("_t42"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn names_refuse_what_cql_would_change() {
+        assert!(Names::new("chat", "v1").is_ok());
+        assert!(Names::new("chat", "2024_rebuild").is_ok());
+        assert!(Names::new("chat", &"n".repeat(32)).is_ok());
+        for ns in ["", "V1", "v-2", "v 1", "v1;", &"n".repeat(33)] {
+            assert!(Names::new("chat", ns).is_err(), "{ns:?}");
+        }
+        assert!(Names::new("Chat", "v1").is_err());
+        let longest = Names::new("chat", &"n".repeat(32)).unwrap().room_buckets();
+        let table = longest.split_once('.').unwrap().1;
+        assert!(table.len() <= 48, "{table}");
+    }
+}

@@ -1,0 +1,259 @@
+//! The history store's algorithm over the Scylla table layout, written once
+//! against [`Tables`]: the cluster ([`super::cql::CqlTables`]) in production,
+//! an in-memory copy of the tables in tests. What to write and what to read
+//! comes from the pure plans in [`super::buckets`].
+//!
+//! Promises, per the [`HistoryStore`] contract:
+//! - `apply` reads the partition's position first and ignores a batch it
+//!   covers; otherwise it writes every row, bucket entry and id claim (as
+//!   concurrent single-partition requests, at most `concurrency` per call and
+//!   `max_in_flight` per store), and only when all of them succeeded writes
+//!   the position. A failure leaves the position where it was, so the batch
+//!   is applied again, and the same writes land again: harmless.
+//! - `page` walks the room's buckets from the cursor down with a
+//!   [`PageWalk`], one request at a time, so a page is exact across bucket
+//!   boundaries.
+//! - No lock is held across an await: the only shared state is a semaphore.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt, TryStreamExt};
+use schemas::protocol::MessageView;
+use tokio::sync::Semaphore;
+
+use super::buckets::{claim_keys, plan_apply, Bucketing, Claim, PageWalk, RowBatch, Step};
+use crate::{HistoryStore, StoreError};
+
+/// Requests in flight per `apply` or `find_ids` call.
+pub const DEFAULT_CONCURRENCY: usize = 32;
+/// Requests in flight per store, across all calls (one projector task per
+/// log partition, gateways reading history).
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
+
+/// The tables, one operation per request. Each call is one single-partition
+/// request (a row batch is one unlogged batch within one partition).
+#[async_trait]
+pub trait Tables: Send + Sync + 'static {
+    async fn position(&self, partition: u32) -> Result<Option<i64>, StoreError>;
+    /// Writes `next` so that the highest position ever written wins.
+    async fn write_position(&self, partition: u32, next: i64) -> Result<(), StoreError>;
+    /// The claim of `id` in `room`: (offset, ts).
+    async fn claim(&self, room: &str, id: &str) -> Result<Option<(i64, i64)>, StoreError>;
+    async fn write_claim(&self, claim: &Claim) -> Result<(), StoreError>;
+    async fn write_bucket(&self, room: &str, bucket: i64) -> Result<(), StoreError>;
+    async fn write_rows(&self, batch: &RowBatch) -> Result<(), StoreError>;
+    /// Buckets of `room` at most `at_most`, newest first, at most `limit`.
+    async fn buckets(&self, room: &str, at_most: i64, limit: usize)
+        -> Result<Vec<i64>, StoreError>;
+    /// Rows of (`room`, `bucket`) with offset below `before`, newest first,
+    /// at most `limit`.
+    async fn rows(
+        &self,
+        room: &str,
+        bucket: i64,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<MessageView>, StoreError>;
+}
+
+/// One write of a plan.
+enum Write<'a> {
+    Rows(&'a RowBatch),
+    Bucket(&'a str, i64),
+    Claim(&'a Claim),
+}
+
+fn layout(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Storage(e.to_string())
+}
+
+/// A history store over [`Tables`].
+pub struct BucketedStore<T> {
+    tables: T,
+    bucketing: Bucketing,
+    concurrency: usize,
+    in_flight: Arc<Semaphore>,
+}
+
+impl<T: Tables> BucketedStore<T> {
+    pub fn new(tables: T, bucketing: Bucketing) -> Self {
+        Self::with_limits(
+            tables,
+            bucketing,
+            DEFAULT_CONCURRENCY,
+            DEFAULT_MAX_IN_FLIGHT,
+        )
+    }
+
+    pub fn with_limits(
+        tables: T,
+        bucketing: Bucketing,
+        concurrency: usize,
+        max_in_flight: usize,
+    ) -> Self {
+        BucketedStore {
+            tables,
+            bucketing,
+            concurrency: concurrency.max(1),
+            in_flight: Arc::new(Semaphore::new(max_in_flight.max(1))),
+        }
+    }
+
+    pub fn tables(&self) -> &T {
+        &self.tables
+    }
+
+    /// Waits for a request slot of the store.
+    async fn slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, StoreError> {
+        self.in_flight.acquire().await.map_err(layout)
+    }
+
+    async fn write(&self, write: Write<'_>) -> Result<(), StoreError> {
+        let _slot = self.slot().await?;
+        match write {
+            Write::Rows(batch) => self.tables.write_rows(batch).await,
+            Write::Bucket(room, bucket) => self.tables.write_bucket(room, bucket).await,
+            Write::Claim(claim) => self.tables.write_claim(claim).await,
+        }
+    }
+
+    async fn claim(&self, room: &str, id: &str) -> Result<Option<(i64, i64)>, StoreError> {
+        let _slot = self.slot().await?;
+        self.tables.claim(room, id).await
+    }
+}
+
+#[async_trait]
+impl<T: Tables> HistoryStore for BucketedStore<T> {
+    async fn apply(
+        &self,
+        partition: u32,
+        messages: Vec<MessageView>,
+        next: u64,
+    ) -> Result<(), StoreError> {
+        let next = i64::try_from(next).map_err(layout)?;
+        let stored = {
+            let _slot = self.slot().await?;
+            self.tables.position(partition).await?
+        };
+        if stored.is_some_and(|stored| next <= stored) {
+            return Ok(());
+        }
+        // Claims already stored for the batch's ids (reads, in parallel).
+        let lookups: Vec<BoxFuture<'_, Result<_, StoreError>>> = claim_keys(&messages)
+            .into_iter()
+            .map(|key| {
+                async move {
+                    let found = self.claim(&key.0, &key.1).await?;
+                    Ok(found.map(|claim| (key, claim)))
+                }
+                .boxed()
+            })
+            .collect();
+        let known: HashMap<(String, String), (i64, i64)> = futures::stream::iter(lookups)
+            .buffer_unordered(self.concurrency)
+            .try_filter_map(|hit| async move { Ok(hit) })
+            .try_collect()
+            .await?;
+        let plan = plan_apply(self.bucketing, messages, &known).map_err(layout)?;
+        if plan.skipped > 0 {
+            metrics::counter!("projector_duplicate_ids_total").increment(plan.skipped as u64);
+        }
+        let mut writes: Vec<BoxFuture<'_, Result<(), StoreError>>> =
+            Vec::with_capacity(plan.statements());
+        writes.extend(
+            plan.batches
+                .iter()
+                .map(|b| self.write(Write::Rows(b)).boxed()),
+        );
+        writes.extend(
+            plan.buckets
+                .iter()
+                .map(|(room, bucket)| self.write(Write::Bucket(room, *bucket)).boxed()),
+        );
+        writes.extend(
+            plan.claims
+                .iter()
+                .map(|c| self.write(Write::Claim(c)).boxed()),
+        );
+        futures::stream::iter(writes)
+            .buffer_unordered(self.concurrency)
+            .try_collect::<()>()
+            .await?;
+        // Only now: every row the position covers is written.
+        let _slot = self.slot().await?;
+        self.tables.write_position(partition, next).await
+    }
+
+    async fn position(&self, partition: u32) -> Result<Option<u64>, StoreError> {
+        let _slot = self.slot().await?;
+        let stored = self.tables.position(partition).await?;
+        stored.map(|p| u64::try_from(p).map_err(layout)).transpose()
+    }
+
+    async fn page(
+        &self,
+        room: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<MessageView>, StoreError> {
+        let mut walk = PageWalk::new(self.bucketing, before, limit);
+        loop {
+            match walk.next_step() {
+                Step::Index { at_most, limit } => {
+                    let buckets = {
+                        let _slot = self.slot().await?;
+                        self.tables.buckets(room, at_most, limit).await?
+                    };
+                    walk.on_index(buckets).map_err(layout)?;
+                }
+                Step::Rows {
+                    bucket,
+                    before,
+                    limit,
+                } => {
+                    let rows = {
+                        let _slot = self.slot().await?;
+                        self.tables.rows(room, bucket, before, limit).await?
+                    };
+                    walk.on_rows(rows).map_err(layout)?;
+                }
+                Step::Done => return Ok(walk.finish()),
+            }
+        }
+    }
+
+    async fn find_id(&self, room: &str, id: &str) -> Result<Option<u64>, StoreError> {
+        match self.claim(room, id).await? {
+            Some((offset, _)) => Ok(Some(u64::try_from(offset).map_err(layout)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn find_ids(
+        &self,
+        keys: &[(String, String)],
+    ) -> Result<Vec<Option<(u64, i64)>>, StoreError> {
+        let lookups: Vec<BoxFuture<'_, Result<Option<(u64, i64)>, StoreError>>> = keys
+            .iter()
+            .map(|(room, id)| {
+                async move {
+                    match self.claim(room, id).await? {
+                        Some((offset, ts)) => {
+                            Ok(Some((u64::try_from(offset).map_err(layout)?, ts)))
+                        }
+                        None => Ok(None),
+                    }
+                }
+                .boxed()
+            })
+            .collect();
+        futures::stream::iter(lookups)
+            .buffered(self.concurrency)
+            .try_collect()
+            .await
+    }
+}

@@ -1,0 +1,82 @@
+//! The store conformance suite against a real ScyllaDB, named by
+//! `SCYLLA_URI` (e.g. `scylla://127.0.0.1:9042/chat_test`). Its cases are
+//! `#[ignore]`d so that a run without a cluster reports them as skipped, not
+//! passed; `scripts/test.sh` runs them with `--run-ignored only` when
+//! `SCYLLA_URI` is set, and then a cluster that cannot be reached fails them.
+//!
+//! Each case gets a fresh projection version (a random namespace, so new
+//! tables) in the URI's keyspace; drop the keyspace afterwards to clean up.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use super::ScyllaStore;
+use crate::conformance::StoreHarness;
+use crate::HistoryStore;
+
+struct Harness {
+    uri: String,
+}
+
+#[async_trait]
+impl StoreHarness for Harness {
+    async fn fresh(&self) -> Arc<dyn HistoryStore> {
+        let namespace = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+        let store = ScyllaStore::connect(&self.uri, &namespace)
+            .await
+            .unwrap_or_else(|e| panic!("scylla store at {}: {e}", self.uri));
+        Arc::new(store)
+    }
+}
+
+fn harness() -> Harness {
+    let uri = std::env::var("SCYLLA_URI")
+        .expect("SCYLLA_URI must name a ScyllaDB, e.g. scylla://127.0.0.1:9042/chat_test");
+    Harness { uri }
+}
+
+crate::store_conformance_suite!(
+    #[ignore = "needs SCYLLA_URI: run with --run-ignored only when a ScyllaDB is given"]
+    harness()
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs SCYLLA_URI: run with --run-ignored only when a ScyllaDB is given"]
+async fn pages_cross_production_buckets() {
+    // Offsets far apart, so rows land in many buckets of 16,384 offsets.
+    let s = harness().fresh().await;
+    let all: Vec<_> = (0..120u64)
+        .map(|i| crate::conformance::message("r", i * 5_000 + 7, &format!("m{i}")))
+        .collect();
+    for chunk in all.chunks(25) {
+        let next = chunk.last().unwrap().offset as u64 + 1;
+        s.apply(0, chunk.to_vec(), next).await.unwrap();
+    }
+    let mut walked = Vec::new();
+    let mut before = None;
+    loop {
+        let page = s.page("r", before, 17).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        before = Some(page[0].offset as u64);
+        walked.splice(0..0, page);
+    }
+    assert_eq!(walked, all);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs SCYLLA_URI: run with --run-ignored only when a ScyllaDB is given"]
+async fn namespaces_are_separate_versions() {
+    let uri = harness().uri;
+    let ns = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+    let v1 = ScyllaStore::connect(&uri, &ns).await.unwrap();
+    let v2 = v1.namespace(&format!("{ns}_2")).await.unwrap();
+    v1.apply(0, vec![crate::conformance::message("r", 0, "a")], 1)
+        .await
+        .unwrap();
+    assert_eq!(v1.page("r", None, 10).await.unwrap().len(), 1);
+    assert!(v2.page("r", None, 10).await.unwrap().is_empty());
+    assert_eq!(v2.position(0).await.unwrap(), None);
+}

@@ -306,6 +306,37 @@ impl EventLog for EmbeddedLog {
         .boxed()
     }
 
+    /// The first offset whose record is stamped `ts_ms` or later (the end
+    /// when none is), found by a scan of the partition's timestamps: there is
+    /// no time index, and timestamps need not grow with offsets, so a binary
+    /// search could skip a late-stamped record.
+    async fn offset_for_time(&self, partition: u32, ts_ms: i64) -> Result<u64, LogError> {
+        self.check_partition(partition)?;
+        let end = *self.inner.ends[partition as usize].borrow();
+        let db = self.inner.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().map_err(storage)?;
+            let records = txn.open_table(RECORDS).map_err(storage)?;
+            for entry in records
+                .range((partition, 0)..(partition, end))
+                .map_err(storage)?
+            {
+                let (k, v) = entry.map_err(storage)?;
+                let ts = v
+                    .value()
+                    .get(0..8)
+                    .map(|b| i64::from_le_bytes(b.try_into().expect("an 8-byte slice")));
+                if ts.is_none_or(|ts| ts >= ts_ms) {
+                    // A record too short to hold a timestamp is not skipped.
+                    return Ok(k.value().1);
+                }
+            }
+            Ok(end)
+        })
+        .await
+        .map_err(storage)?
+    }
+
     async fn load_position(&self, group: &str, partition: u32) -> Result<Option<u64>, LogError> {
         self.check_partition(partition)?;
         let db = self.inner.db.clone();
@@ -503,6 +534,27 @@ mod tests {
     }
 
     crate::log_conformance_suite!(harness());
+
+    #[tokio::test]
+    async fn offset_for_time_is_the_first_record_at_or_after_the_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(dir.path(), "chat.messages", 1).unwrap();
+        // Timestamps need not grow with offsets: 30 at offset 1, 15 at 2.
+        let stamps = [10, 30, 15, 40];
+        let records = stamps
+            .iter()
+            .map(|&ts| Record {
+                key: b"room".to_vec(),
+                value: vec![1],
+                ts,
+            })
+            .collect();
+        log.append(records).await.unwrap();
+        for (ts, want) in [(0, 0), (10, 0), (11, 1), (20, 1), (31, 3), (40, 3), (41, 4)] {
+            assert_eq!(log.offset_for_time(0, ts).await.unwrap(), want, "ts {ts}");
+        }
+        assert!(log.offset_for_time(1, 0).await.is_err());
+    }
 
     #[test]
     fn record_encoding_round_trips_and_rejects_truncation() {

@@ -110,6 +110,17 @@ pub trait EventLog: Send + Sync + 'static {
     /// Reads `partition` from offset `from` on, then tails it.
     fn read(&self, partition: u32, from: u64) -> RecordStream;
 
+    /// An offset of `partition` to start reading at for the records stamped
+    /// `ts_ms` (milliseconds since the Unix epoch) or later: no record below
+    /// it has a timestamp at or after `ts_ms`. A lower bound, not an exact
+    /// seek: a reader still skips, by record timestamp, what is older than
+    /// asked (timestamps need not grow with offsets). The default, 0, is
+    /// always correct; a backend with a time index answers closer.
+    async fn offset_for_time(&self, partition: u32, ts_ms: i64) -> Result<u64, LogError> {
+        let _ = (partition, ts_ms);
+        Ok(0)
+    }
+
     /// The stored position (next offset to read) of a consumer `group`.
     async fn load_position(&self, group: &str, partition: u32) -> Result<Option<u64>, LogError>;
 

@@ -1,0 +1,214 @@
+//! `chat-load compare`: starts each server one after the other on a free
+//! port of 127.0.0.1, runs the same scenario against it, stops it by its
+//! PID, and reports the figures side by side with ratios to the baseline.
+//! Measuring both in one invocation is what makes the ratio mean something
+//! on a shared, noisy machine.
+//!
+//! Servers: the baseline (`bare-server`, or — pending — a raw Kafka
+//! producer, see [`Baseline`]) and `chat serve` (embedded log in a fresh
+//! temporary data dir, or `--log kafka://...`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::report::{Comparison, Report};
+use crate::run::{run, RunOptions};
+use crate::scenario::Scenario;
+
+/// What the chat server's figures are divided by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Baseline {
+    /// `bare-server`: WebSocket and JSON with no log behind it.
+    Bare,
+    /// A raw rdkafka producer to the broker of `--log kafka://...`, for the
+    /// Kafka-mode target (at least 80% of its msgs/s). Pending: it needs the
+    /// Kafka backend of the log, and rdkafka in this crate, which this crate
+    /// does not take on yet; see `crate::kafka`.
+    KafkaProducer,
+}
+
+/// How to start the servers.
+#[derive(Debug, Clone)]
+pub struct CompareOptions {
+    pub chat_bin: PathBuf,
+    pub bare_bin: PathBuf,
+    pub baseline: Baseline,
+    /// `--log` of `chat serve` (`embedded` or `kafka://HOST:PORT`).
+    pub log: String,
+    pub partitions: u32,
+    /// More arguments for `chat serve`.
+    pub chat_args: Vec<String>,
+    pub progress: bool,
+    pub command: String,
+    pub nofile_limit: Option<crate::sys::NofileLimit>,
+}
+
+/// A server process started for a run; killed when dropped.
+pub struct Server {
+    child: Child,
+    pub addr: String,
+    log_file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// How long a server may take to print its address.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Server {
+    /// Starts `program args...` with its output in a log file, and waits for
+    /// the line naming its address (`... at http://ADDR/`).
+    pub async fn start(program: &Path, args: &[String]) -> anyhow::Result<Server> {
+        let dir = tempfile::Builder::new()
+            .prefix("chat-load-")
+            .tempdir()
+            .context("making a temporary dir")?;
+        let log_file = dir.path().join("server.log");
+        let log = std::fs::File::create(&log_file)?;
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| a.replace("{dir}", &dir.path().display().to_string()))
+            .collect();
+        let child = Command::new(program)
+            .args(&args)
+            .env("NO_COLOR", "1")
+            .env(
+                "RUST_LOG",
+                std::env::var("SERVER_LOG").unwrap_or("info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
+        let mut server = Server {
+            child,
+            addr: String::new(),
+            log_file,
+            _dir: dir,
+        };
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        loop {
+            let log = server.log();
+            if let Some(rest) = log.split(" at http://").nth(1) {
+                server.addr = rest.split('/').next().unwrap_or_default().to_owned();
+                return Ok(server);
+            }
+            if let Some(status) = server.child.try_wait()? {
+                bail!("{} exited with {status}:\n{log}", program.display());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{} did not start in time:\n{log}", program.display());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    /// SIGTERM by PID, then SIGKILL if it has not exited in `grace`.
+    pub async fn stop(mut self, grace: Duration) -> anyhow::Result<()> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _already_gone = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = tokio::time::Instant::now() + grace;
+        while tokio::time::Instant::now() < deadline {
+            if self.child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::warn!(
+            pid = self.child.id(),
+            "server did not stop in time; killing it"
+        );
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _killed = self.child.kill();
+            let _reaped = self.child.wait();
+        }
+    }
+}
+
+/// Where a sibling binary of this executable would be (`target/release/chat`
+/// next to `target/release/chat-load`).
+pub fn sibling_binary(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// Runs `scenario` against the baseline, then against chat.
+pub async fn compare(scenario: &Scenario, options: &CompareOptions) -> anyhow::Result<Comparison> {
+    scenario.validate()?;
+    let baseline: (&str, PathBuf, Vec<String>) = match options.baseline {
+        Baseline::Bare => (
+            "bare",
+            options.bare_bin.clone(),
+            vec!["--listen".into(), "127.0.0.1:0".into()],
+        ),
+        Baseline::KafkaProducer => bail!(crate::kafka::PENDING),
+    };
+    let mut chat_args: Vec<String> = [
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        "{dir}/data",
+        "--log",
+        &options.log,
+        "--partitions",
+        &options.partitions.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    chat_args.extend(options.chat_args.iter().cloned());
+    let servers = [baseline, ("chat", options.chat_bin.clone(), chat_args)];
+    let mut runs: Vec<Report> = Vec::new();
+    for (label, program, args) in servers {
+        let server = Server::start(&program, &args).await?;
+        tracing::info!(label, pid = server.pid(), addr = %server.addr, "server started");
+        let run_options = RunOptions {
+            url: format!("ws://{}/ws", server.addr),
+            label: label.to_owned(),
+            server_pid: Some(server.pid()),
+            progress: options.progress,
+            command: options.command.clone(),
+            nofile_limit: options.nofile_limit,
+        };
+        let report = run(scenario, &run_options).await;
+        if report.as_ref().map_or(true, |r| !r.ok) {
+            // Keep the server's side of the story.
+            let log = server.log();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            tracing::warn!(
+                label,
+                "run failed checks; server log tail:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        server.stop(Duration::from_secs(15)).await?;
+        runs.push(report.with_context(|| format!("running against {label}"))?);
+    }
+    Ok(Comparison::new(
+        options.command.clone(),
+        scenario.preset,
+        runs,
+    ))
+}

@@ -1,0 +1,31 @@
+//! Load benchmarks of the ingest tier, and what they compare against.
+//!
+//! - `chat-load` (binary; [`cli`]): a fleet of WebSocket clients speaking
+//!   PROTOCOL.md to any gateway on this machine ([`fleet`]), open-loop rate
+//!   control with latency from the intended send time ([`ids`], [`stats`]),
+//!   the presets `ingest-max`, `fanout`, `connections`, `mixed`
+//!   ([`scenario`], [`run`]), a JSON report ([`report`]) and an SVG chart
+//!   ([`chart`]); `chat-load compare` starts the baseline and `chat serve`
+//!   one after the other and reports ratios ([`compare`]).
+//! - `bare-server` (binary; [`bare`]): the baseline, a WebSocket server that
+//!   answers like a gateway with no log behind it.
+//! - Micro-benchmarks (criterion, `benches/`): Avro codec, partitioner,
+//!   embedded log append, history store apply.
+//!
+//! Results and how they were produced: `benches/RESULTS.md` at the root of
+//! the repository. Tests check what the tool reports is right (every acked
+//! message delivered to every member), never how fast anything is.
+
+pub mod bare;
+pub mod chart;
+pub mod cli;
+pub mod compare;
+pub mod fleet;
+pub mod ids;
+pub mod kafka;
+pub mod report;
+pub mod run;
+pub mod scenario;
+pub mod stats;
+pub mod sys;
+pub mod target;

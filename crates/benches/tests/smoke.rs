@@ -1,0 +1,179 @@
+//! CI smoke run of every preset: `chat-load compare PRESET --tiny` starts a
+//! real `bare-server` and a real `chat serve`, one after the other, and runs
+//! the preset's seconds-long numbers against each. The test checks the tool
+//! and both servers behave (every connection opens, every message sent is
+//! acked, every acked message reaches every member of its room once and in
+//! order, no error), never how fast anything is.
+//!
+//! `chat` is another package's binary: it is found through `CHAT_BIN`, or
+//! next to this test's target dir (`<target>/debug/chat`), which
+//! `cargo build --bins` (run by scripts/test.sh before the tests) makes.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+fn chat_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("CHAT_BIN") {
+        return PathBuf::from(path);
+    }
+    // <target>/debug/deps/smoke-HASH -> <target>/debug/chat
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable lives in <target>/<profile>/deps");
+    let chat = profile_dir.join(format!("chat{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        chat.exists(),
+        "{} is missing: build it first (cargo build --bins) or set CHAT_BIN",
+        chat.display()
+    );
+    chat
+}
+
+/// Runs `chat-load compare PRESET --tiny` and returns its JSON report.
+fn compare(preset: &str) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let chart = dir.path().join("chart.svg");
+    let out = Command::new(env!("CARGO_BIN_EXE_chat-load"))
+        .args(["compare", preset, "--tiny", "--no-progress"])
+        .arg("--chat-bin")
+        .arg(chat_bin())
+        .arg("--bare-bin")
+        .arg(env!("CARGO_BIN_EXE_bare-server"))
+        .arg("--report")
+        .arg(&report)
+        .arg("--chart")
+        .arg(&chart)
+        .output()
+        .expect("chat-load runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "chat-load compare {preset} failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(stdout.contains("ratios to bare"), "{stdout}");
+    let svg = std::fs::read_to_string(&chart).expect("chart written");
+    assert!(svg.contains("<svg"));
+    serde_json::from_str(&std::fs::read_to_string(&report).expect("report written"))
+        .expect("report is json")
+}
+
+/// Every run's checks, phase by phase; returns the runs by label.
+fn check_runs(c: &Value, preset: &str) -> Vec<(String, Value)> {
+    assert_eq!(c["preset"], preset);
+    assert_eq!(c["ok"], true, "{c:#}");
+    let runs = c["runs"].as_array().unwrap();
+    let labels: Vec<&str> = runs.iter().map(|r| r["label"].as_str().unwrap()).collect();
+    assert_eq!(labels, ["bare", "chat"]);
+    for run in runs {
+        let label = &run["label"];
+        let scenario = &run["scenario"];
+        assert_eq!(
+            run["connected"], scenario["connections"],
+            "{label}: every connection opens"
+        );
+        assert_eq!(run["connect_failures"], serde_json::json!({}), "{label}");
+        assert_eq!(run["disconnects"], serde_json::json!({}), "{label}");
+        let phases = run["phases"].as_array().unwrap();
+        assert!(!phases.is_empty(), "{label}: at least one phase");
+        for p in phases {
+            let check = &p["check"];
+            assert_eq!(check["ok"], true, "{label}: {check}");
+            let sent = check["sent"].as_u64().unwrap();
+            assert!(sent > 0, "{label}: the phase sent messages: {check}");
+            assert_eq!(check["acked"].as_u64().unwrap(), sent, "{label}: all acked");
+            for zero in [
+                "rejected",
+                "unacked",
+                "missing",
+                "unexpected",
+                "misordered",
+                "disconnected",
+            ] {
+                assert_eq!(check[zero], 0, "{label}: {zero}: {check}");
+            }
+            // Every acked message reached every member of its room.
+            let members =
+                scenario["connections"].as_u64().unwrap() / scenario["rooms"].as_u64().unwrap();
+            assert_eq!(
+                check["expected_deliveries"].as_u64().unwrap(),
+                sent * members,
+                "{label}: {check}"
+            );
+            assert_eq!(check["delivered"], check["expected_deliveries"], "{label}");
+            assert_eq!(p["errors"], serde_json::json!({}), "{label}");
+            assert!(
+                p["ack_latency"]["count"].as_u64().unwrap() > 0,
+                "{label}: latencies recorded"
+            );
+        }
+        assert!(
+            !run["series"].as_array().unwrap().is_empty(),
+            "{label}: time series"
+        );
+    }
+    runs.iter()
+        .map(|r| (r["label"].as_str().unwrap().to_owned(), r.clone()))
+        .collect()
+}
+
+#[test]
+fn ingest_max_steps_and_every_ack_is_delivered() {
+    let c = compare("ingest-max");
+    for (label, run) in check_runs(&c, "ingest-max") {
+        let steps = run["phases"].as_array().unwrap();
+        assert!(
+            !steps.is_empty() && steps.len() <= 2,
+            "{label}: at most max_steps"
+        );
+        let rates: Vec<f64> = steps
+            .iter()
+            .map(|s| s["traffic"]["rate"].as_f64().unwrap())
+            .collect();
+        assert_eq!(rates[0], run["scenario"]["rate"].as_f64().unwrap());
+    }
+}
+
+#[test]
+fn fanout_delivers_to_one_hundred_and_one_members_per_room_scaled_down() {
+    let c = compare("fanout");
+    for (label, run) in check_runs(&c, "fanout") {
+        let p = &run["phases"][0];
+        assert_eq!(
+            p["senders"], run["scenario"]["rooms"],
+            "{label}: one sender per room"
+        );
+        assert!(p["e2e_latency"]["count"].as_u64().unwrap() > 0);
+    }
+}
+
+#[test]
+fn connections_are_held_and_measured() {
+    let c = compare("connections");
+    for (label, run) in check_runs(&c, "connections") {
+        let s = &run["summary"];
+        assert!(
+            s["server_rss_idle_bytes"].as_u64().unwrap() > 0,
+            "{label}: {s}"
+        );
+        assert!(
+            s["server_rss_connected_bytes"].as_u64().unwrap() > 0,
+            "{label}: {s}"
+        );
+        assert!(s["rss_per_connection_bytes"].is_number(), "{label}: {s}");
+    }
+    assert!(c["ratios"]["chat.acked_per_s"].is_number());
+}
+
+#[test]
+fn mixed_runs_against_both_servers() {
+    let c = compare("mixed");
+    check_runs(&c, "mixed");
+    assert!(c["ratios"]["chat.delivered_per_s"].is_number());
+}

@@ -11,9 +11,12 @@
 //!   room at another offset (by an earlier batch or earlier in this one), the
 //!   same rule as the embedded store; replanning the same batch gives the same
 //!   writes, so a replay is harmless.
-//! - [`PageWalk`] asks only for reads that can hold wanted rows, checks every
-//!   answer (a misordered one is an error, never a loop), and ends: each step
-//!   either lowers its cursor or drops a bucket.
+//! - [`PageWalk`] shows only rows below their log partition's stored
+//!   position (every row below it is written: the position goes last), so a
+//!   batch appears at once although its rows span many Scylla partitions. It
+//!   asks only for reads that can hold wanted rows, checks every answer (a
+//!   misordered one is an error, never a loop), and ends: each step lowers
+//!   its cursor, drops a bucket, or settles the bound.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -79,6 +82,14 @@ pub struct Claim {
     pub id: String,
     pub offset: i64,
     pub ts: i64,
+    /// The room's log partition.
+    pub partition: u32,
+}
+
+/// Whether a row at `offset` of a partition whose stored position is
+/// `position` may be shown: only what a completed batch covers.
+pub fn is_visible(offset: i64, position: Option<i64>) -> bool {
+    position.is_some_and(|p| offset < p)
 }
 
 /// Rows of one Scylla partition (room, bucket), newest last, written as one
@@ -93,6 +104,8 @@ pub struct RowBatch {
 /// The writes that apply one batch. All of them go before the position.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct WritePlan {
+    /// The log partition of every message of the batch.
+    pub partition: u32,
     pub batches: Vec<RowBatch>,
     /// (room, bucket) entries of the room index, each once.
     pub buckets: Vec<(String, i64)>,
@@ -125,13 +138,18 @@ fn row_bytes(m: &MessageView) -> usize {
 }
 
 /// Plans the writes of `messages` (one log partition, offset order), given
-/// `known`: the claims already stored for [`claim_keys`] (missing = none).
+/// `known`: the offsets of the claims already stored for [`claim_keys`]
+/// (missing = none), whether or not a position covers them yet.
 pub fn plan_apply(
     bucketing: Bucketing,
+    partition: u32,
     messages: Vec<MessageView>,
-    known: &HashMap<(String, String), (i64, i64)>,
+    known: &HashMap<(String, String), i64>,
 ) -> Result<WritePlan, LayoutError> {
-    let mut plan = WritePlan::default();
+    let mut plan = WritePlan {
+        partition,
+        ..WritePlan::default()
+    };
     // Claims made by this batch, on top of `known`.
     let mut claimed: HashMap<(String, String), i64> = HashMap::new();
     // Partition (room, bucket) -> index of its open batch in `plan.batches`.
@@ -148,7 +166,7 @@ pub fn plan_apply(
         let first = claimed
             .get(&key)
             .copied()
-            .or_else(|| known.get(&key).map(|&(offset, _)| offset));
+            .or_else(|| known.get(&key).copied());
         if first.is_some_and(|first| first != m.offset) {
             plan.skipped += 1;
             continue;
@@ -159,6 +177,7 @@ pub fn plan_apply(
             id: m.id.clone(),
             offset: m.offset,
             ts: m.ts,
+            partition,
         });
         let bucket = bucketing.bucket_of(m.offset);
         if indexed.insert((m.room.clone(), bucket)) {
@@ -190,8 +209,12 @@ pub fn plan_apply(
 /// What a [`PageWalk`] needs next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
-    /// Read the room index: buckets `<= at_most`, newest first, at most `limit`.
+    /// Read the room index: buckets `<= at_most`, newest first, at most
+    /// `limit`, with the room's log partition.
     Index { at_most: i64, limit: usize },
+    /// Read the stored position of the room's log partition: rows at or
+    /// above it are not shown.
+    Position { partition: u32 },
     /// Read `bucket`: rows with offset `< before`, newest first, at most `limit`.
     Rows {
         bucket: i64,
@@ -215,6 +238,10 @@ pub struct PageWalk {
     pending: VecDeque<i64>,
     /// Where the next index read starts; `None` once the index is exhausted.
     index_at_most: Option<i64>,
+    /// The room's log partition, once the index named it.
+    partition: Option<u32>,
+    /// Whether `before` is already bounded by the partition's position.
+    bounded: bool,
     /// The read last handed out, to check its answer against.
     asked: Option<Step>,
     newest_first: Vec<MessageView>,
@@ -232,6 +259,8 @@ impl PageWalk {
             before,
             pending: VecDeque::new(),
             index_at_most,
+            partition: None,
+            bounded: false,
             asked: None,
             newest_first: Vec::with_capacity(limit.min(MAX_ROWS_PER_READ)),
         }
@@ -241,11 +270,13 @@ impl PageWalk {
         self.limit - self.newest_first.len()
     }
 
-    /// The next read to perform (and feed back with [`Self::on_index`] or
-    /// [`Self::on_rows`]), or [`Step::Done`].
+    /// The next read to perform (and feed back with [`Self::on_index`],
+    /// [`Self::on_position`] or [`Self::on_rows`]), or [`Step::Done`].
     pub fn next_step(&mut self) -> Step {
         let step = if self.remaining() == 0 {
             Step::Done
+        } else if let (false, Some(partition)) = (self.bounded, self.partition) {
+            Step::Position { partition }
         } else if let Some(&bucket) = self.pending.front() {
             Step::Rows {
                 bucket,
@@ -264,13 +295,29 @@ impl PageWalk {
         step
     }
 
-    /// Feeds the answer to a [`Step::Index`]: buckets, newest first.
-    pub fn on_index(&mut self, buckets: Vec<i64>) -> Result<(), LayoutError> {
+    /// Feeds the answer to a [`Step::Index`]: buckets, newest first, and the
+    /// room's log partition (known whenever a bucket is listed).
+    pub fn on_index(
+        &mut self,
+        buckets: Vec<i64>,
+        partition: Option<u32>,
+    ) -> Result<(), LayoutError> {
         let Some(Step::Index { at_most, limit }) = self.asked.take() else {
             return Err(LayoutError::Misordered(
                 "index answer without an index read",
             ));
         };
+        if !buckets.is_empty() {
+            match (self.partition, partition) {
+                (_, None) => {
+                    return Err(LayoutError::Misordered("index buckets without a partition"))
+                }
+                (Some(known), Some(p)) if known != p => {
+                    return Err(LayoutError::Misordered("the room changed partition"))
+                }
+                (_, Some(p)) => self.partition = Some(p),
+            }
+        }
         let mut bound = at_most.saturating_add(1);
         for &b in &buckets {
             if b >= bound || b < 0 {
@@ -286,6 +333,28 @@ impl PageWalk {
             _ => None,
         };
         self.pending.extend(buckets);
+        Ok(())
+    }
+
+    /// Feeds the answer to a [`Step::Position`]: the stored position of the
+    /// room's partition. Rows at or above it are hidden, buckets wholly above
+    /// it dropped.
+    pub fn on_position(&mut self, position: Option<i64>) -> Result<(), LayoutError> {
+        let Some(Step::Position { .. }) = self.asked.take() else {
+            return Err(LayoutError::Misordered(
+                "position answer without a position read",
+            ));
+        };
+        self.bounded = true;
+        self.before = self.before.min(position.unwrap_or(0).max(0));
+        if self.before == 0 {
+            self.pending.clear();
+            self.index_at_most = None;
+        } else {
+            let top = self.bucketing.bucket_of(self.before - 1);
+            self.pending.retain(|&b| b <= top);
+            self.index_at_most = self.index_at_most.map(|a| a.min(top));
+        }
         Ok(())
     }
 
@@ -351,14 +420,14 @@ mod tests {
 
     #[test]
     fn plan_skips_ids_claimed_at_other_offsets() {
-        let known = HashMap::from([(("r".to_owned(), "old".to_owned()), (2, 0))]);
+        let known = HashMap::from([(("r".to_owned(), "old".to_owned()), 2)]);
         let batch = vec![
             message("r", 4, "old"),
             message("r", 5, "x"),
             message("r", 6, "x"),
             message("q", 7, "x"),
         ];
-        let plan = plan_apply(Bucketing::new(100), batch, &known).unwrap();
+        let plan = plan_apply(Bucketing::new(100), 0, batch, &known).unwrap();
         assert_eq!(plan.skipped, 2);
         let stored: Vec<_> = plan
             .batches
@@ -372,8 +441,8 @@ mod tests {
     #[test]
     fn plan_rewrites_a_claim_at_its_own_offset() {
         // A replay after a crash between the data and the position.
-        let known = HashMap::from([(("r".to_owned(), "a".to_owned()), (3, 0))]);
-        let plan = plan_apply(Bucketing::new(100), vec![message("r", 3, "a")], &known).unwrap();
+        let known = HashMap::from([(("r".to_owned(), "a".to_owned()), 3)]);
+        let plan = plan_apply(Bucketing::new(100), 0, vec![message("r", 3, "a")], &known).unwrap();
         assert_eq!(plan.skipped, 0);
         assert_eq!(plan.batches.len(), 1);
     }
@@ -383,7 +452,7 @@ mod tests {
         let batch: Vec<_> = (0..200)
             .map(|o| message("r", o, &format!("i{o}")))
             .collect();
-        let plan = plan_apply(Bucketing::new(100), batch, &HashMap::new()).unwrap();
+        let plan = plan_apply(Bucketing::new(100), 0, batch, &HashMap::new()).unwrap();
         assert_eq!(plan.buckets, vec![("r".into(), 0), ("r".into(), 1)]);
         assert!(plan.batches.iter().all(|b| b.rows.len() <= MAX_BATCH_ROWS));
         assert!(plan.batches.iter().all(|b| b
@@ -404,7 +473,7 @@ mod tests {
                 ..big.clone()
             })
             .collect();
-        let plan = plan_apply(Bucketing::new(100), batch, &HashMap::new()).unwrap();
+        let plan = plan_apply(Bucketing::new(100), 0, batch, &HashMap::new()).unwrap();
         assert!(plan.batches.len() > 1);
         assert!(plan
             .batches
@@ -416,13 +485,14 @@ mod tests {
     fn plan_refuses_negative_offsets() {
         let err = plan_apply(
             Bucketing::default(),
+            0,
             vec![message("r", 0, "a")],
             &HashMap::new(),
         );
         assert!(err.is_ok());
         let mut m = message("r", 0, "a");
         m.offset = -1;
-        assert!(plan_apply(Bucketing::default(), vec![m], &HashMap::new()).is_err());
+        assert!(plan_apply(Bucketing::default(), 0, vec![m], &HashMap::new()).is_err());
     }
 
     #[test]
@@ -456,7 +526,9 @@ mod tests {
                 limit: INDEX_PAGE
             }
         );
-        w.on_index(vec![2, 0]).unwrap();
+        w.on_index(vec![2, 0], Some(4)).unwrap();
+        assert_eq!(w.next_step(), Step::Position { partition: 4 });
+        w.on_position(Some(1_000)).unwrap();
         assert_eq!(
             w.next_step(),
             Step::Rows {
@@ -482,14 +554,58 @@ mod tests {
     }
 
     #[test]
+    fn the_walk_hides_what_no_position_covers_yet() {
+        // Rows up to 24 are written, but the position says 13: a batch is
+        // still being applied, and its rows must not show.
+        let b = Bucketing::new(10);
+        let mut w = PageWalk::new(b, None, 10);
+        w.next_step();
+        w.on_index(vec![2, 1, 0], Some(0)).unwrap();
+        assert_eq!(w.next_step(), Step::Position { partition: 0 });
+        w.on_position(Some(13)).unwrap();
+        assert_eq!(
+            w.next_step(),
+            Step::Rows {
+                bucket: 1,
+                before: 13,
+                limit: 10
+            }
+        );
+        w.on_rows(vec![message("r", 12, "a")]).unwrap();
+        w.next_step();
+        w.on_rows(vec![message("r", 5, "b")]).unwrap();
+        assert_eq!(w.next_step(), Step::Done);
+        assert_eq!(w.finish().len(), 2);
+
+        // Nothing covered yet: nothing shows, and no bucket is read.
+        let mut w = PageWalk::new(b, None, 10);
+        w.next_step();
+        w.on_index(vec![0], Some(0)).unwrap();
+        w.next_step();
+        w.on_position(None).unwrap();
+        assert_eq!(w.next_step(), Step::Done);
+        assert!(is_visible(3, Some(4)));
+        assert!(!is_visible(4, Some(4)));
+        assert!(!is_visible(0, None));
+    }
+
+    #[test]
     fn the_walk_refuses_misordered_answers() {
         let b = Bucketing::new(10);
         let mut w = PageWalk::new(b, None, 5);
         w.next_step();
-        assert!(w.on_index(vec![1, 3]).is_err());
+        assert!(w.on_index(vec![1, 3], Some(0)).is_err());
         let mut w = PageWalk::new(b, None, 5);
         w.next_step();
-        w.on_index(vec![3]).unwrap();
+        assert!(
+            w.on_index(vec![1], None).is_err(),
+            "buckets without partition"
+        );
+        let mut w = PageWalk::new(b, None, 5);
+        w.next_step();
+        w.on_index(vec![3], Some(0)).unwrap();
+        w.next_step();
+        w.on_position(Some(100)).unwrap();
         w.next_step();
         assert!(
             w.on_rows(vec![message("r", 5, "a")]).is_err(),
@@ -607,35 +723,13 @@ mod props {
         out
     }
 
-    async fn run(case: Case) {
-        let dir = tempfile::tempdir().unwrap();
-        let oracle = EmbeddedStore::open(dir.path(), "v1").unwrap();
-        let store =
-            BucketedStore::with_limits(MemTables::default(), Bucketing::new(case.bucket), 3, 5);
-        let all = history(&case.events);
-        let batches = batches(&all, &case.chunks);
-        for (i, batch) in batches.iter().enumerate() {
-            let next = batch.last().unwrap().offset as u64 + 1;
-            oracle.apply(0, batch.clone(), next).await.unwrap();
-            if case.crash == Some(i) {
-                store.tables().fail_position_writes(1);
-                assert!(store.apply(0, batch.clone(), next).await.is_err());
-            }
-            store.apply(0, batch.clone(), next).await.unwrap();
-        }
-        // A covered batch, altered, is ignored by both.
-        if let Some(first) = batches.first() {
-            let mut altered = first.clone();
-            altered.iter_mut().for_each(|m| m.body = "rewritten".into());
-            let next = first.last().unwrap().offset as u64 + 1;
-            oracle.apply(0, altered.clone(), next).await.unwrap();
-            store.apply(0, altered, next).await.unwrap();
-        }
+    /// Everything a reader can see, compared: every page of a full walk of
+    /// each room, the probes, and every id lookup.
+    async fn compare(store: &impl HistoryStore, oracle: &EmbeddedStore, case: &Case) {
         assert_eq!(
             store.position(0).await.unwrap(),
             oracle.position(0).await.unwrap()
         );
-
         for room in ROOMS {
             // Every page of a full walk, newest to oldest.
             let mut before = None;
@@ -669,7 +763,7 @@ mod props {
                 oracle.find_ids(&keys).await.unwrap()
             );
         }
-        for (room, before, limit) in case.probes {
+        for &(room, before, limit) in &case.probes {
             let room = ROOMS[room];
             assert_eq!(
                 store.page(room, before, limit).await.unwrap(),
@@ -679,8 +773,38 @@ mod props {
         }
     }
 
+    async fn run(case: Case) {
+        let dir = tempfile::tempdir().unwrap();
+        let oracle = EmbeddedStore::open(dir.path(), "v1").unwrap();
+        let store =
+            BucketedStore::with_limits(MemTables::default(), Bucketing::new(case.bucket), 3, 5);
+        let all = history(&case.events);
+        let batches = batches(&all, &case.chunks);
+        for (i, batch) in batches.iter().enumerate() {
+            let next = batch.last().unwrap().offset as u64 + 1;
+            if case.crash == Some(i) {
+                // The rows land, the position does not: readers must still
+                // see the store as it was before the batch.
+                store.tables().fail_position_writes(1);
+                assert!(store.apply(0, batch.clone(), next).await.is_err());
+                compare(&store, &oracle, &case).await;
+            }
+            oracle.apply(0, batch.clone(), next).await.unwrap();
+            store.apply(0, batch.clone(), next).await.unwrap();
+        }
+        // A covered batch, altered, is ignored by both.
+        if let Some(first) = batches.first() {
+            let mut altered = first.clone();
+            altered.iter_mut().for_each(|m| m.body = "rewritten".into());
+            let next = first.last().unwrap().offset as u64 + 1;
+            oracle.apply(0, altered.clone(), next).await.unwrap();
+            store.apply(0, altered, next).await.unwrap();
+        }
+        compare(&store, &oracle, &case).await;
+    }
+
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(128))]
+        #![proptest_config(ProptestConfig::with_cases(64))]
 
         /// The Scylla layout, in memory, answers every page, claim and
         /// position as the embedded store does.
@@ -692,15 +816,21 @@ mod props {
                 .unwrap()
                 .block_on(run(case));
         }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
 
         /// The cursor alone, many more cases: walking sorted offsets through
-        /// buckets gives the newest `limit` below `before`, oldest first.
+        /// buckets gives the newest `limit` below `before` and below the
+        /// partition position, oldest first.
         #[test]
         fn page_walk_is_a_slice_of_the_history(
             bucket in 1u64..8,
             offsets in proptest::collection::btree_set(0i64..400, 0..120),
             before in proptest::option::of(0u64..420),
             limit in 0usize..40,
+            position in proptest::option::of(0i64..420),
         ) {
             let b = Bucketing::new(bucket);
             let mut rows: BTreeMap<i64, BTreeMap<i64, MessageView>> = BTreeMap::new();
@@ -717,7 +847,11 @@ mod props {
                 match walk.next_step() {
                     Step::Index { at_most, limit } => {
                         let answer = index.range(..=at_most).rev().take(limit).copied().collect();
-                        walk.on_index(answer).unwrap();
+                        walk.on_index(answer, Some(7)).unwrap();
+                    }
+                    Step::Position { partition } => {
+                        prop_assert_eq!(partition, 7);
+                        walk.on_position(position).unwrap();
                     }
                     Step::Rows { bucket, before, limit } => {
                         let answer = rows
@@ -732,7 +866,7 @@ mod props {
             let below: Vec<i64> = offsets
                 .iter()
                 .copied()
-                .filter(|&o| before.is_none_or(|b| (o as u64) < b))
+                .filter(|&o| before.is_none_or(|b| (o as u64) < b) && position.is_some_and(|p| o < p))
                 .collect();
             let want = &below[below.len().saturating_sub(limit)..];
             let got: Vec<i64> = page.iter().map(|m| m.offset).collect();

@@ -36,7 +36,7 @@ use scylla::statement::prepared::PreparedStatement;
 
 use super::buckets::{Bucketing, Claim, RowBatch};
 use super::schema::{keyspace_statement, table_statements, Names, Statements};
-use super::store::{BucketedStore, Tables};
+use super::store::{BucketedStore, ClaimRow, Tables};
 use super::uri::{ScyllaUri, UriError};
 use crate::{HistoryStore, StoreError};
 
@@ -153,6 +153,17 @@ fn rows(e: impl Into<ScyllaError>) -> StoreError {
     e.into().into()
 }
 
+/// A log partition as CQL's `int` (partition counts are small).
+fn cql_partition(partition: u32) -> i32 {
+    i32::try_from(partition).unwrap_or(i32::MAX)
+}
+
+/// A log partition read back from CQL's `int`.
+fn log_partition(value: i32) -> Result<u32, StoreError> {
+    u32::try_from(value)
+        .map_err(|_| StoreError::Storage(format!("negative log partition {value} stored")))
+}
+
 /// Converts a row count bound into CQL's `int`.
 fn cql_limit(limit: usize) -> i32 {
     i32::try_from(limit).unwrap_or(i32::MAX)
@@ -204,7 +215,7 @@ impl Tables for CqlTables {
     async fn position(&self, partition: u32) -> Result<Option<i64>, StoreError> {
         let result = self
             .session
-            .execute_unpaged(&self.prepared.select_position, (partition as i32,))
+            .execute_unpaged(&self.prepared.select_position, (cql_partition(partition),))
             .await
             .map_err(exec)?
             .into_rows_result()
@@ -218,14 +229,14 @@ impl Tables for CqlTables {
         self.session
             .execute_unpaged(
                 &self.prepared.insert_position,
-                (partition as i32, next, next),
+                (cql_partition(partition), next, next),
             )
             .await
             .map_err(exec)?;
         Ok(())
     }
 
-    async fn claim(&self, room: &str, id: &str) -> Result<Option<(i64, i64)>, StoreError> {
+    async fn claim(&self, room: &str, id: &str) -> Result<Option<ClaimRow>, StoreError> {
         let result = self
             .session
             .execute_unpaged(&self.prepared.select_claim, (room, id))
@@ -233,23 +244,44 @@ impl Tables for CqlTables {
             .map_err(exec)?
             .into_rows_result()
             .map_err(rows)?;
-        result.maybe_first_row::<(i64, i64)>().map_err(rows)
+        match result.maybe_first_row::<(i64, i64, i32)>().map_err(rows)? {
+            Some((offset, ts, partition)) => Ok(Some(ClaimRow {
+                offset,
+                ts,
+                partition: log_partition(partition)?,
+            })),
+            None => Ok(None),
+        }
     }
 
     async fn write_claim(&self, claim: &Claim) -> Result<(), StoreError> {
         self.session
             .execute_unpaged(
                 &self.prepared.insert_claim,
-                (&claim.room, &claim.id, claim.offset, claim.ts),
+                (
+                    &claim.room,
+                    &claim.id,
+                    claim.offset,
+                    claim.ts,
+                    cql_partition(claim.partition),
+                ),
             )
             .await
             .map_err(exec)?;
         Ok(())
     }
 
-    async fn write_bucket(&self, room: &str, bucket: i64) -> Result<(), StoreError> {
+    async fn write_bucket(
+        &self,
+        room: &str,
+        bucket: i64,
+        partition: u32,
+    ) -> Result<(), StoreError> {
         self.session
-            .execute_unpaged(&self.prepared.insert_bucket, (room, bucket))
+            .execute_unpaged(
+                &self.prepared.insert_bucket,
+                (room, bucket, cql_partition(partition)),
+            )
             .await
             .map_err(exec)?;
         Ok(())
@@ -294,7 +326,7 @@ impl Tables for CqlTables {
         room: &str,
         at_most: i64,
         limit: usize,
-    ) -> Result<Vec<i64>, StoreError> {
+    ) -> Result<(Vec<i64>, Option<u32>), StoreError> {
         let result = self
             .session
             .execute_unpaged(
@@ -305,11 +337,16 @@ impl Tables for CqlTables {
             .map_err(exec)?
             .into_rows_result()
             .map_err(rows)?;
-        result
-            .rows::<(i64,)>()
-            .map_err(rows)?
-            .map(|row| row.map(|(bucket,)| bucket).map_err(rows))
-            .collect()
+        let mut buckets = Vec::with_capacity(result.rows_num());
+        let mut partition = None;
+        for row in result.rows::<(i64, Option<i32>)>().map_err(rows)? {
+            let (bucket, static_partition) = row.map_err(rows)?;
+            buckets.push(bucket);
+            if let Some(p) = static_partition {
+                partition = Some(log_partition(p)?);
+            }
+        }
+        Ok((buckets, partition))
     }
 
     async fn rows(

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use schemas::protocol::MessageView;
 
 use super::buckets::{Claim, RowBatch};
-use super::store::Tables;
+use super::store::{ClaimRow, Tables};
 use crate::StoreError;
 
 #[derive(Default)]
@@ -23,10 +23,11 @@ struct State {
     /// positions: log_partition -> next_offset (written USING TIMESTAMP
     /// next_offset: the highest wins).
     positions: HashMap<u32, i64>,
-    /// message_ids: (room, msg_id) -> (log_offset, ts).
-    claims: HashMap<(String, String), (i64, i64)>,
-    /// room_buckets: room -> buckets (read in descending order).
-    buckets: HashMap<String, BTreeSet<i64>>,
+    /// message_ids: (room, msg_id) -> (log_offset, ts, log_partition).
+    claims: HashMap<(String, String), ClaimRow>,
+    /// room_buckets: room -> (static log_partition, buckets read in
+    /// descending order).
+    buckets: HashMap<String, (u32, BTreeSet<i64>)>,
     /// messages: (room, bucket) -> log_offset -> row (read descending).
     rows: HashMap<(String, i64), BTreeMap<i64, MessageView>>,
 }
@@ -93,7 +94,7 @@ impl Tables for MemTables {
         Ok(())
     }
 
-    async fn claim(&self, room: &str, id: &str) -> Result<Option<(i64, i64)>, StoreError> {
+    async fn claim(&self, room: &str, id: &str) -> Result<Option<ClaimRow>, StoreError> {
         Ok(self.with(|s| s.claims.get(&(room.to_owned(), id.to_owned())).copied()))
     }
 
@@ -101,14 +102,27 @@ impl Tables for MemTables {
         self.with(|s| {
             s.claims.insert(
                 (claim.room.clone(), claim.id.clone()),
-                (claim.offset, claim.ts),
+                ClaimRow {
+                    offset: claim.offset,
+                    ts: claim.ts,
+                    partition: claim.partition,
+                },
             )
         });
         Ok(())
     }
 
-    async fn write_bucket(&self, room: &str, bucket: i64) -> Result<(), StoreError> {
-        self.with(|s| s.buckets.entry(room.to_owned()).or_default().insert(bucket));
+    async fn write_bucket(
+        &self,
+        room: &str,
+        bucket: i64,
+        partition: u32,
+    ) -> Result<(), StoreError> {
+        self.with(|s| {
+            let entry = s.buckets.entry(room.to_owned()).or_default();
+            entry.0 = partition;
+            entry.1.insert(bucket);
+        });
         Ok(())
     }
 
@@ -130,12 +144,20 @@ impl Tables for MemTables {
         room: &str,
         at_most: i64,
         limit: usize,
-    ) -> Result<Vec<i64>, StoreError> {
+    ) -> Result<(Vec<i64>, Option<u32>), StoreError> {
         Ok(self.with(|s| {
-            s.buckets
-                .get(room)
-                .map(|b| b.range(..=at_most).rev().take(limit).copied().collect())
-                .unwrap_or_default()
+            let Some((partition, buckets)) = s.buckets.get(room) else {
+                return (Vec::new(), None);
+            };
+            let listed: Vec<i64> = buckets
+                .range(..=at_most)
+                .rev()
+                .take(limit)
+                .copied()
+                .collect();
+            // Like CQL: the static column comes with the rows, none without.
+            let partition = (!listed.is_empty()).then_some(*partition);
+            (listed, partition)
         }))
     }
 
@@ -232,6 +254,20 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_batch_shows_only_once_its_position_is_written() {
+        let store = BucketedStore::new(MemTables::default(), Bucketing::new(4));
+        store.apply(0, vec![message("r", 0, "a")], 1).await.unwrap();
+        store.tables().fail_position_writes(1);
+        let batch = vec![message("r", 1, "b"), message("r", 9, "c")];
+        assert!(store.apply(0, batch, 10).await.is_err());
+        // Rows 1 and 9 and their claims are stored, but nothing covers them.
+        assert_eq!(store.page("r", None, 50).await.unwrap().len(), 1);
+        assert_eq!(store.find_id("r", "c").await.unwrap(), None);
+        let keys = [("r".to_owned(), "b".to_owned())];
+        assert_eq!(store.find_ids(&keys).await.unwrap(), vec![None]);
+    }
+
+    #[tokio::test]
     async fn a_stale_position_never_wins() {
         let tables = MemTables::default();
         tables.write_position(0, 9).await.unwrap();
@@ -254,8 +290,8 @@ mod tests {
     #[tokio::test]
     async fn a_quiet_room_skips_empty_buckets() {
         // A room with one message every 1,000 offsets, buckets of 10: the
-        // index lists only its buckets, so a page of 5 reads 1 index page
-        // and 5 buckets, not the ~500 buckets between the offsets.
+        // index lists only its buckets, so a page of 5 reads 1 index page,
+        // the position, and 5 buckets, not the ~500 buckets between them.
         let store = BucketedStore::new(MemTables::default(), Bucketing::new(10));
         let batch: Vec<_> = (0..20)
             .map(|i| message("quiet", i * 1_000, &format!("q{i}")))
@@ -265,6 +301,6 @@ mod tests {
         let page = store.page("quiet", None, 5).await.unwrap();
         assert_eq!(page.len(), 5);
         assert_eq!(page[0].offset, 15_000);
-        assert_eq!(store.tables().requests() - before, 6);
+        assert_eq!(store.tables().requests() - before, 7);
     }
 }

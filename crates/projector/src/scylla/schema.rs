@@ -100,17 +100,17 @@ pub fn table_statements(names: &Names) -> Vec<String> {
 pub struct Statements {
     /// (room, bucket, log_offset, msg_id, author, body, ts)
     pub insert_message: String,
-    /// (room, bucket)
+    /// (room, bucket, log_partition)
     pub insert_bucket: String,
-    /// (room, msg_id, log_offset, ts)
+    /// (room, msg_id, log_offset, ts, log_partition)
     pub insert_claim: String,
-    /// (room, msg_id) -> (log_offset, ts)
+    /// (room, msg_id) -> (log_offset, ts, log_partition)
     pub select_claim: String,
     /// (log_partition, next_offset, write timestamp = next_offset)
     pub insert_position: String,
     /// (log_partition) -> (next_offset)
     pub select_position: String,
-    /// (room, at_most, limit) -> (bucket), newest first
+    /// (room, at_most, limit) -> (bucket, log_partition), newest first
     pub select_buckets: String,
     /// (room, bucket, before, limit) -> (log_offset, msg_id, author, body, ts), newest first
     pub select_rows: String,
@@ -129,18 +129,24 @@ impl Statements {
                 "INSERT INTO {messages} (room, bucket, log_offset, msg_id, author, body, ts) \
                  VALUES (?, ?, ?, ?, ?, ?, ?)"
             ),
-            insert_bucket: format!("INSERT INTO {buckets} (room, bucket) VALUES (?, ?)"),
-            insert_claim: format!(
-                "INSERT INTO {ids} (room, msg_id, log_offset, ts) VALUES (?, ?, ?, ?)"
+            insert_bucket: format!(
+                "INSERT INTO {buckets} (room, bucket, log_partition) VALUES (?, ?, ?)"
             ),
-            select_claim: format!("SELECT log_offset, ts FROM {ids} WHERE room = ? AND msg_id = ?"),
+            insert_claim: format!(
+                "INSERT INTO {ids} (room, msg_id, log_offset, ts, log_partition) \
+                 VALUES (?, ?, ?, ?, ?)"
+            ),
+            select_claim: format!(
+                "SELECT log_offset, ts, log_partition FROM {ids} WHERE room = ? AND msg_id = ?"
+            ),
             insert_position: format!(
                 "INSERT INTO {positions} (log_partition, next_offset) VALUES (?, ?) \
                  USING TIMESTAMP ?"
             ),
             select_position: format!("SELECT next_offset FROM {positions} WHERE log_partition = ?"),
             select_buckets: format!(
-                "SELECT bucket FROM {buckets} WHERE room = ? AND bucket <= ? LIMIT ?"
+                "SELECT bucket, log_partition FROM {buckets} \
+                 WHERE room = ? AND bucket <= ? LIMIT ?"
             ),
             select_rows: format!(
                 "SELECT log_offset, msg_id, author, body, ts FROM {messages} \
@@ -196,6 +202,7 @@ mod tests {
         assert!(stmts[0].contains("PRIMARY KEY ((room, bucket), log_offset)"));
         assert!(stmts[0].ends_with("WITH CLUSTERING ORDER BY (log_offset DESC)"));
         assert!(stmts[1].contains("PRIMARY KEY ((room), bucket)"));
+        assert!(stmts[1].contains("log_partition int STATIC"));
         assert!(stmts[1].ends_with("WITH CLUSTERING ORDER BY (bucket DESC)"));
         assert!(stmts[2].contains("PRIMARY KEY ((room, msg_id))"));
         assert!(stmts[3].contains("PRIMARY KEY (log_partition)"));
@@ -221,11 +228,13 @@ mod tests {
         );
         assert_eq!(
             s.select_buckets,
-            "SELECT bucket FROM chat_test.room_buckets_t42 WHERE room = ? AND bucket <= ? LIMIT ?"
+            "SELECT bucket, log_partition FROM chat_test.room_buckets_t42 \
+             WHERE room = ? AND bucket <= ? LIMIT ?"
         );
         assert_eq!(
             s.select_claim,
-            "SELECT log_offset, ts FROM chat_test.message_ids_t42 WHERE room = ? AND msg_id = ?"
+            "SELECT log_offset, ts, log_partition FROM chat_test.message_ids_t42 \
+             WHERE room = ? AND msg_id = ?"
         );
         // Every statement binds its values: no literal partition keys.
         for text in [

@@ -12,7 +12,10 @@
 //!   is applied again, and the same writes land again: harmless.
 //! - `page` walks the room's buckets from the cursor down with a
 //!   [`PageWalk`], one request at a time, so a page is exact across bucket
-//!   boundaries.
+//!   boundaries; it shows only rows below the room's partition position, and
+//!   `find_id`/`find_ids` only claims below it, so a batch whose position is
+//!   not written yet (in flight, or failed) is not seen at all: to readers,
+//!   `apply` is atomic, as the trait says.
 //! - No lock is held across an await: the only shared state is a semaphore.
 
 use std::collections::HashMap;
@@ -24,7 +27,9 @@ use futures::{FutureExt, StreamExt, TryStreamExt};
 use schemas::protocol::MessageView;
 use tokio::sync::Semaphore;
 
-use super::buckets::{claim_keys, plan_apply, Bucketing, Claim, PageWalk, RowBatch, Step};
+use super::buckets::{
+    claim_keys, is_visible, plan_apply, Bucketing, Claim, PageWalk, RowBatch, Step,
+};
 use crate::{HistoryStore, StoreError};
 
 /// Requests in flight per `apply` or `find_ids` call.
@@ -33,6 +38,14 @@ pub const DEFAULT_CONCURRENCY: usize = 32;
 /// log partition, gateways reading history).
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
 
+/// A stored claim: where the id's message is, and the room's log partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimRow {
+    pub offset: i64,
+    pub ts: i64,
+    pub partition: u32,
+}
+
 /// The tables, one operation per request. Each call is one single-partition
 /// request (a row batch is one unlogged batch within one partition).
 #[async_trait]
@@ -40,14 +53,22 @@ pub trait Tables: Send + Sync + 'static {
     async fn position(&self, partition: u32) -> Result<Option<i64>, StoreError>;
     /// Writes `next` so that the highest position ever written wins.
     async fn write_position(&self, partition: u32, next: i64) -> Result<(), StoreError>;
-    /// The claim of `id` in `room`: (offset, ts).
-    async fn claim(&self, room: &str, id: &str) -> Result<Option<(i64, i64)>, StoreError>;
+    /// The claim of `id` in `room`, covered by a position or not.
+    async fn claim(&self, room: &str, id: &str) -> Result<Option<ClaimRow>, StoreError>;
     async fn write_claim(&self, claim: &Claim) -> Result<(), StoreError>;
-    async fn write_bucket(&self, room: &str, bucket: i64) -> Result<(), StoreError>;
+    /// Lists `bucket` in the index of `room`, whose log partition is
+    /// `partition`.
+    async fn write_bucket(&self, room: &str, bucket: i64, partition: u32)
+        -> Result<(), StoreError>;
     async fn write_rows(&self, batch: &RowBatch) -> Result<(), StoreError>;
-    /// Buckets of `room` at most `at_most`, newest first, at most `limit`.
-    async fn buckets(&self, room: &str, at_most: i64, limit: usize)
-        -> Result<Vec<i64>, StoreError>;
+    /// Buckets of `room` at most `at_most`, newest first, at most `limit`,
+    /// and the room's log partition (when any bucket is listed).
+    async fn buckets(
+        &self,
+        room: &str,
+        at_most: i64,
+        limit: usize,
+    ) -> Result<(Vec<i64>, Option<u32>), StoreError>;
     /// Rows of (`room`, `bucket`) with offset below `before`, newest first,
     /// at most `limit`.
     async fn rows(
@@ -62,7 +83,7 @@ pub trait Tables: Send + Sync + 'static {
 /// One write of a plan.
 enum Write<'a> {
     Rows(&'a RowBatch),
-    Bucket(&'a str, i64),
+    Bucket(&'a str, i64, u32),
     Claim(&'a Claim),
 }
 
@@ -115,14 +136,36 @@ impl<T: Tables> BucketedStore<T> {
         let _slot = self.slot().await?;
         match write {
             Write::Rows(batch) => self.tables.write_rows(batch).await,
-            Write::Bucket(room, bucket) => self.tables.write_bucket(room, bucket).await,
+            Write::Bucket(room, bucket, partition) => {
+                self.tables.write_bucket(room, bucket, partition).await
+            }
             Write::Claim(claim) => self.tables.write_claim(claim).await,
         }
     }
 
-    async fn claim(&self, room: &str, id: &str) -> Result<Option<(i64, i64)>, StoreError> {
+    async fn claim(&self, room: &str, id: &str) -> Result<Option<ClaimRow>, StoreError> {
         let _slot = self.slot().await?;
         self.tables.claim(room, id).await
+    }
+
+    async fn stored_position(&self, partition: u32) -> Result<Option<i64>, StoreError> {
+        let _slot = self.slot().await?;
+        self.tables.position(partition).await
+    }
+
+    /// The claim of `id` in `room` if a position covers it: (offset, ts).
+    async fn visible_claim(&self, room: &str, id: &str) -> Result<Option<(u64, i64)>, StoreError> {
+        let Some(claim) = self.claim(room, id).await? else {
+            return Ok(None);
+        };
+        let position = self.stored_position(claim.partition).await?;
+        if !is_visible(claim.offset, position) {
+            return Ok(None);
+        }
+        Ok(Some((
+            u64::try_from(claim.offset).map_err(layout)?,
+            claim.ts,
+        )))
     }
 }
 
@@ -135,10 +178,7 @@ impl<T: Tables> HistoryStore for BucketedStore<T> {
         next: u64,
     ) -> Result<(), StoreError> {
         let next = i64::try_from(next).map_err(layout)?;
-        let stored = {
-            let _slot = self.slot().await?;
-            self.tables.position(partition).await?
-        };
+        let stored = self.stored_position(partition).await?;
         if stored.is_some_and(|stored| next <= stored) {
             return Ok(());
         }
@@ -148,17 +188,17 @@ impl<T: Tables> HistoryStore for BucketedStore<T> {
             .map(|key| {
                 async move {
                     let found = self.claim(&key.0, &key.1).await?;
-                    Ok(found.map(|claim| (key, claim)))
+                    Ok(found.map(|claim| (key, claim.offset)))
                 }
                 .boxed()
             })
             .collect();
-        let known: HashMap<(String, String), (i64, i64)> = futures::stream::iter(lookups)
+        let known: HashMap<(String, String), i64> = futures::stream::iter(lookups)
             .buffer_unordered(self.concurrency)
             .try_filter_map(|hit| async move { Ok(hit) })
             .try_collect()
             .await?;
-        let plan = plan_apply(self.bucketing, messages, &known).map_err(layout)?;
+        let plan = plan_apply(self.bucketing, partition, messages, &known).map_err(layout)?;
         if plan.skipped > 0 {
             metrics::counter!("projector_duplicate_ids_total").increment(plan.skipped as u64);
         }
@@ -172,7 +212,7 @@ impl<T: Tables> HistoryStore for BucketedStore<T> {
         writes.extend(
             plan.buckets
                 .iter()
-                .map(|(room, bucket)| self.write(Write::Bucket(room, *bucket)).boxed()),
+                .map(|(room, bucket)| self.write(Write::Bucket(room, *bucket, partition)).boxed()),
         );
         writes.extend(
             plan.claims
@@ -189,8 +229,7 @@ impl<T: Tables> HistoryStore for BucketedStore<T> {
     }
 
     async fn position(&self, partition: u32) -> Result<Option<u64>, StoreError> {
-        let _slot = self.slot().await?;
-        let stored = self.tables.position(partition).await?;
+        let stored = self.stored_position(partition).await?;
         stored.map(|p| u64::try_from(p).map_err(layout)).transpose()
     }
 
@@ -204,11 +243,15 @@ impl<T: Tables> HistoryStore for BucketedStore<T> {
         loop {
             match walk.next_step() {
                 Step::Index { at_most, limit } => {
-                    let buckets = {
+                    let (buckets, partition) = {
                         let _slot = self.slot().await?;
                         self.tables.buckets(room, at_most, limit).await?
                     };
-                    walk.on_index(buckets).map_err(layout)?;
+                    walk.on_index(buckets, partition).map_err(layout)?;
+                }
+                Step::Position { partition } => {
+                    let position = self.stored_position(partition).await?;
+                    walk.on_position(position).map_err(layout)?;
                 }
                 Step::Rows {
                     bucket,
@@ -227,10 +270,10 @@ impl<T: Tables> HistoryStore for BucketedStore<T> {
     }
 
     async fn find_id(&self, room: &str, id: &str) -> Result<Option<u64>, StoreError> {
-        match self.claim(room, id).await? {
-            Some((offset, _)) => Ok(Some(u64::try_from(offset).map_err(layout)?)),
-            None => Ok(None),
-        }
+        Ok(self
+            .visible_claim(room, id)
+            .await?
+            .map(|(offset, _)| offset))
     }
 
     async fn find_ids(
@@ -239,17 +282,7 @@ impl<T: Tables> HistoryStore for BucketedStore<T> {
     ) -> Result<Vec<Option<(u64, i64)>>, StoreError> {
         let lookups: Vec<BoxFuture<'_, Result<Option<(u64, i64)>, StoreError>>> = keys
             .iter()
-            .map(|(room, id)| {
-                async move {
-                    match self.claim(room, id).await? {
-                        Some((offset, ts)) => {
-                            Ok(Some((u64::try_from(offset).map_err(layout)?, ts)))
-                        }
-                        None => Ok(None),
-                    }
-                }
-                .boxed()
-            })
+            .map(|(room, id)| self.visible_claim(room, id).boxed())
             .collect();
         futures::stream::iter(lookups)
             .buffered(self.concurrency)

@@ -19,17 +19,8 @@ async fn gateway(dir: &std::path::Path, broker: &Broker, extra: &[&str]) -> Serv
     Server::start_with(dir, PARTITIONS, &args).await
 }
 
-/// The value of an unlabelled gauge in `/metrics`, 0 when absent.
 async fn gauge(server: &Server, name: &str) -> f64 {
-    let text = reqwest::get(server.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
+    server.metric(name).await
 }
 
 /// Waits until `check` holds, polling, failing after `wait`.

@@ -21,6 +21,7 @@ pub struct Server {
     pub addr: String,
     pub data_dir: PathBuf,
     log_file: PathBuf,
+    status: Option<std::process::ExitStatus>,
 }
 
 impl Server {
@@ -50,6 +51,7 @@ impl Server {
             addr: String::new(),
             data_dir: data_dir.to_owned(),
             log_file,
+            status: None,
         };
         server.addr = server.wait_for_addr().await;
         server
@@ -105,6 +107,45 @@ impl Server {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Sends SIGTERM and waits for the exit, keeping the server (its data
+    /// dir and exit status) for later.
+    pub async fn terminate_keep(mut self) -> Server {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                self.status = Some(status);
+                return self;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no exit after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn exit_status(&self) -> Option<std::process::ExitStatus> {
+        self.status
+    }
+
+    /// The value of an unlabelled metric in `/metrics`, 0 when absent.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0.0)
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -29,6 +29,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// How far before a starting point fan-out looks for message identities.
+const LOOKBACK: u64 = 2048;
+
 /// A serialized server frame, shared between every socket it goes to.
 pub type Frame = Utf8Bytes;
 
@@ -274,7 +277,7 @@ impl Fanout {
         }
         let mut state = state;
         loop {
-            {
+            let target = {
                 let slots = self.slots.lock().unwrap();
                 let current = slots.get(&partition).map(|s| &s.state);
                 if !current.is_some_and(|c| Arc::ptr_eq(c, &state)) {
@@ -286,26 +289,36 @@ impl Fanout {
                 }
                 let mut st = state.lock().unwrap();
                 let want = (have + 1) as u64;
-                if want >= st.ring_start {
-                    // Hand-over: the ring holds everything from `want` on.
-                    for e in st
+                let target = if want >= st.ring_start {
+                    let backlog: Vec<Frame> = st
                         .ring
                         .iter()
                         .filter(|e| e.offset >= want && e.room == room)
-                    {
-                        if !member.offer(e.frame.clone()) {
-                            break;
+                        .map(|e| e.frame.clone())
+                        .collect();
+                    if backlog.len() <= member.tx.capacity() {
+                        // Hand-over: the ring holds everything from `want`
+                        // on, and the member's queue has room for it.
+                        for frame in backlog {
+                            if !member.offer(frame) {
+                                break;
+                            }
                         }
+                        st.rooms.entry(room.to_owned()).or_default().push(Sub {
+                            member: member.clone(),
+                            from: want,
+                        });
+                        break;
                     }
-                    st.rooms.entry(room.to_owned()).or_default().push(Sub {
-                        member: member.clone(),
-                        from: want,
-                    });
-                    break;
-                }
-            }
-            // Older than the ring: read it back from the log ourselves.
-            let target = state.lock().unwrap().ring_start;
+                    // More than the queue holds: read it back at the
+                    // member's pace instead.
+                    st.next
+                } else {
+                    // Older than the ring: read it back from the log.
+                    st.ring_start
+                };
+                target
+            };
             if let Err(e) = self.catch_up(partition, room, member, have, target).await {
                 self.release(partition);
                 return Err(e);
@@ -339,13 +352,22 @@ impl Fanout {
             .get(&partition)
             .map(|s| s.state.clone());
         let mut sent = SeenIds::new(usize::MAX);
-        let mut stream = self.log.read(partition, from);
+        // Read a little before `from` too: a message the member already has
+        // may have been appended again after it (a retry), and must not be
+        // delivered a second time.
+        let mut stream = self.log.read(partition, from.saturating_sub(LOOKBACK));
         while let Some(batch) = stream.next().await {
             for record in batch? {
                 if record.offset >= target {
                     return Ok(());
                 }
                 if record.key != room.as_bytes() {
+                    continue;
+                }
+                if record.offset < from {
+                    if let Some(e) = decode(&record) {
+                        sent.first_sighting(e.key, e.offset);
+                    }
                     continue;
                 }
                 if let Some(e) = decode(&record) {
@@ -483,6 +505,7 @@ struct Dispatcher {
 
 impl Dispatcher {
     async fn run(self) {
+        self.warm_up().await;
         loop {
             let from = self.state.lock().unwrap().next;
             let mut stream = self.log.read(self.partition, from);
@@ -496,6 +519,31 @@ impl Dispatcher {
                 }
             }
             tokio::time::sleep(self.retry).await;
+        }
+    }
+
+    /// Learns the identities of the messages just before the start, so a
+    /// retry appended again after the start is not delivered twice.
+    async fn warm_up(&self) {
+        let end = self.state.lock().unwrap().next;
+        if end == 0 {
+            return;
+        }
+        let mut stream = self.log.read(self.partition, end.saturating_sub(LOOKBACK));
+        while let Some(Ok(batch)) = stream.next().await {
+            let keys: Vec<(u64, u64)> = batch
+                .iter()
+                .filter(|r| r.offset < end)
+                .filter_map(decode)
+                .map(|e| (e.key, e.offset))
+                .collect();
+            let mut st = self.state.lock().unwrap();
+            for (key, offset) in keys {
+                st.seen.first_sighting(key, offset);
+            }
+            if batch.last().is_none_or(|r| r.offset + 1 >= end) {
+                return;
+            }
         }
     }
 

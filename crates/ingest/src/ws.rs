@@ -202,6 +202,7 @@ async fn connection(socket: WebSocket, state: Arc<AppState>, user: Option<String
     ));
     let close = conn.run(&mut stream).await;
     conn.leave_all();
+    let closing = close.is_some();
     if let Some(code) = close {
         let _sent = close_tx.send(code);
     } else {
@@ -210,11 +211,22 @@ async fn connection(socket: WebSocket, state: Arc<AppState>, user: Option<String
     drop(conn);
     // A client that does not read cannot hold the connection open: after a
     // grace period the socket is dropped with whatever is still unsent.
-    if tokio::time::timeout(CLOSE_GRACE, &mut writer)
-        .await
-        .is_err()
-    {
+    let grace = tokio::time::Instant::now() + CLOSE_GRACE;
+    if tokio::time::timeout_at(grace, &mut writer).await.is_err() {
         writer.abort();
+    } else if closing {
+        // Close handshake: read (and drop) what the client still sends until
+        // its close arrives, so the socket is not reset under unread data.
+        let drained = tokio::time::timeout_at(grace, async {
+            while let Some(Ok(msg)) = stream.next().await {
+                if matches!(msg, Message::Close(_)) {
+                    break;
+                }
+            }
+        });
+        if drained.await.is_err() {
+            tracing::debug!("client did not answer the close");
+        }
     }
     metrics::gauge!("ingest_connections").decrement(1.0);
 }

@@ -1,0 +1,216 @@
+//! The processes under test: `chat serve` nodes on fixed loopback ports
+//! (so a restarted node comes back at the same address, on the same data
+//! dir) and, for the Kafka backend, a tansu broker. Every process is killed
+//! when the cluster is dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use eventlog::kafka::testing::Broker;
+
+/// Which log the cluster runs on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// One node with every role on the embedded log and store.
+    #[default]
+    Embedded,
+    /// Two gateways with every role (each its own store), two projectors
+    /// sharing a consumer group, on one broker.
+    Kafka,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "embedded" => Ok(Backend::Embedded),
+            "kafka" => Ok(Backend::Kafka),
+            other => Err(format!("unknown backend {other:?} (embedded, kafka)")),
+        }
+    }
+}
+
+/// What a node does, which decides what the checker expects of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Clients connect to it; its history is complete.
+    Gateway,
+    /// Projects the partitions its group gives it; its history is a subset.
+    Projector,
+}
+
+pub struct Node {
+    pub name: String,
+    pub kind: Kind,
+    pub port: u16,
+    pub data_dir: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+    chat_bin: PathBuf,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl Node {
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Starts the node and waits until it answers `/healthz`.
+    pub async fn start(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.join("server.log"))?;
+        let child = Command::new(&self.chat_bin)
+            .arg("serve")
+            .arg("--listen")
+            .arg(self.addr())
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(&self.args)
+            .env("RUST_LOG", "warn")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.chat_bin.display()))?;
+        self.child = Some(child);
+        let url = format!("http://{}/healthz", self.addr());
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = http.get(&url).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                bail!("{} exited at start with {status}", self.name);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{} did not become healthy", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _killed = child.kill();
+            let _reaped = child.wait();
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct Cluster {
+    pub backend: Backend,
+    pub nodes: Vec<Node>,
+    pub broker: Option<Broker>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Builds and starts the cluster of `backend`.
+    pub async fn start(backend: Backend, chat_bin: &Path, partitions: u32) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let broker = (backend == Backend::Kafka).then(|| Broker::start(None));
+        let mut specs: Vec<(String, Kind, Vec<String>)> = Vec::new();
+        let common = vec!["--partitions".to_owned(), partitions.to_string()];
+        match &broker {
+            None => specs.push(("node".into(), Kind::Gateway, common.clone())),
+            Some(b) => {
+                let log = vec!["--log".to_owned(), b.url()];
+                for g in ["gw-1", "gw-2"] {
+                    let args =
+                        [common.clone(), log.clone(), vec!["--node".into(), g.into()]].concat();
+                    specs.push((g.into(), Kind::Gateway, args));
+                }
+                for p in ["proj-1", "proj-2"] {
+                    let group =
+                        ["--roles", "projector", "--group", "faults-projectors"].map(String::from);
+                    let args = [common.clone(), log.clone(), group.to_vec()].concat();
+                    specs.push((p.into(), Kind::Projector, args));
+                }
+            }
+        }
+        let mut nodes = Vec::new();
+        for (name, kind, args) in specs {
+            let data_dir = dir.path().join(&name);
+            std::fs::create_dir_all(&data_dir)?;
+            let mut node = Node {
+                name,
+                kind,
+                port: free_port()?,
+                data_dir,
+                args,
+                child: None,
+                chat_bin: chat_bin.to_owned(),
+            };
+            node.start().await?;
+            nodes.push(node);
+        }
+        Ok(Cluster {
+            backend,
+            nodes,
+            broker,
+            _dir: dir,
+        })
+    }
+
+    /// Addresses of the gateways, the ones clients may use.
+    pub fn gateways(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|n| n.kind == Kind::Gateway)
+            .map(Node::addr)
+            .collect()
+    }
+
+    /// Starts every node that is down.
+    pub async fn heal(&mut self) -> anyhow::Result<()> {
+        for node in &mut self.nodes {
+            if !node.is_up() {
+                node.start().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Kills every node and the broker; what was left on disk is gone with
+    /// the temporary directory.
+    pub fn stop(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+        if let Some(b) = &mut self.broker {
+            b.kill();
+        }
+    }
+}

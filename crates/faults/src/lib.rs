@@ -1,0 +1,232 @@
+//! A Jepsen-style fault harness for the chat pipeline.
+//!
+//! A workload of clients sends messages with unique ids and records every
+//! ack and every message it receives; meanwhile gateways and projectors are
+//! SIGKILLed at random moments and restarted; clients reconnect to any
+//! gateway and resume with `since`. At the end the checker compares the
+//! history with what clients were acked and what they received, and reports
+//! every violation of DESIGN.md's promises: acked-but-missing, duplicates
+//! (in history, or delivered twice to one client), order violations within a
+//! room, gaps in a client's stream after its join position, and messages in
+//! history that nobody sent.
+
+pub mod checker;
+pub mod client;
+pub mod cluster;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use rand::{Rng, SeedableRng};
+use tokio_util::sync::CancellationToken;
+
+pub use checker::Report;
+pub use cluster::Backend;
+
+/// A harness run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub backend: Backend,
+    pub chat_bin: PathBuf,
+    /// How long clients send while faults are injected.
+    pub duration: Duration,
+    pub clients: usize,
+    pub rooms: usize,
+    /// Rooms each client is a member of.
+    pub rooms_per_client: usize,
+    /// Messages per second per client.
+    pub rate: f64,
+    /// Time between faults, drawn uniformly from this range.
+    pub fault_every: (Duration, Duration),
+    /// How long a killed process stays down, drawn uniformly.
+    pub down_for: (Duration, Duration),
+    pub partitions: u32,
+    pub seed: u64,
+}
+
+impl Config {
+    /// A short run, for CI.
+    pub fn smoke(backend: Backend, chat_bin: PathBuf) -> Self {
+        Config {
+            backend,
+            chat_bin,
+            duration: Duration::from_secs(12),
+            clients: 4,
+            rooms: 4,
+            rooms_per_client: 2,
+            rate: 40.0,
+            fault_every: (Duration::from_millis(1500), Duration::from_millis(3000)),
+            down_for: (Duration::from_millis(100), Duration::from_millis(800)),
+            partitions: 4,
+            seed: 7,
+        }
+    }
+}
+
+/// Reads a node's whole history of `room` as (offset, id), oldest first,
+/// walking pages back with `before` cursors.
+async fn history(
+    http: &reqwest::Client,
+    addr: &str,
+    room: &str,
+) -> anyhow::Result<Vec<(i64, String)>> {
+    let mut all = Vec::new();
+    let mut before: Option<i64> = None;
+    loop {
+        let mut url = format!("http://{addr}/rooms/{room}/messages?limit=1000");
+        if let Some(b) = before {
+            url.push_str(&format!("&before={b}"));
+        }
+        let page: serde_json::Value = http
+            .get(&url)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let messages = page["messages"].as_array().context("messages")?;
+        let rows: Vec<(i64, String)> = messages
+            .iter()
+            .map(|m| {
+                (
+                    m["offset"].as_i64().unwrap_or(-1),
+                    m["id"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+        all.splice(0..0, rows);
+        match page["before"].as_i64() {
+            Some(b) => before = Some(b),
+            None => return Ok(all),
+        }
+    }
+}
+
+/// Every room's history on one node.
+async fn histories(
+    http: &reqwest::Client,
+    addr: &str,
+    rooms: &[String],
+) -> anyhow::Result<BTreeMap<String, Vec<(i64, String)>>> {
+    let mut out = BTreeMap::new();
+    for room in rooms {
+        out.insert(room.clone(), history(http, addr, room).await?);
+    }
+    Ok(out)
+}
+
+/// Runs the workload under faults and checks it.
+pub async fn run(config: Config) -> anyhow::Result<Report> {
+    let mut cluster =
+        cluster::Cluster::start(config.backend, &config.chat_bin, config.partitions).await?;
+    let rooms: Vec<String> = (0..config.rooms).map(|i| format!("room-{i}")).collect();
+    let stop_sending = CancellationToken::new();
+    let finish = CancellationToken::new();
+    let mut clients = Vec::new();
+    let progress = std::sync::Arc::new(client::Progress::default());
+    for c in 0..config.clients {
+        let member: Vec<String> = (0..config.rooms_per_client.min(config.rooms))
+            .map(|k| rooms[(c + k) % rooms.len()].clone())
+            .collect();
+        let cfg = client::Config {
+            progress: progress.clone(),
+            user: format!("client-{c}"),
+            rooms: member,
+            gateways: cluster.gateways(),
+            rate: config.rate,
+        };
+        clients.push(tokio::spawn(client::run(
+            cfg,
+            stop_sending.clone(),
+            finish.clone(),
+            Duration::from_secs(60),
+        )));
+    }
+
+    // Faults: kill a random process, keep it down a moment, restart it.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed);
+    let mut kills: BTreeMap<String, u64> = BTreeMap::new();
+    let end = tokio::time::Instant::now() + config.duration;
+    loop {
+        let wait = rng.random_range(config.fault_every.0..=config.fault_every.1);
+        if tokio::time::Instant::now() + wait >= end {
+            tokio::time::sleep_until(end).await;
+            break;
+        }
+        tokio::time::sleep(wait).await;
+        let victim = rng.random_range(0..cluster.nodes.len());
+        let down = rng.random_range(config.down_for.0..=config.down_for.1);
+        let node = &mut cluster.nodes[victim];
+        tracing::info!(node = node.name, "SIGKILL");
+        node.kill();
+        *kills.entry(node.name.clone()).or_default() += 1;
+        tokio::time::sleep(down).await;
+        node.start()
+            .await
+            .with_context(|| format!("restarting {}", node.name))?;
+    }
+    cluster.heal().await?;
+    stop_sending.cancel();
+
+    // Let acks, deliveries and projection settle: every send acked, every
+    // gateway's history holding at least what was acked, then no change.
+    use std::sync::atomic::Ordering::Relaxed;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let gateways = cluster.gateways();
+    let settle_deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while progress.pending.load(Relaxed) > 0 && tokio::time::Instant::now() < settle_deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut last: Option<Vec<usize>> = None;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut sizes = Vec::new();
+        for g in &gateways {
+            sizes.push(
+                histories(&http, g, &rooms)
+                    .await?
+                    .values()
+                    .map(Vec::len)
+                    .sum::<usize>(),
+            );
+        }
+        let acked = progress.acked.load(Relaxed) as usize;
+        let caught_up = sizes.iter().all(|&n| n >= acked);
+        if (caught_up && last.as_ref() == Some(&sizes))
+            || tokio::time::Instant::now() > settle_deadline
+        {
+            break;
+        }
+        last = Some(sizes);
+    }
+    finish.cancel();
+    let mut records = Vec::new();
+    for c in clients {
+        records.push(c.await.context("client task")?);
+    }
+
+    // Read what every node holds, and check.
+    let mut complete = BTreeMap::new();
+    let mut partial = BTreeMap::new();
+    for node in &cluster.nodes {
+        let h = histories(&http, &node.addr(), &rooms).await?;
+        match node.kind {
+            cluster::Kind::Gateway => complete.insert(node.name.clone(), h),
+            cluster::Kind::Projector => partial.insert(node.name.clone(), h),
+        };
+    }
+    cluster.stop();
+    let sent: HashSet<String> = records
+        .iter()
+        .flat_map(|r| r.sent.iter().map(|(id, _)| id.clone()))
+        .collect();
+    let mut report = checker::check(&records, &complete, &partial, &sent);
+    report.backend = config.backend;
+    report.kills = kills;
+    report.duration_s = config.duration.as_secs_f64();
+    Ok(report)
+}

@@ -1,0 +1,82 @@
+//! `chat-faults`: runs the workload under injected faults and checks it.
+//! Exits non-zero on any violation.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(
+    name = "chat-faults",
+    about = "Kill chat processes under load and check that nothing acked is lost, nothing is shown twice, and every room keeps its order"
+)]
+struct Args {
+    /// embedded (one node) or kafka (a broker, two gateways, two projectors).
+    #[arg(long, default_value = "embedded")]
+    backend: faults::Backend,
+    /// The chat binary (default: next to this one).
+    #[arg(long)]
+    chat_bin: Option<PathBuf>,
+    /// Seconds of traffic under faults.
+    #[arg(long, default_value_t = 60)]
+    seconds: u64,
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    #[arg(long, default_value_t = 6)]
+    rooms: usize,
+    /// Messages per second per client.
+    #[arg(long, default_value_t = 50.0)]
+    rate: f64,
+    /// Shortest and longest time between two kills, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    fault_min_ms: u64,
+    #[arg(long, default_value_t = 4000)]
+    fault_max_ms: u64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Write the full report as JSON here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let chat_bin = match args.chat_bin {
+        Some(p) => p,
+        None => std::env::current_exe()?.with_file_name("chat"),
+    };
+    let config = faults::Config {
+        duration: Duration::from_secs(args.seconds),
+        clients: args.clients,
+        rooms: args.rooms,
+        rate: args.rate,
+        fault_every: (
+            Duration::from_millis(args.fault_min_ms),
+            Duration::from_millis(args.fault_max_ms),
+        ),
+        seed: args.seed,
+        ..faults::Config::smoke(args.backend, chat_bin)
+    };
+    let report = faults::run(config).await?;
+    if let Some(path) = args.report {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    for e in &report.examples {
+        eprintln!("  {e}");
+    }
+    println!("{}", report.summary());
+    if !report.passed() {
+        std::process::exit(1);
+    }
+    Ok(())
+}

@@ -1,0 +1,43 @@
+//! A short bounded run of the fault harness on each backend: processes are
+//! killed under load, and the checker must find no violation.
+
+use std::path::PathBuf;
+
+/// The `chat` binary of this build (the test script builds it first).
+fn chat_bin() -> PathBuf {
+    if let Ok(bin) = std::env::var("CHAT_BIN") {
+        return bin.into();
+    }
+    // target/<profile>/deps/smoke-<hash> -> target/<profile>/chat
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("chat");
+    assert!(
+        bin.exists(),
+        "{} missing: build the workspace binaries first",
+        bin.display()
+    );
+    bin
+}
+
+async fn run(backend: faults::Backend) {
+    let report = faults::run(faults::Config::smoke(backend, chat_bin()))
+        .await
+        .unwrap();
+    println!("{}", report.summary());
+    assert!(
+        report.kills.values().sum::<u64>() > 0,
+        "faults were injected"
+    );
+    assert!(report.acked > 0, "traffic flowed");
+    assert!(report.passed(), "violations: {:#?}", report.examples);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_survives_sigkills() {
+    run(faults::Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_gateways_and_projectors_survive_sigkills() {
+    run(faults::Backend::Kafka).await;
+}

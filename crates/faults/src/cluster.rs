@@ -20,6 +20,8 @@ pub enum Backend {
     /// Two gateways with every role (each its own store), two projectors
     /// sharing a consumer group, on one broker.
     Kafka,
+    /// As `Kafka`, on a durable broker (tansu on SQLite) that is killed too.
+    KafkaDurable,
 }
 
 impl std::str::FromStr for Backend {
@@ -29,7 +31,10 @@ impl std::str::FromStr for Backend {
         match s {
             "embedded" => Ok(Backend::Embedded),
             "kafka" => Ok(Backend::Kafka),
-            other => Err(format!("unknown backend {other:?} (embedded, kafka)")),
+            "kafka-durable" => Ok(Backend::KafkaDurable),
+            other => Err(format!(
+                "unknown backend {other:?} (embedded, kafka, kafka-durable)"
+            )),
         }
     }
 }
@@ -140,7 +145,21 @@ impl Cluster {
     /// Builds and starts the cluster of `backend`.
     pub async fn start(backend: Backend, chat_bin: &Path, partitions: u32) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let broker = (backend == Backend::Kafka).then(|| Broker::start(None));
+        let broker = match backend {
+            Backend::Embedded => None,
+            Backend::Kafka => Some(Broker::start(None)),
+            Backend::KafkaDurable => {
+                let bin = eventlog::kafka::testing::durable_tansu_bin().context(
+                    "kafka-durable needs TANSU_DURABLE_BIN: a tansu built with --features libsql",
+                )?;
+                let db = dir.path().join("broker.db");
+                Some(Broker::start_with(
+                    bin,
+                    free_port()?,
+                    &format!("sqlite://{}", db.display()),
+                ))
+            }
+        };
         let mut specs: Vec<(String, Kind, Vec<String>)> = Vec::new();
         let common = vec!["--partitions".to_owned(), partitions.to_string()];
         match &broker {
@@ -201,6 +220,11 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    /// Whether the broker is one of the processes faults may kill.
+    pub fn broker_killable(&self) -> bool {
+        self.backend == Backend::KafkaDurable
     }
 
     /// Kills every node and the broker; what was left on disk is gone with

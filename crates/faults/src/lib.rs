@@ -156,8 +156,18 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
             break;
         }
         tokio::time::sleep(wait).await;
-        let victim = rng.random_range(0..cluster.nodes.len());
+        let victims = cluster.nodes.len() + usize::from(cluster.broker_killable());
+        let victim = rng.random_range(0..victims);
         let down = rng.random_range(config.down_for.0..=config.down_for.1);
+        if victim == cluster.nodes.len() {
+            let broker = cluster.broker.as_mut().expect("a killable broker");
+            tracing::info!(node = "broker", "SIGKILL");
+            broker.kill();
+            *kills.entry("broker".to_owned()).or_default() += 1;
+            tokio::time::sleep(down).await;
+            tokio::task::block_in_place(|| broker.restart());
+            continue;
+        }
         let node = &mut cluster.nodes[victim];
         tracing::info!(node = node.name, "SIGKILL");
         node.kill();

@@ -180,7 +180,7 @@ async fn sigterm_acks_what_was_accepted_closes_with_1001_and_exits() {
     let server = Server::start(&server.data_dir.clone(), 2).await;
     let history = server.history_with("general", acked.len()).await;
     let stored: HashSet<&str> = history.iter().map(|m| m["id"].as_str().unwrap()).collect();
-    for (id, _) in &acked {
+    for id in acked.keys() {
         assert!(
             stored.contains(id.as_str()),
             "acked {id} survives the drain"

@@ -2,7 +2,17 @@
 //! projector, the fan-out and the gateway, in one process.
 //!
 //! The binary (`src/main.rs`) only parses the command line, sets up tracing
-//! and metrics, binds, and calls [`serve`].
+//! and metrics, binds, and calls [`serve`] (or, for `chat replay` and
+//! `chat versions`, the functions of [`replay`]).
+//!
+//! The history is served from the current projection version
+//! ([`projector::versions::CurrentVersion`]); a replay builds another one
+//! beside it and a switch moves reads and the projector over without a
+//! restart. A serving process takes replay and version requests on a control
+//! socket in its data dir ([`replay::SOCKET`]).
+
+pub mod progress;
+pub mod replay;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -16,15 +26,20 @@ use eventlog::EventLog;
 use fanout::{Fanout, FanoutConfig};
 use ingest::{Gateway, GatewayConfig};
 use metrics_exporter_prometheus::PrometheusHandle;
-use projector::embedded::EmbeddedStore;
+use projector::embedded::{EmbeddedStore, EmbeddedVersions};
+use projector::versions::{CurrentVersion, Versions};
 use projector::{HistoryStore, Projector, ProjectorConfig, DLQ_TOPIC};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// Name of the message topic.
 pub const MESSAGES_TOPIC: &str = "chat.messages";
-/// Projection version the store serves.
+/// Projection version a new store starts with, and serves until a replay
+/// builds another one and reads are switched to it.
 pub const STORE_NAMESPACE: &str = "v1";
+/// How often a server re-reads which projection version is current (a
+/// switch made in the server itself applies at once).
+pub const VERSION_POLL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Where the log lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,6 +215,38 @@ pub async fn open_store(
     })
 }
 
+/// Opens the projection versions of the history store, and names the
+/// projector group of its current version.
+///
+/// Hook for other stores: a store with versions (a Scylla keyspace per
+/// version suffix, say) implements [`Versions`] (the pointer a row of its
+/// own) and gets an arm here; `chat replay`, `chat versions` and the live
+/// switch then work on it unchanged.
+pub async fn open_versions(
+    spec: &StoreSpec,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<(Arc<dyn Versions>, String)> {
+    Ok(match spec {
+        StoreSpec::Embedded => {
+            let dir = data_dir.join("history");
+            let versions = EmbeddedVersions::open(&dir, STORE_NAMESPACE)
+                .with_context(|| format!("opening the history store in {}", dir.display()))?;
+            let current = versions.current().await?;
+            let store = versions.store(&current)?;
+            let group = format!("chat-projector-embedded-{}", store.id());
+            (Arc::new(versions), group)
+        }
+    })
+}
+
+/// How `--log` names `spec`.
+pub fn log_name(spec: &LogSpec) -> String {
+    match spec {
+        LogSpec::Embedded => "embedded".to_owned(),
+        LogSpec::Kafka(brokers) => format!("kafka://{brokers}"),
+    }
+}
+
 /// Runs the configured roles until `shutdown` is cancelled, then drains and
 /// stops each of them.
 pub async fn serve(
@@ -216,29 +263,61 @@ pub async fn serve(
         &config.kafka,
     )
     .await?;
-    let (store, store_group) = open_store(&config.store, &config.data_dir, STORE_NAMESPACE).await?;
+    let (versions, store_group) = open_versions(&config.store, &config.data_dir).await?;
+    let current = CurrentVersion::open(versions)
+        .await
+        .context("opening the current projection version")?;
     tracing::info!(
         epoch = log.epoch(),
         partitions = log.partitions(),
         roles = ?config.roles.0,
+        version = &*current.active().name,
         "log open"
     );
+    let dlq = open_log(&config.log, &config.data_dir, DLQ_TOPIC, 1, &config.kafka).await?;
 
     let projector_stop = CancellationToken::new();
     let projector_task = if config.roles.has(Role::Projector) {
-        let dlq = open_log(&config.log, &config.data_dir, DLQ_TOPIC, 1, &config.kafka).await?;
+        // An embedded store is this node's alone: no group unless asked.
+        let exclusive = config.group.is_none() && config.store == StoreSpec::Embedded;
         let group = config.group.clone().unwrap_or(store_group);
-        tracing::info!(group, "projector starts");
-        let projector = Projector::new(
+        tracing::info!(group, exclusive, "projector starts");
+        let projector = Projector::following(
             log.clone(),
-            store.clone(),
-            Some(dlq),
-            ProjectorConfig::new(&group),
+            current.subscribe(),
+            Some(dlq.clone()),
+            ProjectorConfig {
+                exclusive,
+                ..ProjectorConfig::new(&group)
+            },
         );
         Some(tokio::spawn(projector.run(projector_stop.clone())))
     } else {
         None
     };
+    let follow_task = tokio::spawn(current.clone().follow(VERSION_POLL, projector_stop.clone()));
+    let control = Arc::new(replay::Control::new(
+        log.clone(),
+        dlq,
+        current.clone(),
+        log_name(&config.log),
+    ));
+    let control_task = match replay::bind(&config.data_dir) {
+        Ok((listener, path)) => {
+            tracing::info!(path = %path.display(), "control socket (chat replay, chat versions)");
+            let task = tokio::spawn(replay::serve_control(
+                listener,
+                control,
+                projector_stop.clone(),
+            ));
+            Some((task, path))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no control socket: chat replay and chat versions cannot reach this server");
+            None
+        }
+    };
+    let store: Arc<dyn HistoryStore> = Arc::new(current);
 
     let fanout = config
         .roles
@@ -262,6 +341,13 @@ pub async fn serve(
     projector_stop.cancel();
     if let Some(task) = projector_task {
         task.await.context("projector task")?;
+    }
+    follow_task.await.context("version follower task")?;
+    if let Some((task, path)) = control_task {
+        task.await.context("control socket task")?;
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::debug!(error = %e, "removing the control socket");
+        }
     }
     served.context("serving")?;
     tracing::info!("stopped");

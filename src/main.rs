@@ -24,6 +24,99 @@ enum Command {
     /// in one process on the embedded log and history store, with the web
     /// page at `/`.
     Serve(ServeArgs),
+    /// Rebuild the history from the log into a new projection version while
+    /// the current one keeps serving reads. When a `chat serve` holds the
+    /// data dir, the replay runs inside it (through its control socket);
+    /// otherwise this process opens the log and the store itself.
+    Replay(ReplayArgs),
+    /// List the projection versions, point reads at one, drop one.
+    Versions {
+        #[command(subcommand)]
+        action: VersionsAction,
+    },
+    /// Fill the embedded log with generated messages (for benchmarks).
+    #[command(hide = true)]
+    GenLog(GenLogArgs),
+}
+
+/// Where the log and the history are, for `replay` and `versions`.
+#[derive(clap::Args)]
+struct DataArgs {
+    /// Data dir of the embedded log and history store (and of the control
+    /// socket of a `chat serve` running on it).
+    #[arg(long, default_value = "./data", env = "CHAT_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Partitions of the message topic, as the log was created with.
+    #[arg(long, default_value_t = 16, env = "CHAT_PARTITIONS")]
+    partitions: u32,
+    /// The log: `embedded` or kafka://HOST:PORT[,HOST:PORT...]. Default:
+    /// the log of the server holding the data dir, else `embedded`.
+    #[arg(long, env = "CHAT_LOG")]
+    log: Option<chat::LogSpec>,
+    /// The history store: `embedded` (in the data dir).
+    #[arg(long, default_value = "embedded", env = "CHAT_STORE")]
+    store: chat::StoreSpec,
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    /// Where to start: `earliest`, or an RFC 3339 time
+    /// (2026-11-24T10:00:00Z): records stamped earlier are left out.
+    #[arg(long, default_value = "earliest")]
+    from: String,
+    /// Version to build. Default: the next vN. Naming a version a stopped
+    /// replay left resumes it.
+    #[arg(long)]
+    into: Option<String>,
+    /// Point reads at the new version once it has caught up with the head.
+    #[arg(long)]
+    switch: bool,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// When stderr is not a terminal: seconds between progress lines.
+    #[arg(long, default_value_t = 5.0)]
+    progress_every: f64,
+}
+
+#[derive(Subcommand)]
+enum VersionsAction {
+    /// Every projection version: state, records covered, the current one.
+    List {
+        #[command(flatten)]
+        data: DataArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Point reads (and the projector) at a version a replay completed.
+    Switch {
+        name: String,
+        #[command(flatten)]
+        data: DataArgs,
+    },
+    /// Delete a version and its data; never the current one.
+    Drop {
+        name: String,
+        #[command(flatten)]
+        data: DataArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct GenLogArgs {
+    #[arg(long, default_value = "./data")]
+    data_dir: PathBuf,
+    #[arg(long, default_value_t = 16)]
+    partitions: u32,
+    /// Messages to append.
+    #[arg(long, default_value_t = 200_000)]
+    events: u64,
+    /// Rooms they are spread over.
+    #[arg(long, default_value_t = 1000)]
+    rooms: u64,
 }
 
 #[derive(clap::Args)]
@@ -74,16 +167,267 @@ struct ServeArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // A server logs what it does; a command's own output is its report.
+    let default_filter = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Replay(args) => runtime.block_on(replay(args)),
+        Command::Versions { action } => runtime.block_on(versions(action)),
+        Command::GenLog(args) => runtime.block_on(gen_log(args)),
     }
+}
+
+/// Opens the log of `data` for a command running without a server.
+async fn open_log(
+    data: &DataArgs,
+    topic: &str,
+    partitions: u32,
+) -> anyhow::Result<std::sync::Arc<dyn eventlog::EventLog>> {
+    let spec = data.log.clone().unwrap_or(chat::LogSpec::Embedded);
+    if spec == chat::LogSpec::Embedded {
+        let file = data.data_dir.join("log").join(format!("{topic}.redb"));
+        if topic == chat::MESSAGES_TOPIC && !file.exists() {
+            anyhow::bail!(
+                "no log in {} (no {})",
+                data.data_dir.display(),
+                file.display()
+            );
+        }
+    }
+    chat::open_log(
+        &spec,
+        &data.data_dir,
+        topic,
+        partitions,
+        &chat::KafkaTuning::default(),
+    )
+    .await
+    .context("is a chat server without a control socket using this data dir?")
+}
+
+async fn open_versions(
+    data: &DataArgs,
+) -> anyhow::Result<std::sync::Arc<dyn projector::versions::Versions>> {
+    let (versions, _) = chat::open_versions(&data.store, &data.data_dir)
+        .await
+        .context("is a chat server without a control socket using this data dir?")?;
+    Ok(versions)
+}
+
+async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
+    use chat::replay::{ReplayRequest, Reply, Request};
+    chat::replay::parse_from(&args.from).map_err(anyhow::Error::msg)?;
+    if !(args.progress_every > 0.0 && args.progress_every.is_finite()) {
+        anyhow::bail!("--progress-every must be a positive number of seconds");
+    }
+    let style =
+        chat::progress::Style::detect(std::time::Duration::from_secs_f64(args.progress_every));
+    let request = ReplayRequest {
+        from: args.from.clone(),
+        into: args.into.clone(),
+        switch: args.switch,
+    };
+    let (progress, watched) = tokio::sync::watch::channel(Default::default());
+    let report = if let Some(stream) = chat::replay::connect(&args.data.data_dir).await {
+        // A server holds the data dir: it replays, next to the version it
+        // serves, and streams the progress here.
+        let mut replies = chat::replay::request(stream, &Request::Replay(request)).await?;
+        let mut draw = None;
+        let mut outcome = None;
+        while let Some(reply) = replies.next().await? {
+            match reply {
+                Reply::Started { version, log } => {
+                    if let Some(asked) = &args.data.log {
+                        anyhow::ensure!(
+                            chat::log_name(asked) == log,
+                            "the server on {} reads {log}, not {}",
+                            args.data.data_dir.display(),
+                            chat::log_name(asked)
+                        );
+                    }
+                    eprintln!("replaying inside the chat server on {} (log {log}) into {version}; reads keep being served", args.data.data_dir.display());
+                    let watched = watched.clone();
+                    draw = Some(tokio::spawn(async move {
+                        chat::progress::render(&version, watched, style).await
+                    }));
+                }
+                Reply::Progress(p) => {
+                    progress.send_replace(p);
+                }
+                Reply::Done(report) => outcome = Some(Ok(report)),
+                Reply::Error(e) => outcome = Some(Err(anyhow::anyhow!(e))),
+                other => outcome = Some(Err(anyhow::anyhow!("unexpected reply {other:?}"))),
+            }
+        }
+        drop(progress);
+        if let Some(draw) = draw {
+            draw.await.context("progress display")?;
+        }
+        outcome.unwrap_or_else(|| Err(anyhow::anyhow!("the server closed the connection")))?
+    } else {
+        let log = open_log(&args.data, chat::MESSAGES_TOPIC, args.data.partitions).await?;
+        let dlq = open_log(&args.data, projector::DLQ_TOPIC, 1).await?;
+        let versions = open_versions(&args.data).await?;
+        let target = chat::replay::pick_target(&*versions, args.into.as_deref()).await?;
+        let shutdown = CancellationToken::new();
+        let on_signal = tokio::spawn(on_signal(shutdown.clone()));
+        let draw = tokio::spawn({
+            let target = target.clone();
+            async move { chat::progress::render(&target, watched, style).await }
+        });
+        let report = chat::replay::replay_into(
+            log,
+            Some(dlq),
+            &*versions,
+            None,
+            &target,
+            &request,
+            &progress,
+            shutdown,
+        )
+        .await;
+        drop(progress);
+        draw.await.context("progress display")?;
+        on_signal.abort();
+        report?
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", report.text());
+    }
+    Ok(())
+}
+
+async fn versions(action: VersionsAction) -> anyhow::Result<()> {
+    use chat::replay::{Reply, Request};
+    let (data, request) = match &action {
+        VersionsAction::List { data, .. } => (data, Request::Versions),
+        VersionsAction::Switch { name, data } => (data, Request::Switch { to: name.clone() }),
+        VersionsAction::Drop { name, data } => (
+            data,
+            Request::Drop {
+                version: name.clone(),
+            },
+        ),
+    };
+    let reply = if let Some(stream) = chat::replay::connect(&data.data_dir).await {
+        let mut replies = chat::replay::request(stream, &request).await?;
+        replies
+            .next()
+            .await?
+            .context("the server closed the connection")?
+    } else {
+        let versions = open_versions(data).await?;
+        let outcome = match &request {
+            Request::Versions => versions.list().await.map(Reply::Versions),
+            Request::Switch { to } => versions
+                .set_current(to)
+                .await
+                .map(|()| Reply::Ok(format!("reads now use {to}"))),
+            Request::Drop { version } => versions
+                .drop_version(version)
+                .await
+                .map(|()| Reply::Ok(format!("dropped {version}"))),
+            Request::Replay(_) => unreachable!("not a versions request"),
+        };
+        outcome.unwrap_or_else(|e| Reply::Error(e.to_string()))
+    };
+    match reply {
+        Reply::Versions(list) => {
+            if matches!(action, VersionsAction::List { json: true, .. }) {
+                println!("{}", serde_json::to_string(&list)?);
+            } else {
+                println!(
+                    "{:<12} {:<9} {:<8} {:>12}  {:<26} CREATED",
+                    "VERSION", "STATE", "CURRENT", "RECORDS", "FROM"
+                );
+                for v in list {
+                    let state = serde_json::to_value(v.state)?;
+                    let created = if v.created_ms > 0 {
+                        time::OffsetDateTime::from_unix_timestamp_nanos(
+                            i128::from(v.created_ms) * 1_000_000,
+                        )
+                        .ok()
+                        .and_then(|t| {
+                            t.format(&time::format_description::well_known::Rfc3339)
+                                .ok()
+                        })
+                        .unwrap_or_default()
+                    } else {
+                        "-".to_owned()
+                    };
+                    println!(
+                        "{:<12} {:<9} {:<8} {:>12}  {:<26} {created}",
+                        v.name,
+                        state.as_str().unwrap_or("?"),
+                        if v.current { "*" } else { "" },
+                        v.records,
+                        v.from,
+                    );
+                }
+            }
+            Ok(())
+        }
+        Reply::Ok(message) => {
+            println!("{message}");
+            Ok(())
+        }
+        Reply::Error(e) => anyhow::bail!(e),
+        other => anyhow::bail!("unexpected reply {other:?}"),
+    }
+}
+
+/// Appends `events` generated messages to the embedded log, in batches.
+async fn gen_log(args: GenLogArgs) -> anyhow::Result<()> {
+    use eventlog::EventLog;
+    let dir = args.data_dir.join("log");
+    let log = eventlog::embedded::EmbeddedLog::open(&dir, chat::MESSAGES_TOPIC, args.partitions)
+        .with_context(|| format!("opening the log in {}", dir.display()))?;
+    let rooms = args.rooms.max(1);
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64;
+    let began = std::time::Instant::now();
+    let mut i = 0;
+    while i < args.events {
+        let batch: Vec<eventlog::Record> = (i..args.events.min(i + 1000))
+            .map(|n| {
+                let room = format!("room-{}", n % rooms);
+                let event = schemas::ChatEvent::MessagePosted(schemas::MessagePosted {
+                    room: room.clone(),
+                    client_id: format!("00000000-0000-4000-8000-{n:012x}"),
+                    user: format!("user-{}", n % 97),
+                    body: format!("generated message {n}, about as long as a chat line"),
+                    ts,
+                });
+                eventlog::Record {
+                    key: room.into_bytes(),
+                    value: schemas::encode(&event),
+                    ts,
+                }
+            })
+            .collect();
+        i += batch.len() as u64;
+        log.append(batch).await?;
+    }
+    println!(
+        "appended {} events over {rooms} rooms in {:.2} s",
+        args.events,
+        began.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

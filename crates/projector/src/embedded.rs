@@ -9,10 +9,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition, TableHandle};
 use schemas::protocol::MessageView;
 use serde::{Deserialize, Serialize};
 
+use crate::versions::{check_name, VersionError, VersionInfo, VersionState, Versions};
 use crate::{HistoryStore, StoreError};
 
 /// What a message row holds besides its key (room, offset).
@@ -57,6 +58,10 @@ impl Tables {
 }
 
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+/// Per projection version, its [`VersionMeta`] as JSON.
+const VERSIONS: TableDefinition<&str, &str> = TableDefinition::new("versions");
+/// Key of [`META`] naming the current version.
+const CURRENT: &str = "current";
 
 /// Embedded history store. Cheap to clone.
 #[derive(Clone)]
@@ -84,6 +89,15 @@ impl EmbeddedStore {
     /// creation: projectors writing it share one consumer group.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The version bookkeeping of this store's file; `default` is the
+    /// current version until another is switched to.
+    pub fn versions(&self, default: &str) -> EmbeddedVersions {
+        EmbeddedVersions {
+            db: self.db.clone(),
+            default: default.into(),
+        }
     }
 
     fn with_database(db: Arc<Database>, namespace: &str) -> Result<Self, StoreError> {
@@ -274,6 +288,272 @@ impl HistoryStore for EmbeddedStore {
                 .map_err(storage)?
                 .map(|v| v.value());
             Ok(value)
+        })
+        .await
+    }
+}
+
+/// What the embedded store keeps about a version besides its tables.
+#[derive(Serialize, Deserialize)]
+struct VersionMeta {
+    state: VersionState,
+    created_ms: i64,
+    from: String,
+}
+
+/// The projection versions of one embedded store file (see
+/// [`crate::versions`]): a version is a namespace of tables, the pointer a
+/// key of the `meta` table, so a switch is one durable transaction. Cheap to
+/// clone.
+#[derive(Clone)]
+pub struct EmbeddedVersions {
+    db: Arc<Database>,
+    default: Arc<str>,
+}
+
+fn version_exists(txn: &redb::ReadTransaction, name: &str) -> Result<bool, StoreError> {
+    let tables = Tables::new(name);
+    match txn.open_table(tables.positions()) {
+        Ok(_) => Ok(true),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
+        Err(e) => Err(storage(e)),
+    }
+}
+
+fn version_meta(
+    txn: &redb::ReadTransaction,
+    name: &str,
+) -> Result<Option<VersionMeta>, StoreError> {
+    let versions = match txn.open_table(VERSIONS) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(storage(e)),
+    };
+    let meta = versions.get(name).map_err(storage)?;
+    meta.map(|m| serde_json::from_str(m.value()).map_err(storage))
+        .transpose()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl EmbeddedVersions {
+    /// Opens (or creates) `history.redb` in `dir`. On a new file the
+    /// `default` version is created, ready and current.
+    pub fn open(dir: &Path, default: &str) -> Result<Self, VersionError> {
+        check_name(default)?;
+        std::fs::create_dir_all(dir).map_err(storage)?;
+        let db = Database::create(dir.join("history.redb")).map_err(storage)?;
+        let versions = EmbeddedVersions {
+            db: Arc::new(db),
+            default: default.into(),
+        };
+        let txn = versions.db.begin_write().map_err(storage)?;
+        let pointed = {
+            let meta = txn.open_table(META).map_err(storage)?;
+            let pointed = meta.get(CURRENT).map_err(storage)?.is_some();
+            pointed
+        };
+        if !pointed {
+            // A new file, or one from before versions: its one version (the
+            // default namespace) is current.
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            meta.insert(CURRENT, default).map_err(storage)?;
+        }
+        txn.commit().map_err(storage)?;
+        versions.store(&Self::current_blocking(&versions.db, default)?)?;
+        Ok(versions)
+    }
+
+    /// The store of version `name`, created when missing.
+    pub fn store(&self, name: &str) -> Result<EmbeddedStore, StoreError> {
+        EmbeddedStore::with_database(self.db.clone(), name)
+    }
+
+    fn current_blocking(db: &Database, default: &str) -> Result<String, StoreError> {
+        let txn = db.begin_read().map_err(storage)?;
+        let meta = txn.open_table(META).map_err(storage)?;
+        let current = meta.get(CURRENT).map_err(storage)?;
+        Ok(current.map_or_else(|| default.to_owned(), |v| v.value().to_owned()))
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> Result<T, VersionError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&EmbeddedVersions) -> Result<T, VersionError> + Send + 'static,
+    {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || f(&this))
+            .await
+            .map_err(|e| VersionError::Store(storage(e)))?
+    }
+}
+
+#[async_trait]
+impl Versions for EmbeddedVersions {
+    async fn current(&self) -> Result<String, VersionError> {
+        self.blocking(|v| Ok(Self::current_blocking(&v.db, &v.default)?))
+            .await
+    }
+
+    async fn set_current(&self, name: &str) -> Result<(), VersionError> {
+        let name = name.to_owned();
+        self.blocking(move |v| {
+            let txn = v.db.begin_write().map_err(storage)?;
+            {
+                let read = v.db.begin_read().map_err(storage)?;
+                if !version_exists(&read, &name)? {
+                    return Err(VersionError::NotFound(name));
+                }
+                if let Some(meta) = version_meta(&read, &name)? {
+                    if meta.state != VersionState::Ready {
+                        return Err(VersionError::NotReady(name));
+                    }
+                }
+                let mut meta = txn.open_table(META).map_err(storage)?;
+                meta.insert(CURRENT, name.as_str()).map_err(storage)?;
+            }
+            txn.commit().map_err(storage)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list(&self) -> Result<Vec<VersionInfo>, VersionError> {
+        self.blocking(|v| {
+            let current = Self::current_blocking(&v.db, &v.default)?;
+            let txn = v.db.begin_read().map_err(storage)?;
+            let mut names: Vec<String> = txn
+                .list_tables()
+                .map_err(storage)?
+                .filter_map(|t| t.name().strip_prefix("positions@").map(str::to_owned))
+                .collect();
+            names.sort_by_key(|n| {
+                (
+                    n.strip_prefix('v').and_then(|d| d.parse::<u64>().ok()),
+                    n.clone(),
+                )
+            });
+            let mut out = Vec::with_capacity(names.len());
+            for name in names {
+                let meta = version_meta(&txn, &name)?;
+                let positions = txn
+                    .open_table(Tables::new(&name).positions())
+                    .map_err(storage)?;
+                let mut records = 0;
+                for entry in positions.iter().map_err(storage)? {
+                    records += entry.map_err(storage)?.1.value();
+                }
+                out.push(VersionInfo {
+                    current: name == current,
+                    // A version from before the bookkeeping existed was
+                    // built by the projector: ready.
+                    state: meta.as_ref().map_or(VersionState::Ready, |m| m.state),
+                    created_ms: meta.as_ref().map_or(0, |m| m.created_ms),
+                    from: meta.map_or_else(|| "earliest".to_owned(), |m| m.from),
+                    records,
+                    name,
+                });
+            }
+            out.sort_by_key(|v| v.created_ms);
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn create(&self, name: &str, from: &str) -> Result<Arc<dyn HistoryStore>, VersionError> {
+        check_name(name)?;
+        let (name, from) = (name.to_owned(), from.to_owned());
+        self.blocking(move |v| {
+            if Self::current_blocking(&v.db, &v.default)? == name {
+                return Err(VersionError::IsCurrent(name));
+            }
+            let store = v.store(&name)?;
+            let txn = v.db.begin_write().map_err(storage)?;
+            {
+                let mut versions = txn.open_table(VERSIONS).map_err(storage)?;
+                let created_ms = versions
+                    .get(name.as_str())
+                    .map_err(storage)?
+                    .and_then(|m| serde_json::from_str::<VersionMeta>(m.value()).ok())
+                    .map_or_else(now_ms, |m| m.created_ms);
+                let meta = serde_json::to_string(&VersionMeta {
+                    state: VersionState::Building,
+                    created_ms,
+                    from,
+                })
+                .map_err(storage)?;
+                versions
+                    .insert(name.as_str(), meta.as_str())
+                    .map_err(storage)?;
+            }
+            txn.commit().map_err(storage)?;
+            Ok(Arc::new(store) as Arc<dyn HistoryStore>)
+        })
+        .await
+    }
+
+    async fn mark_ready(&self, name: &str) -> Result<(), VersionError> {
+        let name = name.to_owned();
+        self.blocking(move |v| {
+            let txn = v.db.begin_write().map_err(storage)?;
+            {
+                let mut versions = txn.open_table(VERSIONS).map_err(storage)?;
+                let meta = versions
+                    .get(name.as_str())
+                    .map_err(storage)?
+                    .map(|m| serde_json::from_str::<VersionMeta>(m.value()))
+                    .transpose()
+                    .map_err(storage)?;
+                let Some(mut meta) = meta else {
+                    return Err(VersionError::NotFound(name));
+                };
+                meta.state = VersionState::Ready;
+                let meta = serde_json::to_string(&meta).map_err(storage)?;
+                versions
+                    .insert(name.as_str(), meta.as_str())
+                    .map_err(storage)?;
+            }
+            txn.commit().map_err(storage)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn open(&self, name: &str) -> Result<Arc<dyn HistoryStore>, VersionError> {
+        let name = name.to_owned();
+        self.blocking(move |v| {
+            if !version_exists(&v.db.begin_read().map_err(storage)?, &name)? {
+                return Err(VersionError::NotFound(name));
+            }
+            Ok(Arc::new(v.store(&name)?) as Arc<dyn HistoryStore>)
+        })
+        .await
+    }
+
+    async fn drop_version(&self, name: &str) -> Result<(), VersionError> {
+        let name = name.to_owned();
+        self.blocking(move |v| {
+            if Self::current_blocking(&v.db, &v.default)? == name {
+                return Err(VersionError::IsCurrent(name));
+            }
+            if !version_exists(&v.db.begin_read().map_err(storage)?, &name)? {
+                return Err(VersionError::NotFound(name));
+            }
+            let tables = Tables::new(&name);
+            let txn = v.db.begin_write().map_err(storage)?;
+            txn.delete_table(tables.messages()).map_err(storage)?;
+            txn.delete_table(tables.ids()).map_err(storage)?;
+            txn.delete_table(tables.positions()).map_err(storage)?;
+            {
+                let mut versions = txn.open_table(VERSIONS).map_err(storage)?;
+                versions.remove(name.as_str()).map_err(storage)?;
+            }
+            txn.commit().map_err(storage)?;
+            Ok(())
         })
         .await
     }

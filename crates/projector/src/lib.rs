@@ -5,6 +5,9 @@
 //! - [`Projector`]: reads partitions of the log and applies their events to a
 //!   store, resuming after a restart from the position the store keeps with
 //!   the data (never from memory, never from the broker's committed offset).
+//! - [`replay`]: rebuilds a history from the log into a new projection
+//!   version; [`versions`]: which versions a store holds, which one reads
+//!   use, and a store that follows a switch.
 //!
 //! Projection is idempotent: a batch is applied together with the position
 //! it reaches, a batch the store already covers is ignored, and a message id
@@ -12,10 +15,12 @@
 
 pub mod conformance;
 pub mod embedded;
+pub mod replay;
 mod run;
 pub mod scylla;
+pub mod versions;
 
-pub use run::{Projector, ProjectorConfig, DLQ_TOPIC};
+pub use run::{dead_letter, to_message, Projector, ProjectorConfig, DLQ_TOPIC};
 
 use async_trait::async_trait;
 use schemas::protocol::MessageView;

@@ -1,0 +1,512 @@
+//! End-to-end tests of `chat replay` and `chat versions`: real `chat serve`
+//! processes fed over WebSocket, the replay run as a user runs it (through
+//! the server's control socket, or on its own when no server holds the data
+//! dir), on the embedded log and on a Kafka-protocol broker.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use common::{id, Client, Server, WAIT};
+use eventlog::EventLog;
+use serde_json::Value;
+
+const PARTITIONS: u32 = 4;
+const ROOMS: [&str; 5] = ["general", "random", "rust.lang", "ops", "music"];
+
+/// Runs `chat ARGS`, failing the test after a deadline.
+async fn chat(args: &[&str]) -> Output {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(Duration::from_secs(120), child)
+        .await
+        .unwrap_or_else(|_| panic!("chat {args:?} did not finish"))
+        .unwrap()
+}
+
+/// Runs `chat ARGS`, which must succeed; returns its stdout as JSON.
+async fn chat_json(args: &[&str]) -> Value {
+    let out = chat(args).await;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "chat {args:?} failed: {stderr}\n{stdout}"
+    );
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("chat {args:?} printed no JSON ({e}): {stdout}\n{stderr}"))
+}
+
+/// Waits for the control socket of the server on `dir`.
+async fn control_socket(dir: &Path) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while std::os::unix::net::UnixStream::connect(dir.join("chat.sock")).is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no control socket in {}",
+            dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every page of `room`'s history, newest first, as the HTTP API gives them.
+async fn pages(server: &Server, room: &str, limit: usize) -> Vec<Vec<Value>> {
+    let http = reqwest::Client::new();
+    let mut out = Vec::new();
+    let mut before: Option<i64> = None;
+    loop {
+        let mut url = server.url(&format!("/rooms/{room}/messages?limit={limit}"));
+        if let Some(b) = before {
+            url.push_str(&format!("&before={b}"));
+        }
+        let response = http.get(&url).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{url}");
+        let page: Value = response.json().await.unwrap();
+        out.push(page["messages"].as_array().unwrap().clone());
+        match page["before"].as_i64() {
+            Some(b) => before = Some(b),
+            None => return out,
+        }
+    }
+}
+
+/// The pages of every room.
+async fn all_pages(server: &Server, rooms: &[&str]) -> HashMap<String, Vec<Vec<Value>>> {
+    let mut all = HashMap::new();
+    for room in rooms {
+        all.insert(room.to_string(), pages(server, room, 7).await);
+    }
+    all
+}
+
+/// Sends `n` messages round-robin over `rooms` and waits for every ack;
+/// returns how many went to each room.
+async fn send_acked(c: &mut Client, rooms: &[&str], n: usize) -> HashMap<String, usize> {
+    let mut per_room = HashMap::new();
+    for i in 0..n {
+        let room = rooms[i % rooms.len()];
+        c.send_message(room, &id(), &format!("{} says {i}", c.user))
+            .await;
+        *per_room.entry(room.to_owned()).or_default() += 1;
+    }
+    for _ in 0..n {
+        c.recv_type("ack").await;
+    }
+    per_room
+}
+
+/// Waits until the history of each room holds its count.
+async fn projected(server: &Server, counts: &HashMap<String, usize>) {
+    for (room, n) in counts {
+        let h = server.history_with(room, *n).await;
+        assert_eq!(h.len(), *n, "history of {room}");
+    }
+}
+
+fn add(into: &mut HashMap<String, usize>, more: HashMap<String, usize>) {
+    for (room, n) in more {
+        *into.entry(room).or_default() += n;
+    }
+}
+
+fn names(list: &Value) -> Vec<(String, bool, String)> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap().to_owned(),
+                v["current"].as_bool().unwrap(),
+                v["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_while_serving_rebuilds_the_live_history_page_by_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap().to_owned();
+    let server = Server::start(dir.path(), PARTITIONS).await;
+    control_socket(dir.path()).await;
+    let mut alice = server.connect("alice").await;
+    let mut bob = server.connect("bob").await;
+    let mut counts = send_acked(&mut alice, &ROOMS, 150).await;
+    add(&mut counts, send_acked(&mut bob, &ROOMS[1..], 120).await);
+    projected(&server, &counts).await;
+    let live = all_pages(&server, &ROOMS).await;
+
+    // Replay into v2 inside the server while readers keep reading v1.
+    let reader = {
+        let (url, want) = (
+            server.url("/rooms/general/messages?limit=7"),
+            live["general"][0].clone(),
+        );
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut reads = 0;
+            loop {
+                let page: Value = http.get(&url).send().await.unwrap().json().await.unwrap();
+                assert_eq!(
+                    page["messages"],
+                    Value::Array(want.clone()),
+                    "reads during the replay"
+                );
+                reads += 1;
+                if reads >= 20 {
+                    return reads;
+                }
+            }
+        })
+    };
+    let args = ["replay", "--data-dir", &d, "--partitions", "4", "--json"];
+    let report = chat_json(&args).await;
+    assert_eq!(reader.await.unwrap(), 20);
+    assert_eq!(report["version"], "v2");
+    assert_eq!(report["events"], 270);
+    assert_eq!(report["rooms"], 5);
+    assert_eq!(report["dead_lettered"], 0);
+    assert_eq!(report["switched"], false);
+    let list = chat_json(&["versions", "list", "--data-dir", &d, "--json"]).await;
+    assert_eq!(
+        names(&list),
+        [
+            ("v1".into(), true, "ready".into()),
+            ("v2".into(), false, "ready".into())
+        ]
+    );
+
+    // Switch: the running server now reads v2, and it equals v1 page by page.
+    let out = chat(&["versions", "switch", "v2", "--data-dir", &d]).await;
+    assert!(out.status.success(), "{out:?}");
+    let list = chat_json(&["versions", "list", "--data-dir", &d, "--json"]).await;
+    assert!(names(&list).contains(&("v2".into(), true, "ready".into())));
+    assert_eq!(
+        all_pages(&server, &ROOMS).await,
+        live,
+        "v2 equals the live history"
+    );
+
+    // Replaying twice gives the same result, and --switch moves reads at once.
+    let args = [
+        "replay",
+        "--data-dir",
+        &d,
+        "--partitions",
+        "4",
+        "--switch",
+        "--json",
+    ];
+    let report = chat_json(&args).await;
+    assert_eq!(
+        (&report["version"], &report["switched"]),
+        (&Value::from("v3"), &Value::from(true))
+    );
+    assert_eq!(report["events"], 270);
+    assert_eq!(
+        all_pages(&server, &ROOMS).await,
+        live,
+        "v3 equals the live history"
+    );
+
+    // The projector follows the switch: new traffic lands in v3.
+    add(&mut counts, send_acked(&mut alice, &ROOMS, 40).await);
+    projected(&server, &counts).await;
+    let live = all_pages(&server, &ROOMS).await;
+
+    // Old versions can be dropped; the current one cannot.
+    let out = chat(&["versions", "drop", "v3", "--data-dir", &d]).await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("current"),
+        "{out:?}"
+    );
+    for old in ["v1", "v2"] {
+        let out = chat(&["versions", "drop", old, "--data-dir", &d]).await;
+        assert!(out.status.success(), "{out:?}");
+    }
+    let list = chat_json(&["versions", "list", "--data-dir", &d, "--json"]).await;
+    assert_eq!(names(&list), [("v3".into(), true, "ready".into())]);
+
+    // Without a server, the command replays on its own; the next server
+    // reads what it switched to.
+    alice.close().await;
+    bob.close().await;
+    assert!(server.terminate().await.success());
+    let out = chat(&[
+        "replay",
+        "--data-dir",
+        &d,
+        "--partitions",
+        "4",
+        "--switch",
+        "--json",
+    ])
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("inside the chat server"));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&report["version"], &report["events"]),
+        (&Value::from("v4"), &Value::from(310))
+    );
+    let server = Server::start(dir.path(), PARTITIONS).await;
+    assert_eq!(
+        all_pages(&server, &ROOMS).await,
+        live,
+        "v4 equals the live history"
+    );
+    let list = chat_json(&["versions", "list", "--data-dir", &d, "--json"]).await;
+    assert!(names(&list).contains(&("v4".into(), true, "ready".into())));
+}
+
+/// A record no released schema wrote: a fingerprint nobody knows.
+fn unknown_fingerprint() -> Vec<u8> {
+    let mut bytes = vec![0xC3, 0x01];
+    bytes.extend_from_slice(&0x0123_4567_89ab_cdef_u64.to_le_bytes());
+    bytes.extend_from_slice(b"\x00\x02r\x02i\x02u\x02b\x02");
+    bytes
+}
+
+fn posted(room: &str, n: usize) -> eventlog::Record {
+    let event = schemas::ChatEvent::MessagePosted(schemas::MessagePosted {
+        room: room.into(),
+        client_id: format!("seeded-{room}-{n}"),
+        user: "seed".into(),
+        body: format!("seeded {n}"),
+        ts: 1_763_800_000_000 + n as i64,
+    });
+    eventlog::Record {
+        key: room.as_bytes().to_vec(),
+        value: schemas::encode(&event),
+        ts: 1_763_800_000_000 + n as i64,
+    }
+}
+
+fn raw(room: &str, value: Vec<u8>) -> eventlog::Record {
+    eventlog::Record {
+        key: room.as_bytes().to_vec(),
+        value,
+        ts: 1_763_800_000_000,
+    }
+}
+
+/// The v1 fixture of the schemas history, as an old writer put it.
+fn v1_fixture() -> Vec<u8> {
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("schemas/avro/history/v1/fixtures/message_posted.bin"),
+    )
+    .unwrap()
+}
+
+/// Good records, garbage, a record of an unknown schema, and a v1 fixture,
+/// interleaved; returns the good ones per room and where the bad ones are.
+async fn seed(log: &dyn EventLog) -> (HashMap<String, usize>, BTreeSet<(u64, u64)>) {
+    let mut records = Vec::new();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for n in 0..60 {
+        let room = ROOMS[n % ROOMS.len()];
+        records.push(posted(room, n));
+        *counts.entry(room.to_owned()).or_default() += 1;
+        if n == 20 {
+            records.push(raw("general", b"\xffthis is not avro at all".to_vec()));
+        }
+        if n == 40 {
+            records.push(raw("random", unknown_fingerprint()));
+        }
+    }
+    records.push(raw("general", v1_fixture()));
+    *counts.entry("general".into()).or_default() += 1;
+    let placed = log.append(records).await.unwrap();
+    let bad = [21, 42]
+        .iter()
+        .map(|&i| (placed[i].partition as u64, placed[i].offset))
+        .collect();
+    (counts, bad)
+}
+
+/// The dead letters in the embedded `chat.dlq` of `dir`, as JSON.
+async fn dead_letters(dir: &Path) -> Vec<Value> {
+    let dlq = eventlog::embedded::EmbeddedLog::open(&dir.join("log"), "chat.dlq", 1).unwrap();
+    let end = dlq.end_offset(0).await.unwrap();
+    let mut out = Vec::new();
+    let mut stream = dlq.read(0, 0);
+    while (out.len() as u64) < end {
+        use futures::StreamExt;
+        for r in stream.next().await.unwrap().unwrap() {
+            out.push(serde_json::from_slice::<Value>(&r.value).unwrap());
+        }
+    }
+    out
+}
+
+fn check_dead_letters(letters: &[Value], bad: &BTreeSet<(u64, u64)>, consumer: &str) {
+    let mine: Vec<&Value> = letters
+        .iter()
+        .filter(|l| l["consumer"] == consumer)
+        .collect();
+    let at: BTreeSet<(u64, u64)> = mine
+        .iter()
+        .map(|l| {
+            (
+                l["partition"].as_u64().unwrap(),
+                l["offset"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        &at, bad,
+        "{consumer} dead-lettered the two bad records: {letters:?}"
+    );
+    let reasons: Vec<&str> = mine.iter().map(|l| l["reason"].as_str().unwrap()).collect();
+    assert!(
+        reasons.contains(&"not avro single-object encoding"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("unknown schema fingerprint")),
+        "{reasons:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_records_and_old_schema_fixtures_on_the_embedded_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap().to_owned();
+    let (counts, bad) = {
+        let log = eventlog::embedded::EmbeddedLog::open(
+            &dir.path().join("log"),
+            "chat.messages",
+            PARTITIONS,
+        )
+        .unwrap();
+        seed(&log).await
+    };
+    // The projector goes past the poison records and projects the rest,
+    // the v1 fixture included.
+    let server = Server::start(dir.path(), PARTITIONS).await;
+    control_socket(dir.path()).await;
+    projected(&server, &counts).await;
+    let general = server.history("general", 100).await;
+    let fixture = general
+        .iter()
+        .find(|m| m["user"] == "ada")
+        .expect("the v1 fixture");
+    assert_eq!(fixture["body"], "héllo, wörld 👋");
+    assert_eq!(fixture["id"], "6f1c2a4e-3b5d-4c8e-9f70-1a2b3c4d5e6f");
+    let live = all_pages(&server, &ROOMS).await;
+
+    // So does the replay.
+    let report = chat_json(&[
+        "replay",
+        "--data-dir",
+        &d,
+        "--partitions",
+        "4",
+        "--switch",
+        "--json",
+    ])
+    .await;
+    assert_eq!(report["dead_lettered"], 2);
+    assert_eq!(report["events"], 61);
+    assert_eq!(all_pages(&server, &ROOMS).await, live);
+
+    assert!(server.terminate().await.success());
+    let letters = dead_letters(dir.path()).await;
+    assert_eq!(
+        letters.len(),
+        4,
+        "each bad record once per consumer: {letters:?}"
+    );
+    check_dead_letters(&letters, &bad, "projector");
+    check_dead_letters(&letters, &bad, "replay");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_on_the_broker_inside_a_server_and_on_its_own() {
+    let broker = eventlog::kafka::testing::Broker::start(None);
+    let url = broker.url();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a_dir, b_dir) = (
+        da.path().to_str().unwrap().to_owned(),
+        db.path().to_str().unwrap().to_owned(),
+    );
+    let a = Server::start_with(da.path(), PARTITIONS, &["--log", &url]).await;
+    control_socket(da.path()).await;
+    // Poison and an old-schema record straight onto the topic, then traffic.
+    let log = eventlog::kafka::KafkaLog::connect(eventlog::kafka::KafkaConfig::new(
+        &broker.brokers(),
+        "chat.messages",
+        PARTITIONS,
+    ))
+    .await
+    .unwrap();
+    let (mut counts, _) = seed(&log).await;
+    let mut alice = a.connect("alice").await;
+    add(&mut counts, send_acked(&mut alice, &ROOMS, 100).await);
+    projected(&a, &counts).await;
+    let live = all_pages(&a, &ROOMS).await;
+    let events = counts.values().sum::<usize>();
+
+    // Inside the server holding data dir A.
+    let args = [
+        "replay",
+        "--log",
+        &url,
+        "--data-dir",
+        &a_dir,
+        "--partitions",
+        "4",
+        "--switch",
+        "--json",
+    ];
+    let report = chat_json(&args).await;
+    assert_eq!(report["version"], "v2");
+    assert_eq!(report["events"], events);
+    assert_eq!(report["dead_lettered"], 2);
+    assert_eq!(
+        all_pages(&a, &ROOMS).await,
+        live,
+        "v2 on A equals the live history"
+    );
+
+    // On its own, into a fresh store B, then served from B.
+    let args = [
+        "replay",
+        "--log",
+        &url,
+        "--data-dir",
+        &b_dir,
+        "--partitions",
+        "4",
+        "--switch",
+        "--json",
+    ];
+    let report = chat_json(&args).await;
+    assert_eq!(report["events"], events);
+    assert_eq!(report["dead_lettered"], 2);
+    assert_eq!(report["switched"], true);
+    let b = Server::start_with(
+        db.path(),
+        PARTITIONS,
+        &["--log", &url, "--roles", "ingest,fanout"],
+    )
+    .await;
+    assert_eq!(
+        all_pages(&b, &ROOMS).await,
+        live,
+        "the replay into B equals A's live history"
+    );
+}

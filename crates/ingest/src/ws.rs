@@ -38,6 +38,15 @@ const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// smaller ones over the body limit get `too_large`.
 const MAX_FRAME_BYTES: usize = 64 * 1024;
 
+/// Read buffer of a connection. The library's default (128 KiB) is
+/// allocated per connection and zeroed on every read: 263 KiB of RSS per
+/// idle connection and a 128 KiB memset per small frame (benches/RESULTS.md).
+/// A frame larger than this is still read whole, in several reads.
+const READ_BUFFER_BYTES: usize = 4 * 1024;
+
+/// Most frames written to the socket before one flush.
+const MAX_WRITE_BURST: usize = 64;
+
 /// User names follow the room-name rule.
 pub(crate) fn valid_user(user: &str) -> bool {
     schemas::protocol::valid_room(user)
@@ -50,6 +59,7 @@ pub(crate) async fn upgrade(
 ) -> Response {
     let user = query.get("user").filter(|u| valid_user(u)).cloned();
     ws.max_message_size(MAX_FRAME_BYTES)
+        .read_buffer_size(READ_BUFFER_BYTES)
         .on_upgrade(move |socket| {
             let tracker = state.connections.clone();
             tracker.track_future(connection(socket, state, user))
@@ -124,7 +134,15 @@ async fn writer(
             }
             frame = rx.recv() => match frame {
                 Some(frame) => {
-                    if sink.send(Message::Text(frame)).await.is_err() {
+                    // Every frame already queued goes out with this one, in
+                    // one write: a burst of acks and messages costs one
+                    // syscall instead of one each.
+                    let mut written = sink.feed(Message::Text(frame)).await.is_ok();
+                    for _ in 1..MAX_WRITE_BURST {
+                        let Ok(frame) = rx.try_recv() else { break };
+                        written = written && sink.feed(Message::Text(frame)).await.is_ok();
+                    }
+                    if !written || sink.flush().await.is_err() {
                         break;
                     }
                 }

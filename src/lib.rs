@@ -27,6 +27,7 @@ use fanout::{Fanout, FanoutConfig};
 use ingest::{Gateway, GatewayConfig};
 use metrics_exporter_prometheus::PrometheusHandle;
 use projector::embedded::{EmbeddedStore, EmbeddedVersions};
+use projector::scylla::{ScyllaStore, ScyllaUri, ScyllaVersions};
 use projector::versions::{CurrentVersion, Versions};
 use projector::{HistoryStore, Projector, ProjectorConfig, DLQ_TOPIC};
 use tokio::net::TcpListener;
@@ -91,6 +92,9 @@ impl Default for KafkaTuning {
 pub enum StoreSpec {
     /// The embedded store in the data dir.
     Embedded,
+    /// A ScyllaDB keyspace: `scylla://HOST:9042[,HOST...]/KEYSPACE`, checked
+    /// when parsed, connected to when opened.
+    Scylla(ScyllaUri),
 }
 
 impl FromStr for StoreSpec {
@@ -99,9 +103,19 @@ impl FromStr for StoreSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "embedded" => Ok(StoreSpec::Embedded),
-            other => Err(format!("expected `embedded`, got {other:?}")),
+            uri if uri.starts_with("scylla://") => ScyllaUri::parse(uri)
+                .map(StoreSpec::Scylla)
+                .map_err(|e| e.to_string()),
+            other => Err(format!(
+                "expected `embedded` or scylla://HOST:9042[,HOST...]/KEYSPACE, got {other:?}"
+            )),
         }
     }
+}
+
+/// How a message names the Scylla store of `target`.
+fn scylla_name(target: &ScyllaUri) -> String {
+    format!("scylla://{}/{}", target.hosts.join(","), target.keyspace)
 }
 
 /// A role a node plays.
@@ -212,16 +226,26 @@ pub async fn open_store(
             let group = format!("chat-projector-embedded-{}", store.id());
             (Arc::new(store), group)
         }
+        StoreSpec::Scylla(target) => {
+            let store = ScyllaStore::open(target, namespace)
+                .await
+                .with_context(|| format!("opening the history store {}", scylla_name(target)))?;
+            let group = format!("chat-projector-{}", store.id());
+            (Arc::new(store), group)
+        }
     })
 }
 
 /// Opens the projection versions of the history store, and names the
-/// projector group of its current version.
+/// projector group: for the embedded store, after its current version (the
+/// store is one node's alone); for Scylla, after the keyspace
+/// (`chat-projector-scylla-KEYSPACE`), so every projector writing the
+/// keyspace shares one group, before and after a switch (they follow the
+/// pointer).
 ///
-/// Hook for other stores: a store with versions (a Scylla keyspace per
-/// version suffix, say) implements [`Versions`] (the pointer a row of its
-/// own) and gets an arm here; `chat replay`, `chat versions` and the live
-/// switch then work on it unchanged.
+/// Each store implements [`Versions`] (a version is a namespace of tables,
+/// the pointer a row of its own); `chat replay`, `chat versions` and the
+/// live switch work on any of them unchanged.
 pub async fn open_versions(
     spec: &StoreSpec,
     data_dir: &std::path::Path,
@@ -234,6 +258,13 @@ pub async fn open_versions(
             let current = versions.current().await?;
             let store = versions.store(&current)?;
             let group = format!("chat-projector-embedded-{}", store.id());
+            (Arc::new(versions), group)
+        }
+        StoreSpec::Scylla(target) => {
+            let versions = ScyllaVersions::connect(target, STORE_NAMESPACE)
+                .await
+                .with_context(|| format!("opening the history store {}", scylla_name(target)))?;
+            let group = format!("chat-projector-{}", versions.id());
             (Arc::new(versions), group)
         }
     })
@@ -278,7 +309,9 @@ pub async fn serve(
 
     let projector_stop = CancellationToken::new();
     let projector_task = if config.roles.has(Role::Projector) {
-        // An embedded store is this node's alone: no group unless asked.
+        // An embedded store is this node's alone: no group unless asked. A
+        // Scylla keyspace is shared: its projectors split the partitions
+        // through the group.
         let exclusive = config.group.is_none() && config.store == StoreSpec::Embedded;
         let group = config.group.clone().unwrap_or(store_group);
         tracing::info!(group, exclusive, "projector starts");
@@ -302,7 +335,10 @@ pub async fn serve(
         current.clone(),
         log_name(&config.log),
     ));
-    let control_task = match replay::bind(&config.data_dir) {
+    // Nothing else may have created the data dir (a Kafka log, a Scylla store).
+    let bound =
+        std::fs::create_dir_all(&config.data_dir).and_then(|()| replay::bind(&config.data_dir));
+    let control_task = match bound {
         Ok((listener, path)) => {
             tracing::info!(path = %path.display(), "control socket (chat replay, chat versions)");
             let task = tokio::spawn(replay::serve_control(
@@ -371,5 +407,59 @@ mod tests {
         assert!(roles.has(Role::Ingest) && roles.has(Role::Fanout) && !roles.has(Role::Projector));
         assert!("ingest,dance".parse::<Roles>().is_err());
         assert!("".parse::<Roles>().is_err());
+    }
+
+    #[test]
+    fn store_specs_parse_and_a_bad_scylla_uri_is_refused() {
+        assert_eq!(
+            "embedded".parse::<StoreSpec>().unwrap(),
+            StoreSpec::Embedded
+        );
+        let StoreSpec::Scylla(target) = "scylla://a:9142,b/chat".parse::<StoreSpec>().unwrap()
+        else {
+            panic!("not a scylla store");
+        };
+        assert_eq!(target.hosts, ["a:9142", "b:9042"]);
+        assert_eq!(target.keyspace, "chat");
+        assert_eq!(scylla_name(&target), "scylla://a:9142,b:9042/chat");
+        // The parser's reason reaches the command line.
+        let e = "scylla://bad".parse::<StoreSpec>().unwrap_err();
+        assert!(e.contains("scylla://bad") && e.contains("KEYSPACE"), "{e}");
+        let e = "scylla://h:9042/Chat".parse::<StoreSpec>().unwrap_err();
+        assert!(e.contains("keyspace"), "{e}");
+        for bad in ["scylla://h/chat?consistency=one", "cassandra://h/chat", ""] {
+            assert!(bad.parse::<StoreSpec>().is_err(), "{bad:?} was accepted");
+        }
+        let e = "redis://h".parse::<StoreSpec>().unwrap_err();
+        assert!(e.contains("scylla://"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn serving_on_an_unreachable_scylla_fails_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let config = ServeConfig {
+            data_dir: dir.path().to_owned(),
+            partitions: 2,
+            log: LogSpec::Embedded,
+            kafka: KafkaTuning::default(),
+            // Nothing listens on port 1.
+            store: "scylla://127.0.0.1:1/ks".parse().unwrap(),
+            roles: Roles::all(),
+            group: None,
+            gateway: GatewayConfig::default(),
+        };
+        let served = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            serve(listener, config, None, CancellationToken::new()),
+        )
+        .await
+        .expect("serve neither failed nor gave up");
+        let text = format!("{:#}", served.unwrap_err());
+        assert!(
+            text.contains("opening the history store scylla://127.0.0.1:1/ks"),
+            "{text}"
+        );
+        assert!(text.contains("store unavailable"), "{text}");
     }
 }

@@ -53,7 +53,9 @@ struct DataArgs {
     /// the log of the server holding the data dir, else `embedded`.
     #[arg(long, env = "CHAT_LOG")]
     log: Option<chat::LogSpec>,
-    /// The history store: `embedded` (in the data dir).
+    /// The history store: `embedded` (in the data dir) or
+    /// scylla://HOST:9042[,HOST...]/KEYSPACE. Used when no server holds the
+    /// data dir (else the server's store is).
     #[arg(long, default_value = "embedded", env = "CHAT_STORE")]
     store: chat::StoreSpec,
 }
@@ -144,14 +146,19 @@ struct ServeArgs {
     /// before it is answered `unavailable` (never sent, so retry is safe).
     #[arg(long, default_value_t = chat::KafkaTuning::default().enqueue_timeout.as_millis() as u64)]
     log_enqueue_timeout_ms: u64,
-    /// The history store: `embedded` (in the data dir).
+    /// The history store: `embedded` (in the data dir) or
+    /// scylla://HOST:9042[,HOST...]/KEYSPACE[?replication_factor=N&strategy=S]
+    /// for ScyllaDB (keyspace and tables created when missing; the
+    /// replication options only shape a new keyspace, default
+    /// NetworkTopologyStrategy with 3 replicas).
     #[arg(long, default_value = "embedded", env = "CHAT_STORE")]
     store: chat::StoreSpec,
     /// Roles of this process, any of ingest,fanout,projector. A gateway is
     /// ingest,fanout; a projector node is projector.
     #[arg(long, default_value = "ingest,fanout,projector", env = "CHAT_ROLES")]
     roles: chat::Roles,
-    /// Consumer group of the projector. Default: named after the store, so
+    /// Consumer group of the projector. Default: named after the store (a
+    /// Scylla store: its keyspace, chat-projector-scylla-KEYSPACE), so
     /// projectors writing one store share the partitions and a node with its
     /// own embedded store reads all of them.
     #[arg(long, env = "CHAT_GROUP")]
@@ -219,9 +226,13 @@ async fn open_log(
 async fn open_versions(
     data: &DataArgs,
 ) -> anyhow::Result<std::sync::Arc<dyn projector::versions::Versions>> {
-    let (versions, _) = chat::open_versions(&data.store, &data.data_dir)
-        .await
-        .context("is a chat server without a control socket using this data dir?")?;
+    let opened = chat::open_versions(&data.store, &data.data_dir).await;
+    let (versions, _) = match data.store {
+        chat::StoreSpec::Embedded => {
+            opened.context("is a chat server without a control socket using this data dir?")?
+        }
+        chat::StoreSpec::Scylla(_) => opened?,
+    };
     Ok(versions)
 }
 
@@ -480,4 +491,31 @@ async fn on_signal(shutdown: CancellationToken) {
     }
     tracing::info!("shutting down");
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_store_flag_takes_a_scylla_uri_and_refuses_a_bad_one() {
+        // As redpanda/compose.yaml passes it.
+        let cli =
+            Cli::try_parse_from(["chat", "serve", "--store=scylla://scylla:9042/chat"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve");
+        };
+        assert!(matches!(args.store, chat::StoreSpec::Scylla(t) if t.keyspace == "chat"));
+        let cli = Cli::try_parse_from(["chat", "versions", "list", "--store", "scylla://a,b/ks"])
+            .unwrap();
+        assert!(matches!(cli.command, Command::Versions { .. }));
+        let e = Cli::try_parse_from(["chat", "serve", "--store", "scylla://bad"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("--store") && e.contains("missing /KEYSPACE"),
+            "{e}"
+        );
+    }
 }

@@ -179,6 +179,7 @@ struct Prepared {
     select_position: PreparedStatement,
     select_buckets: PreparedStatement,
     select_rows: PreparedStatement,
+    select_positions: PreparedStatement,
 }
 
 impl Prepared {
@@ -200,6 +201,7 @@ impl Prepared {
             select_position: prepare(&texts.select_position).await?,
             select_buckets: prepare(&texts.select_buckets).await?,
             select_rows: prepare(&texts.select_rows).await?,
+            select_positions: prepare(&texts.select_positions).await?,
         })
     }
 }
@@ -222,6 +224,21 @@ impl Tables for CqlTables {
             .map_err(rows)?;
         let row = result.maybe_first_row::<(i64,)>().map_err(rows)?;
         Ok(row.map(|(next,)| next))
+    }
+
+    async fn positions(&self) -> Result<Vec<i64>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.prepared.select_positions, ())
+            .await
+            .map_err(exec)?
+            .into_rows_result()
+            .map_err(rows)?;
+        result
+            .rows::<(i64,)>()
+            .map_err(rows)?
+            .map(|row| row.map(|(next,)| next).map_err(rows))
+            .collect()
     }
 
     async fn write_position(&self, partition: u32, next: i64) -> Result<(), StoreError> {
@@ -400,42 +417,53 @@ impl ScyllaStore {
     /// with Raft-managed schema (the default since 5.4); on older clusters,
     /// apply `schemas/cql/` once before starting several projectors.
     pub async fn connect(uri: &str, namespace: &str) -> Result<Self, StoreError> {
-        Ok(Self::connect_inner(uri, namespace).await?)
+        let target = ScyllaUri::parse(uri).map_err(ScyllaError::from)?;
+        Self::open(&target, namespace).await
     }
 
-    async fn connect_inner(uri: &str, namespace: &str) -> Result<Self, ScyllaError> {
-        let target = ScyllaUri::parse(uri)?;
+    /// [`ScyllaStore::connect`] to a parsed URI.
+    pub async fn open(target: &ScyllaUri, namespace: &str) -> Result<Self, StoreError> {
+        Ok(Self::open_inner(target, namespace).await?)
+    }
+
+    async fn open_inner(target: &ScyllaUri, namespace: &str) -> Result<Self, ScyllaError> {
         let names = Names::new(&target.keyspace, namespace).map_err(ScyllaError::Names)?;
-        let session = SessionBuilder::new()
-            .known_nodes(&target.hosts)
-            .build()
-            .await?;
-        // DDL waits for schema agreement before returning (the driver's
-        // default), so the statements below are prepared against it.
-        session
-            .query_unpaged(
-                keyspace_statement(&names.keyspace, &target.replication),
-                &[],
-            )
-            .await?;
+        let session = open_session(target).await?;
+        Self::on_session(session, names).await
+    }
+
+    /// The store of version `names` on `session`: its tables created when
+    /// missing, its statements prepared.
+    pub(super) async fn on_session(
+        session: Arc<Session>,
+        names: Names,
+    ) -> Result<Self, ScyllaError> {
         for ddl in table_statements(&names) {
             session.query_unpaged(ddl, &[]).await?;
         }
         let prepared = Prepared::new(&session, &Statements::new(&names)).await?;
-        tracing::info!(
-            hosts = ?target.hosts,
+        tracing::debug!(
             keyspace = names.keyspace,
             namespace = names.namespace,
-            "scylla history store ready"
+            "scylla history store version ready"
         );
-        let tables = CqlTables {
-            session: Arc::new(session),
-            prepared,
-        };
         Ok(ScyllaStore {
-            inner: Arc::new(BucketedStore::new(tables, Bucketing::default())),
+            inner: Arc::new(BucketedStore::new(
+                CqlTables { session, prepared },
+                Bucketing::default(),
+            )),
             names: Arc::new(names),
         })
+    }
+
+    /// Records of the log this version covers: the sum of its positions.
+    pub async fn records(&self) -> Result<u64, StoreError> {
+        self.inner.records().await
+    }
+
+    /// The session this store's requests go through.
+    pub(super) fn session(&self) -> &Arc<Session> {
+        &self.inner.tables().session
     }
 
     /// A name for this keyspace and projection version: projectors writing
@@ -452,19 +480,31 @@ impl ScyllaStore {
 
     async fn namespace_inner(&self, namespace: &str) -> Result<Self, ScyllaError> {
         let names = Names::new(&self.names.keyspace, namespace).map_err(ScyllaError::Names)?;
-        let session = self.inner.tables().session.clone();
-        for ddl in table_statements(&names) {
-            session.query_unpaged(ddl, &[]).await?;
-        }
-        let prepared = Prepared::new(&session, &Statements::new(&names)).await?;
-        Ok(ScyllaStore {
-            inner: Arc::new(BucketedStore::new(
-                CqlTables { session, prepared },
-                Bucketing::default(),
-            )),
-            names: Arc::new(names),
-        })
+        Self::on_session(self.session().clone(), names).await
     }
+}
+
+/// Connects to the cluster of `target` and creates its keyspace when
+/// missing.
+pub(super) async fn open_session(target: &ScyllaUri) -> Result<Arc<Session>, ScyllaError> {
+    let session = SessionBuilder::new()
+        .known_nodes(&target.hosts)
+        .build()
+        .await?;
+    // DDL waits for schema agreement before returning (the driver's
+    // default), so what is prepared afterwards is prepared against it.
+    session
+        .query_unpaged(
+            keyspace_statement(&target.keyspace, &target.replication),
+            &[],
+        )
+        .await?;
+    tracing::info!(
+        hosts = ?target.hosts,
+        keyspace = target.keyspace,
+        "connected to scylla"
+    );
+    Ok(Arc::new(session))
 }
 
 #[async_trait]

@@ -6,17 +6,24 @@
 //! It can be told to fail position writes, to show that a failed batch
 //! leaves the position behind its data and that applying it again is
 //! harmless.
+//!
+//! [`MemCatalog`] does the same for the projection versions: the
+//! `projection_versions` rows and one [`MemTables`] per version, so the
+//! version algorithm ([`super::catalog::CatalogVersions`]) runs unchanged
+//! against it; it can slip another process's write in after one of its own,
+//! to show how a switch and a drop racing each other end.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use schemas::protocol::MessageView;
 
-use super::buckets::{Claim, RowBatch};
-use super::store::{ClaimRow, Tables};
-use crate::StoreError;
+use super::buckets::{Bucketing, Claim, RowBatch};
+use super::catalog::{Catalog, VersionRow};
+use super::store::{BucketedStore, ClaimRow, Tables};
+use crate::{HistoryStore, StoreError};
 
 #[derive(Default)]
 struct State {
@@ -75,6 +82,10 @@ impl MemTables {
 impl Tables for MemTables {
     async fn position(&self, partition: u32) -> Result<Option<i64>, StoreError> {
         Ok(self.with(|s| s.positions.get(&partition).copied()))
+    }
+
+    async fn positions(&self) -> Result<Vec<i64>, StoreError> {
+        Ok(self.with(|s| s.positions.values().copied().collect()))
     }
 
     async fn write_position(&self, partition: u32, next: i64) -> Result<(), StoreError> {
@@ -180,6 +191,123 @@ impl Tables for MemTables {
                 })
                 .unwrap_or_default()
         }))
+    }
+}
+
+/// The `projection_versions` partition in memory.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Book {
+    /// The pointer's row.
+    pub pointer: Option<String>,
+    /// The versions' rows.
+    pub rows: BTreeMap<String, VersionRow>,
+}
+
+type Interleaved = Box<dyn FnOnce(&mut Book) + Send>;
+
+/// The versions table and each version's tables, in memory. Locks are
+/// never held across an await.
+pub struct MemCatalog {
+    book: Mutex<Book>,
+    /// Each version's tables, while they exist.
+    stores: Mutex<HashMap<String, Arc<BucketedStore<MemTables>>>>,
+    bucketing: Bucketing,
+    /// What another process writes right after this one's next write.
+    interleaved: Mutex<Option<Interleaved>>,
+}
+
+impl MemCatalog {
+    pub fn new(bucketing: Bucketing) -> Self {
+        Self::with_book(Book::default(), bucketing)
+    }
+
+    /// A catalog whose versions table already holds `book`.
+    pub fn with_book(book: Book, bucketing: Bucketing) -> Self {
+        MemCatalog {
+            book: Mutex::new(book),
+            stores: Mutex::new(HashMap::new()),
+            bucketing,
+            interleaved: Mutex::new(None),
+        }
+    }
+
+    /// Runs `write` on the book right after the next write to it, as
+    /// another process's command landing between two steps of this one.
+    pub fn interleave(&self, write: impl FnOnce(&mut Book) + Send + 'static) {
+        *self.interleaved.lock().unwrap() = Some(Box::new(write));
+    }
+
+    pub fn book(&self) -> Book {
+        self.book.lock().unwrap().clone()
+    }
+
+    /// Whether the tables of version `name` exist.
+    pub fn has_tables(&self, name: &str) -> bool {
+        self.stores.lock().unwrap().contains_key(name)
+    }
+
+    fn tables(&self, name: &str) -> Arc<BucketedStore<MemTables>> {
+        self.stores
+            .lock()
+            .unwrap()
+            .entry(name.to_owned())
+            .or_insert_with(|| Arc::new(BucketedStore::new(MemTables::default(), self.bucketing)))
+            .clone()
+    }
+
+    fn write(&self, f: impl FnOnce(&mut Book)) {
+        let mut book = self.book.lock().unwrap();
+        f(&mut book);
+        if let Some(other) = self.interleaved.lock().unwrap().take() {
+            other(&mut book);
+        }
+    }
+}
+
+#[async_trait]
+impl Catalog for MemCatalog {
+    async fn pointer(&self) -> Result<Option<String>, StoreError> {
+        Ok(self.book.lock().unwrap().pointer.clone())
+    }
+
+    async fn write_pointer(&self, name: &str) -> Result<(), StoreError> {
+        self.write(|b| b.pointer = Some(name.to_owned()));
+        Ok(())
+    }
+
+    async fn rows(&self) -> Result<Vec<VersionRow>, StoreError> {
+        Ok(self.book.lock().unwrap().rows.values().cloned().collect())
+    }
+
+    async fn row(&self, name: &str) -> Result<Option<VersionRow>, StoreError> {
+        Ok(self.book.lock().unwrap().rows.get(name).cloned())
+    }
+
+    async fn write_row(&self, row: &VersionRow) -> Result<(), StoreError> {
+        self.write(|b| {
+            b.rows.insert(row.name.clone(), row.clone());
+        });
+        Ok(())
+    }
+
+    async fn delete_row(&self, name: &str) -> Result<(), StoreError> {
+        self.write(|b| {
+            b.rows.remove(name);
+        });
+        Ok(())
+    }
+
+    async fn store(&self, name: &str) -> Result<Arc<dyn HistoryStore>, StoreError> {
+        Ok(self.tables(name))
+    }
+
+    async fn records(&self, name: &str) -> Result<u64, StoreError> {
+        self.tables(name).records().await
+    }
+
+    async fn drop_tables(&self, name: &str) -> Result<(), StoreError> {
+        self.stores.lock().unwrap().remove(name);
+        Ok(())
     }
 }
 
@@ -302,5 +430,172 @@ mod tests {
         assert_eq!(page.len(), 5);
         assert_eq!(page[0].offset, 15_000);
         assert_eq!(store.tables().requests() - before, 7);
+    }
+}
+
+#[cfg(test)]
+mod version_tests {
+    use super::*;
+    use crate::conformance::message;
+    use crate::scylla::catalog::{lifecycle, CatalogVersions, RowState};
+    use crate::versions::{VersionError, VersionState, Versions};
+
+    fn catalog() -> MemCatalog {
+        MemCatalog::new(Bucketing::new(3))
+    }
+
+    /// v1 current, v2 ready beside it.
+    async fn two_versions() -> CatalogVersions<MemCatalog> {
+        let versions = CatalogVersions::open(catalog(), "v1").await.unwrap();
+        versions.create("v2", "earliest").await.unwrap();
+        versions.mark_ready("v2").await.unwrap();
+        versions
+    }
+
+    #[tokio::test]
+    async fn versions_live_their_life_on_the_memory_tables() {
+        let versions = CatalogVersions::open(catalog(), "v1").await.unwrap();
+        lifecycle(&versions).await;
+    }
+
+    #[tokio::test]
+    async fn a_keyspace_from_before_versions_has_v1_current_and_ready() {
+        // The tables of v1 hold a history; the versions table is empty.
+        let catalog = catalog();
+        let v1 = catalog.store("v1").await.unwrap();
+        let batch: Vec<_> = (0..6).map(|o| message("r", o, &format!("i{o}"))).collect();
+        v1.apply(0, batch, 6).await.unwrap();
+        v1.apply(3, vec![message("s", 1, "j")], 2).await.unwrap();
+        let versions = CatalogVersions::open(catalog, "v1").await.unwrap();
+        assert_eq!(versions.current().await.unwrap(), "v1");
+        let list = versions.list().await.unwrap();
+        assert_eq!(list.len(), 1);
+        let v = &list[0];
+        assert!(v.current && v.state == VersionState::Ready, "{v:?}");
+        assert_eq!(
+            (v.records, v.created_ms, v.from.as_str()),
+            (8, 0, "earliest")
+        );
+        assert_eq!(
+            versions
+                .open("v1")
+                .await
+                .unwrap()
+                .page("r", None, 10)
+                .await
+                .unwrap()
+                .len(),
+            6
+        );
+        let book = versions.catalog().book();
+        assert_eq!(book.pointer.as_deref(), Some("v1"));
+        assert_eq!(book.rows["v1"], VersionRow::found("v1"));
+        // Opening again changes nothing.
+        let again =
+            CatalogVersions::open(MemCatalog::with_book(book.clone(), Bucketing::new(3)), "v1")
+                .await
+                .unwrap();
+        assert_eq!(again.catalog().book(), book);
+    }
+
+    #[tokio::test]
+    async fn a_pointer_to_a_version_without_a_row_is_refused_not_guessed() {
+        let book = Book {
+            pointer: Some("v7".into()),
+            rows: BTreeMap::new(),
+        };
+        let opened =
+            CatalogVersions::open(MemCatalog::with_book(book, Bucketing::new(3)), "v1").await;
+        assert!(matches!(opened, Err(VersionError::NotFound(n)) if n == "v7"));
+    }
+
+    #[tokio::test]
+    async fn a_drop_that_a_switch_overtook_backs_off() {
+        let versions = two_versions().await;
+        // Right after the drop marks v2, a switch (which read v2 ready
+        // before the mark) points reads at it.
+        versions
+            .catalog()
+            .interleave(|b| b.pointer = Some("v2".into()));
+        assert!(matches!(
+            versions.drop_version("v2").await,
+            Err(VersionError::IsCurrent(_))
+        ));
+        let book = versions.catalog().book();
+        assert_eq!(book.rows["v2"].state, RowState::Ready);
+        assert!(versions.catalog().has_tables("v2"));
+        assert_eq!(versions.current().await.unwrap(), "v2");
+    }
+
+    #[tokio::test]
+    async fn a_switch_that_a_drop_overtook_backs_off() {
+        let versions = two_versions().await;
+        // Right after the switch writes the pointer, a drop (which read the
+        // pointer before) marks v2.
+        versions.catalog().interleave(|b| {
+            b.rows.get_mut("v2").unwrap().state = RowState::Dropping;
+        });
+        assert!(matches!(
+            versions.set_current("v2").await,
+            Err(VersionError::NotFound(_))
+        ));
+        assert_eq!(versions.current().await.unwrap(), "v1");
+    }
+
+    #[tokio::test]
+    async fn a_replay_that_a_switch_overtook_leaves_the_version_alone() {
+        let versions = two_versions().await;
+        let v2 = versions.open("v2").await.unwrap();
+        v2.apply(0, vec![message("r", 0, "a")], 1).await.unwrap();
+        versions
+            .catalog()
+            .interleave(|b| b.pointer = Some("v2".into()));
+        assert!(matches!(
+            versions.create("v2", "earliest").await,
+            Err(VersionError::IsCurrent(_))
+        ));
+        assert_eq!(versions.catalog().book().rows["v2"].state, RowState::Ready);
+        assert_eq!(v2.position(0).await.unwrap(), Some(1));
+    }
+
+    #[tokio::test]
+    async fn a_drop_cut_short_is_hidden_and_finished_later() {
+        let versions = two_versions().await;
+        let v2 = versions.open("v2").await.unwrap();
+        v2.apply(0, vec![message("r", 0, "a")], 1).await.unwrap();
+        // A drop stopped after marking the row: the tables are still there.
+        versions.catalog().interleave(|b| {
+            b.rows.get_mut("v2").unwrap().state = RowState::Dropping;
+        });
+        versions.catalog().write_pointer("v1").await.unwrap();
+        let names: Vec<_> = versions
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        assert_eq!(names, ["v1"]);
+        assert!(matches!(
+            versions.open("v2").await,
+            Err(VersionError::NotFound(_))
+        ));
+        assert!(versions.set_current("v2").await.is_err());
+        // Replaying into it starts from empty tables.
+        let reborn = versions.create("v2", "earliest").await.unwrap();
+        assert_eq!(reborn.position(0).await.unwrap(), None);
+        assert_eq!(
+            versions.catalog().book().rows["v2"].state,
+            RowState::Building
+        );
+
+        // Or dropping it again finishes the drop.
+        versions.catalog().interleave(|b| {
+            b.rows.get_mut("v2").unwrap().state = RowState::Dropping;
+        });
+        versions.catalog().write_pointer("v1").await.unwrap();
+        versions.drop_version("v2").await.unwrap();
+        assert!(!versions.catalog().book().rows.contains_key("v2"));
+        assert!(!versions.catalog().has_tables("v2"));
     }
 }

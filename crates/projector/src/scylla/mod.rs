@@ -13,6 +13,9 @@
 //!   concurrency; the position written after its data).
 //! - `cql`: [`ScyllaStore`], the tables on a cluster (prepared statements,
 //!   token- and shard-aware routing, error mapping).
+//! - [`catalog`]: the projection versions over the same layout, written once
+//!   (pure decisions, then the algorithm over the versions table);
+//!   `versions`: [`ScyllaVersions`], that table on a cluster.
 //!
 //! The same algorithm also runs in tests on an in-memory copy of the tables,
 //! compared page by page with the embedded store; the conformance suite runs
@@ -21,13 +24,17 @@
 //!
 //! Namespaces are projection versions: the tables of version `v1` are
 //! `messages_v1`, `room_buckets_v1`, `message_ids_v1`, `positions_v1`, so a
-//! rebuild writes `v2` beside them while `v1` serves reads.
+//! rebuild writes `v2` beside them while `v1` serves reads; the
+//! `projection_versions` table says which versions exist and which one is
+//! current.
 
 pub mod buckets;
+pub mod catalog;
 mod cql;
 pub mod schema;
 mod store;
 pub mod uri;
+mod versions;
 
 #[cfg(test)]
 mod memory;
@@ -36,3 +43,4 @@ mod tests;
 
 pub use cql::{ScyllaError, ScyllaStore};
 pub use uri::{Replication, ScyllaUri, Strategy, UriError};
+pub use versions::ScyllaVersions;

@@ -9,6 +9,14 @@ use super::uri::{is_plain_name, Replication};
 
 const KEYSPACE_CQL: &str = include_str!("../../../../schemas/cql/keyspace.cql");
 const TABLES_CQL: &str = include_str!("../../../../schemas/cql/tables.cql");
+const VERSIONS_CQL: &str = include_str!("../../../../schemas/cql/versions.cql");
+
+/// The bookkeeping table of the projection versions of a keyspace.
+pub const VERSIONS_TABLE: &str = "projection_versions";
+/// Its one partition key value.
+pub const BOOK: &str = "chat";
+/// The name of the pointer's row (no version can be called that).
+pub const POINTER_ROW: &str = "@current";
 
 /// The tables of one projection version (namespace) in one keyspace.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +63,16 @@ impl Names {
     pub fn positions(&self) -> String {
         self.table("positions")
     }
+
+    /// Every table of the version, as [`table_statements`] creates them.
+    pub fn tables(&self) -> [String; 4] {
+        [
+            self.messages(),
+            self.room_buckets(),
+            self.message_ids(),
+            self.positions(),
+        ]
+    }
 }
 
 /// The statements of a CQL script: `--` comments dropped, split on `;`.
@@ -93,6 +111,53 @@ pub fn table_statements(names: &Names) -> Vec<String> {
     statements(&script)
 }
 
+/// `DROP TABLE IF EXISTS` for every table of the version.
+pub fn drop_statements(names: &Names) -> Vec<String> {
+    names
+        .tables()
+        .iter()
+        .map(|table| format!("DROP TABLE IF EXISTS {table}"))
+        .collect()
+}
+
+/// `CREATE TABLE IF NOT EXISTS` for the versions table of `keyspace`.
+pub fn versions_statement(keyspace: &str) -> String {
+    statements(&VERSIONS_CQL.replace("${keyspace}", keyspace)).concat()
+}
+
+/// The statements on the versions table. The partition key (`book`) is
+/// bound like every other one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionStatements {
+    /// (book) -> (name, state, created_ms, replay_from, points_to), every row
+    pub select_book: String,
+    /// (book, name) -> (name, state, created_ms, replay_from, points_to)
+    pub select_row: String,
+    /// (book, name, state, created_ms, replay_from)
+    pub upsert_version: String,
+    /// (book, name = POINTER_ROW, points_to)
+    pub upsert_pointer: String,
+    /// (book, name)
+    pub delete_row: String,
+}
+
+impl VersionStatements {
+    pub fn new(keyspace: &str) -> Self {
+        let table = format!("{keyspace}.{VERSIONS_TABLE}");
+        let columns = "name, state, created_ms, replay_from, points_to";
+        VersionStatements {
+            select_book: format!("SELECT {columns} FROM {table} WHERE book = ?"),
+            select_row: format!("SELECT {columns} FROM {table} WHERE book = ? AND name = ?"),
+            upsert_version: format!(
+                "INSERT INTO {table} (book, name, state, created_ms, replay_from) \
+                 VALUES (?, ?, ?, ?, ?)"
+            ),
+            upsert_pointer: format!("INSERT INTO {table} (book, name, points_to) VALUES (?, ?, ?)"),
+            delete_row: format!("DELETE FROM {table} WHERE book = ? AND name = ?"),
+        }
+    }
+}
+
 /// Every statement the store prepares. Partition key values are always bound
 /// (never literals), which is what lets the driver route each request to a
 /// replica, and the right shard of it, owning the partition.
@@ -114,6 +179,9 @@ pub struct Statements {
     pub select_buckets: String,
     /// (room, bucket, before, limit) -> (log_offset, msg_id, author, body, ts), newest first
     pub select_rows: String,
+    /// () -> (next_offset) of every log partition: a scan of the (small)
+    /// positions table, for the records a version covers
+    pub select_positions: String,
 }
 
 impl Statements {
@@ -152,6 +220,7 @@ impl Statements {
                 "SELECT log_offset, msg_id, author, body, ts FROM {messages} \
                  WHERE room = ? AND bucket = ? AND log_offset < ? LIMIT ?"
             ),
+            select_positions: format!("SELECT next_offset FROM {positions}"),
         }
     }
 }
@@ -246,11 +315,82 @@ mod tests {
             &s.select_position,
             &s.select_buckets,
             &s.select_rows,
+            &s.select_positions,
         ] {
             assert!(!text.contains('\''), "{text}");
             assert!(
                 text.contains("chat_test.") && text.contains("_t42"),
                 "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_versions_table_is_one_partition_of_the_keyspace() {
+        let cql = versions_statement("chat");
+        assert!(
+            cql.starts_with("CREATE TABLE IF NOT EXISTS chat.projection_versions ("),
+            "{cql}"
+        );
+        assert!(cql.contains("PRIMARY KEY ((book), name)"), "{cql}");
+        assert!(!cql.contains("${") && !cql.contains("--"), "{cql}");
+        for column in [
+            "state text",
+            "created_ms bigint",
+            "replay_from text",
+            "points_to text",
+        ] {
+            assert!(cql.contains(column), "{column}: {cql}");
+        }
+        let s = VersionStatements::new("chat_test");
+        assert_eq!(
+            s.upsert_pointer,
+            "INSERT INTO chat_test.projection_versions (book, name, points_to) VALUES (?, ?, ?)"
+        );
+        assert_eq!(
+            s.select_book,
+            "SELECT name, state, created_ms, replay_from, points_to \
+             FROM chat_test.projection_versions WHERE book = ?"
+        );
+        for text in [
+            &s.select_book,
+            &s.select_row,
+            &s.upsert_version,
+            &s.upsert_pointer,
+            &s.delete_row,
+        ] {
+            assert!(
+                text.contains("book = ?") || text.contains("(book,"),
+                "{text}"
+            );
+            assert!(!text.contains('\''), "{text}");
+        }
+        // The pointer's row can never be a version's.
+        assert!(crate::versions::check_name(POINTER_ROW).is_err());
+        assert!(Names::new("chat", POINTER_ROW).is_err());
+    }
+
+    #[test]
+    fn dropping_a_version_drops_its_four_tables_only() {
+        let drops = drop_statements(&Names::new("chat", "v2").unwrap());
+        assert_eq!(
+            drops,
+            [
+                "DROP TABLE IF EXISTS chat.messages_v2",
+                "DROP TABLE IF EXISTS chat.room_buckets_v2",
+                "DROP TABLE IF EXISTS chat.message_ids_v2",
+                "DROP TABLE IF EXISTS chat.positions_v2",
+            ]
+        );
+        // The same tables the version's schema creates.
+        for (create, drop) in table_statements(&Names::new("chat", "v2").unwrap())
+            .iter()
+            .zip(&drops)
+        {
+            let table = drop.strip_prefix("DROP TABLE IF EXISTS ").unwrap();
+            assert!(
+                create.starts_with(&format!("CREATE TABLE IF NOT EXISTS {table} (")),
+                "{create}"
             );
         }
     }

@@ -51,6 +51,9 @@ pub struct ClaimRow {
 #[async_trait]
 pub trait Tables: Send + Sync + 'static {
     async fn position(&self, partition: u32) -> Result<Option<i64>, StoreError>;
+    /// The position of every log partition with one (a scan of a table of
+    /// partition-count rows).
+    async fn positions(&self) -> Result<Vec<i64>, StoreError>;
     /// Writes `next` so that the highest position ever written wins.
     async fn write_position(&self, partition: u32, next: i64) -> Result<(), StoreError>;
     /// The claim of `id` in `room`, covered by a position or not.
@@ -125,6 +128,19 @@ impl<T: Tables> BucketedStore<T> {
 
     pub fn tables(&self) -> &T {
         &self.tables
+    }
+
+    /// Records of the log the store covers: the sum of its partition
+    /// positions (what [`crate::versions::VersionInfo::records`] reports).
+    pub async fn records(&self) -> Result<u64, StoreError> {
+        let positions = {
+            let _slot = self.slot().await?;
+            self.tables.positions().await?
+        };
+        Ok(positions
+            .into_iter()
+            .map(|p| u64::try_from(p).unwrap_or(0))
+            .sum())
     }
 
     /// Waits for a request slot of the store.

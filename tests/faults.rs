@@ -173,6 +173,10 @@ async fn sigterm_acks_what_was_accepted_closes_with_1001_and_exits() {
     };
     assert_eq!(code, Some(1001), "server going away");
     assert_eq!(errors, 0, "a drain answers accepted sends with acks");
+    assert!(
+        !acked.is_empty(),
+        "sends in flight at the SIGTERM were acked"
+    );
     let server = status_task.await.unwrap();
     let status = server.exit_status().unwrap();
     assert!(status.success(), "clean exit after SIGTERM: {status}");

@@ -149,6 +149,22 @@ pub fn check(
             }
         }
     }
+    // Projectors of one group split the partitions, each into its own
+    // store: what was acked must be in one of them.
+    if !partial.is_empty() {
+        let held: HashSet<&str> = partial
+            .values()
+            .flat_map(|h| h.values().flatten().map(|(_, id)| id.as_str()))
+            .collect();
+        for id in &acked {
+            if !held.contains(id) {
+                r.lost += 1;
+                r.example(format!(
+                    "projector group: acked {id} in no projector's store"
+                ));
+            }
+        }
+    }
     let mut reference: Option<(&String, &History)> = None;
     for (node, history) in complete {
         match reference {
@@ -279,5 +295,29 @@ mod tests {
         let r = check(&[], &complete, &BTreeMap::new(), &sent(&["a"]));
         assert_eq!(r.duplicated_in_history, 1);
         assert_eq!(r.divergent_histories, 1);
+    }
+
+    #[test]
+    fn a_projector_group_must_hold_every_acked_message_between_its_members() {
+        let c = client(&[(0, "a"), (1, "b"), (2, "c")], &["a", "b", "c"]);
+        let complete = history(&[(0, "a"), (1, "b"), (2, "c")]);
+        let mut group = BTreeMap::new();
+        group.insert("p1".to_owned(), history(&[(0, "a")]).remove("gw").unwrap());
+        group.insert("p2".to_owned(), history(&[(1, "b")]).remove("gw").unwrap());
+        let r = check(
+            std::slice::from_ref(&c),
+            &complete,
+            &group,
+            &sent(&["a", "b", "c"]),
+        );
+        assert_eq!(r.lost, 1, "c is in neither projector's store");
+        assert!(!r.passed());
+
+        group.insert(
+            "p2".to_owned(),
+            history(&[(1, "b"), (2, "c")]).remove("gw").unwrap(),
+        );
+        let r = check(&[c], &complete, &group, &sent(&["a", "b", "c"]));
+        assert!(r.passed(), "{:?}", r.examples);
     }
 }

@@ -204,6 +204,23 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
                     .sum::<usize>(),
             );
         }
+        // Projectors sharing a group hold the history between them: their
+        // stores together must reach what was acked too.
+        let projectors: Vec<String> = cluster
+            .nodes
+            .iter()
+            .filter(|n| n.kind == cluster::Kind::Projector)
+            .map(|n| n.addr())
+            .collect();
+        if !projectors.is_empty() {
+            let mut union = HashSet::new();
+            for p in &projectors {
+                for rows in histories(&http, p, &rooms).await?.into_values() {
+                    union.extend(rows.into_iter().map(|(_, id)| id));
+                }
+            }
+            sizes.push(union.len());
+        }
         let acked = progress.acked.load(Relaxed) as usize;
         let caught_up = sizes.iter().all(|&n| n >= acked);
         if (caught_up && last.as_ref() == Some(&sizes))

@@ -28,6 +28,17 @@ const POSITIONS: TableDefinition<(&str, u32), u64> = TableDefinition::new("posit
 const WRITE_QUEUE: usize = 4096;
 /// Most records one commit takes; bounds a transaction's memory.
 const MAX_COMMIT_RECORDS: usize = 16_384;
+/// A commit costs about the same CPU and an fsync whatever it holds, so
+/// under load the writer waits this long after the first request for others
+/// to join it; idle (no commit within [`BUSY_WITHIN`]) it commits at once.
+/// Measured in benches/RESULTS.md: without it a stream of small appends got
+/// one commit each.
+/// A reader behind the end by at most this many records reads them on the
+/// async runtime; further behind (catching up, replaying), on the blocking
+/// pool.
+const INLINE_READ_MAX: u64 = 256;
+const LINGER: std::time::Duration = std::time::Duration::from_millis(1);
+const BUSY_WITHIN: std::time::Duration = std::time::Duration::from_millis(5);
 /// Most records one read batch yields.
 const READ_BATCH: u64 = 1024;
 
@@ -281,13 +292,22 @@ impl EventLog for EmbeddedLog {
                 loop {
                     let end = *ends.borrow_and_update();
                     if from < end {
-                        let db = inner.db.clone();
-                        let batch = tokio::task::spawn_blocking(move || {
-                            read_range(&db, partition, from, end)
-                        })
-                        .await
-                        .map_err(storage)
-                        .and_then(|r| r);
+                        let batch = if end - from <= INLINE_READ_MAX {
+                            // The tail just committed: a few records, in
+                            // pages the commit left in memory. Reading them
+                            // here costs microseconds; a blocking-pool
+                            // round trip per commit and per reader cost more
+                            // CPU than the rest of the pipeline (RESULTS.md).
+                            read_range(&inner.db, partition, from, end)
+                        } else {
+                            let db = inner.db.clone();
+                            tokio::task::spawn_blocking(move || {
+                                read_range(&db, partition, from, end)
+                            })
+                            .await
+                            .map_err(storage)
+                            .and_then(|r| r)
+                        };
                         return Some(match batch {
                             Ok(batch) => {
                                 let next = batch.last().map_or(end, |r| r.offset + 1);
@@ -384,9 +404,14 @@ struct Writer {
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<WriteRequest>) {
         let mut pending = Vec::new();
+        let mut last_commit = std::time::Instant::now() - BUSY_WITHIN;
         while let Some(first) = rx.blocking_recv() {
             let mut count = first.len();
             pending.push(first);
+            if last_commit.elapsed() < BUSY_WITHIN && count < MAX_COMMIT_RECORDS {
+                // Under load: let more appends join this commit.
+                std::thread::sleep(LINGER);
+            }
             while count < MAX_COMMIT_RECORDS {
                 match rx.try_recv() {
                     Ok(req) => {
@@ -397,6 +422,7 @@ impl Writer {
                 }
             }
             self.commit(&mut pending);
+            last_commit = std::time::Instant::now();
             metrics::counter!("eventlog_commits_total").increment(1);
             metrics::histogram!("eventlog_commit_records").record(count as f64);
         }

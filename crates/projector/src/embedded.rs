@@ -2,8 +2,10 @@
 //!
 //! Every table name carries a namespace, so several projection versions (a
 //! replay building a new one while the current one serves reads) live side by
-//! side in one file. One `apply` is one durable transaction holding the
-//! messages and the partition position that covers them.
+//! side in one file. An `apply` is atomic and durable: its messages and the
+//! partition position that covers them commit together, in one transaction
+//! that also carries the applies of other partitions waiting at the same
+//! time (group commit, see [`Committer`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use async_trait::async_trait;
 use redb::{Database, ReadableTable, TableDefinition, TableHandle};
 use schemas::protocol::MessageView;
 use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::versions::{check_name, VersionError, VersionInfo, VersionState, Versions};
 use crate::{HistoryStore, StoreError};
@@ -69,6 +72,7 @@ pub struct EmbeddedStore {
     db: Arc<Database>,
     tables: Arc<Tables>,
     id: Arc<str>,
+    committer: Arc<Committer>,
 }
 
 impl EmbeddedStore {
@@ -122,9 +126,11 @@ impl EmbeddedStore {
             }
         };
         txn.commit().map_err(storage)?;
+        let tables = Arc::new(tables);
         Ok(EmbeddedStore {
+            committer: Arc::new(Committer::start(db.clone(), tables.clone())?),
             db,
-            tables: Arc::new(tables),
+            tables,
             id: format!("{id}-{namespace}").into(),
         })
     }
@@ -142,48 +148,145 @@ impl EmbeddedStore {
     }
 }
 
-fn apply_blocking(
-    db: &Database,
+/// Writes one apply into `txn`: nothing when the stored position already
+/// covers `next`, else the new messages (ids already in their room
+/// skipped) and the position, together.
+fn apply_in(
+    txn: &redb::WriteTransaction,
     tables: &Tables,
     partition: u32,
     messages: &[MessageView],
     next: u64,
 ) -> Result<(), StoreError> {
-    let txn = db.begin_write().map_err(storage)?;
-    {
-        let mut positions = txn.open_table(tables.positions()).map_err(storage)?;
-        let stored = positions
-            .get(partition)
-            .map_err(storage)?
-            .map(|v| v.value());
-        if stored.is_some_and(|s| next <= s) {
-            return Ok(()); // already applied; the transaction is dropped unchanged
+    let mut positions = txn.open_table(tables.positions()).map_err(storage)?;
+    let stored = positions
+        .get(partition)
+        .map_err(storage)?
+        .map(|v| v.value());
+    if stored.is_some_and(|s| next <= s) {
+        return Ok(()); // already applied
+    }
+    let mut rows = txn.open_table(tables.messages()).map_err(storage)?;
+    let mut ids = txn.open_table(tables.ids()).map_err(storage)?;
+    for m in messages {
+        let offset = u64::try_from(m.offset).map_err(storage)?;
+        if let Some(first) = ids.get((m.room.as_str(), m.id.as_str())).map_err(storage)? {
+            if first.value() != offset {
+                metrics::counter!("projector_duplicate_ids_total").increment(1);
+                continue;
+            }
         }
-        let mut rows = txn.open_table(tables.messages()).map_err(storage)?;
-        let mut ids = txn.open_table(tables.ids()).map_err(storage)?;
-        for m in messages {
-            let offset = u64::try_from(m.offset).map_err(storage)?;
-            if let Some(first) = ids.get((m.room.as_str(), m.id.as_str())).map_err(storage)? {
-                if first.value() != offset {
-                    metrics::counter!("projector_duplicate_ids_total").increment(1);
-                    continue;
+        let row = serde_json::to_vec(&Row {
+            id: m.id.clone(),
+            user: m.user.clone(),
+            body: m.body.clone(),
+            ts: m.ts,
+        })
+        .map_err(storage)?;
+        rows.insert((m.room.as_str(), offset), row.as_slice())
+            .map_err(storage)?;
+        ids.insert((m.room.as_str(), m.id.as_str()), offset)
+            .map_err(storage)?;
+    }
+    positions.insert(partition, next).map_err(storage)?;
+    Ok(())
+}
+
+/// `find_ids` of at most this many ids runs on the async runtime.
+const INLINE_LOOKUP_MAX: usize = 64;
+
+/// Applies waiting for the committer; when full, `apply` waits.
+const APPLY_QUEUE: usize = 256;
+/// Most applies one commit takes.
+const MAX_APPLIES_PER_COMMIT: usize = 256;
+/// Under load (a commit within [`BUSY_WITHIN`]) the committer waits this
+/// long for more applies before committing; idle, it commits at once.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
+const BUSY_WITHIN: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// One `apply` call, on its way to the committer.
+struct Apply {
+    partition: u32,
+    messages: Vec<MessageView>,
+    next: u64,
+    reply: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// The thread that commits every apply of one store (group commit): the
+/// projector's partitions each apply their own batch, and one durable
+/// commit serves all that are waiting, instead of a commit (an fsync, and a
+/// turn at redb's one write lock) each. Dropped with the last clone of the
+/// store: the queue closes, the thread finishes what it holds and is joined.
+struct Committer {
+    queue: Option<mpsc::Sender<Apply>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Committer {
+    fn start(db: Arc<Database>, tables: Arc<Tables>) -> Result<Self, StoreError> {
+        let (queue, rx) = mpsc::channel(APPLY_QUEUE);
+        let thread = std::thread::Builder::new()
+            .name(format!("history-{}", tables.positions))
+            .spawn(move || commit_loop(&db, &tables, rx))
+            .map_err(storage)?;
+        Ok(Committer {
+            queue: Some(queue),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        self.queue.take();
+        if let Some(thread) = self.thread.take() {
+            let _joined = thread.join();
+        }
+    }
+}
+
+fn commit_loop(db: &Database, tables: &Tables, mut rx: mpsc::Receiver<Apply>) {
+    let mut batch = Vec::new();
+    let mut last_commit = std::time::Instant::now() - BUSY_WITHIN;
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        if last_commit.elapsed() < BUSY_WITHIN {
+            // Under load: let other partitions' applies join this commit.
+            std::thread::sleep(LINGER);
+        }
+        while batch.len() < MAX_APPLIES_PER_COMMIT {
+            match rx.try_recv() {
+                Ok(apply) => batch.push(apply),
+                Err(_) => break,
+            }
+        }
+        let together = db.begin_write().map_err(storage).and_then(|txn| {
+            for a in &batch {
+                apply_in(&txn, tables, a.partition, &a.messages, a.next)?;
+            }
+            txn.commit().map_err(storage)
+        });
+        last_commit = std::time::Instant::now();
+        metrics::counter!("projector_store_commits_total").increment(1);
+        match together {
+            Ok(()) => {
+                for a in batch.drain(..) {
+                    let _gone = a.reply.send(Ok(()));
                 }
             }
-            let row = serde_json::to_vec(&Row {
-                id: m.id.clone(),
-                user: m.user.clone(),
-                body: m.body.clone(),
-                ts: m.ts,
-            })
-            .map_err(storage)?;
-            rows.insert((m.room.as_str(), offset), row.as_slice())
-                .map_err(storage)?;
-            ids.insert((m.room.as_str(), m.id.as_str()), offset)
-                .map_err(storage)?;
+            // One bad apply must not fail the others: each alone, so the
+            // error reaches only the caller it belongs to.
+            Err(_) => {
+                for a in batch.drain(..) {
+                    let alone = db.begin_write().map_err(storage).and_then(|txn| {
+                        apply_in(&txn, tables, a.partition, &a.messages, a.next)?;
+                        txn.commit().map_err(storage)
+                    });
+                    let _gone = a.reply.send(alone);
+                }
+            }
         }
-        positions.insert(partition, next).map_err(storage)?;
     }
-    txn.commit().map_err(storage)
 }
 
 #[async_trait]
@@ -194,8 +297,24 @@ impl HistoryStore for EmbeddedStore {
         messages: Vec<MessageView>,
         next: u64,
     ) -> Result<(), StoreError> {
-        self.blocking(move |db, tables| apply_blocking(db, tables, partition, &messages, next))
+        let (reply, answer) = oneshot::channel();
+        let queue = self
+            .committer
+            .queue
+            .as_ref()
+            .ok_or_else(|| StoreError::Unavailable("history store closed".into()))?;
+        queue
+            .send(Apply {
+                partition,
+                messages,
+                next,
+                reply,
+            })
             .await
+            .map_err(|_| StoreError::Unavailable("history committer stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable("history committer stopped".into()))?
     }
 
     async fn position(&self, partition: u32) -> Result<Option<u64>, StoreError> {
@@ -250,13 +369,12 @@ impl HistoryStore for EmbeddedStore {
         &self,
         keys: &[(String, String)],
     ) -> Result<Vec<Option<(u64, i64)>>, StoreError> {
-        let keys = keys.to_vec();
-        self.blocking(move |db, tables| {
+        let lookup = move |db: &Database, tables: &Tables, keys: &[(String, String)]| {
             let txn = db.begin_read().map_err(storage)?;
             let ids = txn.open_table(tables.ids()).map_err(storage)?;
             let rows = txn.open_table(tables.messages()).map_err(storage)?;
             let mut found = Vec::with_capacity(keys.len());
-            for (room, id) in &keys {
+            for (room, id) in keys {
                 let offset = ids
                     .get((room.as_str(), id.as_str()))
                     .map_err(storage)?
@@ -274,8 +392,16 @@ impl HistoryStore for EmbeddedStore {
                 found.push(hit);
             }
             Ok(found)
-        })
-        .await
+        };
+        if keys.len() <= INLINE_LOOKUP_MAX {
+            // Ingest asks this for every batch of sends: a few point reads
+            // of recent, cached pages, cheaper here than a round trip
+            // through the blocking pool (benches/RESULTS.md).
+            return lookup(&self.db, &self.tables, keys);
+        }
+        let keys = keys.to_vec();
+        self.blocking(move |db, tables| lookup(db, tables, &keys))
+            .await
     }
 
     async fn find_id(&self, room: &str, id: &str) -> Result<Option<u64>, StoreError> {

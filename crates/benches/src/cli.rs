@@ -4,6 +4,7 @@
 //! chat-load preset ingest-max --url ws://127.0.0.1:8080 --server-pid PID --report r.json --chart r.svg
 //! chat-load run --preset mixed --connections 500 --rate 1000 --url ws://127.0.0.1:8080
 //! chat-load compare ingest-max --report r.json --chart r.svg     # bare-server, then chat
+//! chat-load compare ingest-max --baseline kafka-producer --log kafka://127.0.0.1:9092   # raw producer, then chat
 //! ```
 
 use std::path::PathBuf;
@@ -88,8 +89,12 @@ struct ServerArgs {
     /// `--log` for `chat serve`: `embedded`, or kafka://HOST:PORT.
     #[arg(long, default_value = "embedded")]
     log: String,
+    /// Partitions of chat's topic, and of the kafka-producer baseline's.
     #[arg(long, default_value_t = 16)]
     partitions: u32,
+    /// Topic of `--baseline kafka-producer` (created when missing).
+    #[arg(long, default_value = crate::kafka::DEFAULT_TOPIC)]
+    producer_topic: String,
     /// One more argument for `chat serve` (repeat for several).
     #[arg(long = "chat-arg", allow_hyphen_values = true)]
     chat_args: Vec<String>,
@@ -291,6 +296,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<bool> {
                 baseline: servers.baseline,
                 log: servers.log,
                 partitions: servers.partitions,
+                producer_topic: servers.producer_topic,
                 chat_args: servers.chat_args,
                 progress: common.progress(),
                 command,

@@ -1,12 +1,13 @@
-//! `chat-load compare`: starts each server one after the other on a free
-//! port of 127.0.0.1, runs the same scenario against it, stops it by its
-//! PID, and reports the figures side by side with ratios to the baseline.
-//! Measuring both in one invocation is what makes the ratio mean something
-//! on a shared, noisy machine.
+//! `chat-load compare`: runs the same scenario against the baseline, then
+//! against `chat serve`, one after the other, and reports the figures side
+//! by side with ratios to the baseline. Measuring both in one invocation is
+//! what makes the ratio mean something on a shared, noisy machine.
 //!
-//! Servers: the baseline (`bare-server`, or — pending — a raw Kafka
-//! producer, see [`Baseline`]) and `chat serve` (embedded log in a fresh
-//! temporary data dir, or `--log kafka://...`).
+//! The baseline is `bare-server` (WebSocket and JSON, no log), or a raw
+//! Kafka producer to the brokers of `--log kafka://...` ([`crate::kafka`]),
+//! which starts no server. Each server is started on a free port of
+//! 127.0.0.1 and stopped by its PID after its run; `chat serve` gets a fresh
+//! temporary data dir and `--log` (embedded, or `kafka://...`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
+use crate::kafka::{produce, ProducerOptions};
 use crate::report::{Comparison, Report};
 use crate::run::{run, RunOptions};
 use crate::scenario::Scenario;
@@ -23,10 +25,9 @@ use crate::scenario::Scenario;
 pub enum Baseline {
     /// `bare-server`: WebSocket and JSON with no log behind it.
     Bare,
-    /// A raw rdkafka producer to the broker of `--log kafka://...`, for the
-    /// Kafka-mode target (at least 80% of its msgs/s). Pending: it needs the
-    /// Kafka backend of the log, and rdkafka in this crate, which this crate
-    /// does not take on yet; see `crate::kafka`.
+    /// A raw rdkafka producer (the log's settings) to the brokers of
+    /// `--log kafka://...`, for the Kafka-mode target (chat at least 80% of
+    /// its msgs/s); see `crate::kafka`.
     KafkaProducer,
 }
 
@@ -39,6 +40,8 @@ pub struct CompareOptions {
     /// `--log` of `chat serve` (`embedded` or `kafka://HOST:PORT`).
     pub log: String,
     pub partitions: u32,
+    /// Topic of the `kafka-producer` baseline.
+    pub producer_topic: String,
     /// More arguments for `chat serve`.
     pub chat_args: Vec<String>,
     pub progress: bool,
@@ -156,14 +159,32 @@ pub fn sibling_binary(name: &str) -> PathBuf {
 /// Runs `scenario` against the baseline, then against chat.
 pub async fn compare(scenario: &Scenario, options: &CompareOptions) -> anyhow::Result<Comparison> {
     scenario.validate()?;
-    let baseline: (&str, PathBuf, Vec<String>) = match options.baseline {
-        Baseline::Bare => (
+    let mut runs: Vec<Report> = Vec::new();
+    let mut servers: Vec<(&str, PathBuf, Vec<String>)> = Vec::new();
+    match options.baseline {
+        Baseline::Bare => servers.push((
             "bare",
             options.bare_bin.clone(),
             vec!["--listen".into(), "127.0.0.1:0".into()],
-        ),
-        Baseline::KafkaProducer => bail!(crate::kafka::PENDING),
-    };
+        )),
+        Baseline::KafkaProducer => {
+            let producer = ProducerOptions {
+                brokers: crate::kafka::brokers(&options.log)?,
+                topic: options.producer_topic.clone(),
+                partitions: options.partitions,
+                command: options.command.clone(),
+                nofile_limit: options.nofile_limit,
+            };
+            tracing::info!(brokers = %producer.brokers, topic = %producer.topic, "raw producer baseline");
+            let report = produce(scenario, &producer)
+                .await
+                .with_context(|| format!("running the {} baseline", crate::kafka::LABEL))?;
+            if !report.ok {
+                tracing::warn!(label = %report.label, "run failed checks");
+            }
+            runs.push(report);
+        }
+    }
     let mut chat_args: Vec<String> = [
         "serve",
         "--listen",
@@ -179,8 +200,7 @@ pub async fn compare(scenario: &Scenario, options: &CompareOptions) -> anyhow::R
     .map(|s| s.to_string())
     .collect();
     chat_args.extend(options.chat_args.iter().cloned());
-    let servers = [baseline, ("chat", options.chat_bin.clone(), chat_args)];
-    let mut runs: Vec<Report> = Vec::new();
+    servers.push(("chat", options.chat_bin.clone(), chat_args));
     for (label, program, args) in servers {
         let server = Server::start(&program, &args).await?;
         tracing::info!(label, pid = server.pid(), addr = %server.addr, "server started");

@@ -241,7 +241,7 @@ impl Fleet {
     pub async fn connect(config: FleetConfig, recorder: Arc<Recorder>) -> Fleet {
         let run = recorder.run();
         let rooms: Vec<String> = (0..config.rooms.max(1))
-            .map(|r| format!("load-{run:04x}-{r}"))
+            .map(|r| room_name(run, r))
             .collect();
         let sources = match config.sources {
             0 => auto_sources(config.connections),
@@ -608,6 +608,11 @@ impl Fleet {
     pub fn cancel_token(&self) -> CancellationToken {
         self.cancel.clone()
     }
+}
+
+/// The name of room `r` of run `run`; connection `i` joins room `i % rooms`.
+pub fn room_name(run: u16, r: usize) -> String {
+    format!("load-{run:04x}-{r}")
 }
 
 /// Connects from `source`, upgrades, reads `welcome`, joins `room`.

@@ -32,12 +32,36 @@ impl MsgId {
     /// Largest connection index an id can carry.
     pub const MAX_CONN: u32 = (1 << CONN_BITS) - 1;
 
+    /// Length of the binary form ([`MsgId::to_bytes`]).
+    pub const BYTES: usize = 16;
+
     fn to_u128(self) -> u128 {
         ((self.run as u128) << 112)
             | ((self.phase as u128) << 104)
             | (((self.conn & Self::MAX_CONN) as u128) << 80)
             | ((self.seq as u128) << 48)
             | (self.intended_us & ((1 << TIME_BITS) - 1)) as u128
+    }
+
+    fn from_u128(n: u128) -> MsgId {
+        MsgId {
+            run: (n >> 112) as u16,
+            phase: (n >> 104) as u8,
+            conn: ((n >> 80) as u32) & Self::MAX_CONN,
+            seq: (n >> 48) as u32,
+            intended_us: (n & ((1 << TIME_BITS) - 1)) as u64,
+        }
+    }
+
+    /// The id in 16 bytes (big-endian), for payloads that are not text.
+    pub fn to_bytes(self) -> [u8; Self::BYTES] {
+        self.to_u128().to_be_bytes()
+    }
+
+    /// Reads the id from the first 16 bytes of `bytes`; None when shorter.
+    pub fn from_bytes(bytes: &[u8]) -> Option<MsgId> {
+        let head: [u8; Self::BYTES] = bytes.get(..Self::BYTES)?.try_into().ok()?;
+        Some(Self::from_u128(u128::from_be_bytes(head)))
     }
 
     /// The id as sent: `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
@@ -77,13 +101,7 @@ impl MsgId {
         if digits != 32 {
             return None;
         }
-        Some(MsgId {
-            run: (n >> 112) as u16,
-            phase: (n >> 104) as u8,
-            conn: ((n >> 80) as u32) & Self::MAX_CONN,
-            seq: (n >> 48) as u32,
-            intended_us: (n & ((1 << TIME_BITS) - 1)) as u64,
-        })
+        Some(Self::from_u128(n))
     }
 }
 
@@ -112,6 +130,10 @@ mod tests {
             intended_us: (1 << 48) - 1,
         };
         assert_eq!(MsgId::decode(&max.encode()), Some(max));
+        let mut payload = max.to_bytes().to_vec();
+        payload.extend_from_slice(b"xxxx");
+        assert_eq!(MsgId::from_bytes(&payload), Some(max));
+        assert_eq!(MsgId::from_bytes(&payload[..15]), None);
     }
 
     #[test]

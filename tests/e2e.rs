@@ -406,3 +406,34 @@ async fn unauthenticated_connection_is_closed_with_4001() {
     }
     assert!(saw_error);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_ends_when_the_partitions_last_record_is_another_rooms() {
+    // One partition: `general` and `other` share it, and the last record
+    // is `other`'s. Nobody else is connected, so no later record comes: the
+    // catch-up of `general` must still end, and the connection go on.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), 1).await;
+    let mut alice = server.connect("alice").await;
+    let joined = alice.join("general", None).await;
+    let epoch = joined["position"]["epoch"].as_str().unwrap().to_owned();
+    let first = id();
+    alice.send_message("general", &first, "in general").await;
+    let before = alice.recv_type("ack").await["offset"].as_i64().unwrap() - 1;
+    alice.send_message("other", &id(), "in other").await;
+    alice.recv_type("ack").await;
+    alice.close().await;
+
+    let mut alice = server.connect("alice").await;
+    let joined = alice.join("general", Some((before, &epoch))).await;
+    assert_eq!(joined["recovered"], true);
+    let m = alice.recv_type("message").await;
+    assert_eq!(m["id"], first.as_str());
+    // The join is over: the next request is read and answered.
+    let next = id();
+    alice
+        .send_message("general", &next, "after the resume")
+        .await;
+    let ack = alice.recv_type("ack").await;
+    assert_eq!(ack["id"], next.as_str());
+}

@@ -361,12 +361,22 @@ impl Fanout {
                 if record.offset >= target {
                     return Ok(());
                 }
+                // Checked for every record, whatever its room: when the
+                // partition's last record before `target` is another room's,
+                // no later record may ever come to end the catch-up.
+                let last = record.offset + 1 >= target;
                 if record.key != room.as_bytes() {
+                    if last {
+                        return Ok(());
+                    }
                     continue;
                 }
                 if record.offset < from {
                     if let Some(e) = decode(&record) {
                         sent.first_sighting(e.key, e.offset);
+                    }
+                    if last {
+                        return Ok(());
                     }
                     continue;
                 }
@@ -385,7 +395,7 @@ impl Fanout {
                         metrics::counter!("fanout_catch_up_messages_total").increment(1);
                     }
                 }
-                if record.offset + 1 >= target {
+                if last {
                     return Ok(());
                 }
             }

@@ -153,10 +153,13 @@ impl Cluster {
                     "kafka-durable needs TANSU_DURABLE_BIN: a tansu built with --features libsql",
                 )?;
                 let db = dir.path().join("broker.db");
+                // tansu reads the path after `sqlite://` relative to its
+                // working directory unless it starts with one more `/`: an
+                // absolute path needs four slashes in all.
                 Some(Broker::start_with(
                     bin,
                     free_port()?,
-                    &format!("sqlite://{}", db.display()),
+                    &format!("sqlite:///{}", db.display()),
                 ))
             }
         };

@@ -119,17 +119,11 @@ fn client(brokers: &str) -> ClientConfig {
     c
 }
 
-/// The producer of the log's Kafka backend, setting for setting.
+/// The producer of the log's Kafka backend, setting for setting: its own
+/// configuration, so the two cannot drift apart.
 fn producer(brokers: &str) -> anyhow::Result<FutureProducer> {
-    client(brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("partitioner", "murmur2_random")
-        .set("linger.ms", "2")
-        .set("batch.num.messages", "10000")
-        .set("queue.buffering.max.messages", "200000")
-        .set("queue.buffering.max.kbytes", (64 * 1024).to_string())
-        .set("message.timeout.ms", "0")
+    eventlog::kafka::KafkaConfig::new(brokers, DEFAULT_TOPIC, 0)
+        .producer()
         .create()
         .context("creating the kafka producer")
 }

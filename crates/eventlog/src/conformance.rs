@@ -64,7 +64,7 @@ fn rec(key: &str, value: &str) -> Record {
 }
 
 /// Reads `n` records from a stream, failing after a deadline.
-async fn take(stream: &mut RecordStream, n: usize) -> Vec<LogRecord> {
+pub async fn take(stream: &mut RecordStream, n: usize) -> Vec<LogRecord> {
     let mut out = Vec::new();
     let deadline = tokio::time::Instant::now() + WAIT;
     while out.len() < n {

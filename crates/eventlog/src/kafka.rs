@@ -83,6 +83,26 @@ impl KafkaConfig {
         c
     }
 
+    /// The producer's settings: idempotent, `acks=all`, Kafka's keyed
+    /// partitioner, batched with a short linger. Public so that a benchmark
+    /// baseline uses exactly these.
+    pub fn producer(&self) -> ClientConfig {
+        let mut c = self.client();
+        c.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", "2")
+            .set("batch.num.messages", "10000")
+            .set("queue.buffering.max.messages", "200000")
+            .set("queue.buffering.max.kbytes", self.queue_kbytes.to_string())
+            // A record sent but not acknowledged may yet be written: it is
+            // never timed out and reported as failed, which would tell a
+            // client `unavailable` (nothing appended) falsely. It waits for
+            // the brokers instead; the queue bound above stops intake.
+            .set("message.timeout.ms", "0");
+        c
+    }
+
     fn consumer(&self, group: &str) -> ClientConfig {
         let mut c = self.client();
         c.set("group.id", group)
@@ -155,25 +175,7 @@ impl KafkaLog {
                 }
             }
         }
-        let producer: FutureProducer = config
-            .client()
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("partitioner", "murmur2_random")
-            .set("linger.ms", "2")
-            .set("batch.num.messages", "10000")
-            .set("queue.buffering.max.messages", "200000")
-            .set(
-                "queue.buffering.max.kbytes",
-                config.queue_kbytes.to_string(),
-            )
-            // A record sent but not acknowledged may yet be written: it is
-            // never timed out and reported as failed, which would tell a
-            // client `unavailable` (nothing appended) falsely. It waits for
-            // the brokers instead; the queue bound above stops intake.
-            .set("message.timeout.ms", "0")
-            .create()
-            .map_err(unavailable)?;
+        let producer: FutureProducer = config.producer().create().map_err(unavailable)?;
         let meta: BaseConsumer = config.consumer("chat-meta").create().map_err(unavailable)?;
         let meta = Arc::new(meta);
         let probe: BaseConsumer = config
@@ -1013,19 +1015,7 @@ mod tests {
     async fn reads_share_a_few_consumers() {
         use futures::StreamExt;
         const WAIT: Duration = Duration::from_secs(30);
-        async fn take(stream: &mut RecordStream, n: usize) -> Vec<LogRecord> {
-            let mut out = Vec::new();
-            let deadline = tokio::time::Instant::now() + WAIT;
-            while out.len() < n {
-                let batch = tokio::time::timeout_at(deadline, stream.next())
-                    .await
-                    .unwrap_or_else(|_| panic!("only {} of {n} records arrived", out.len()))
-                    .expect("stream ended early")
-                    .expect("read failed");
-                out.extend(batch);
-            }
-            out
-        }
+        use crate::conformance::take;
         /// Waits, with a deadline, until the readers hold `routes` routes.
         async fn wait_routes(log: &KafkaLog, routes: usize) {
             let deadline = std::time::Instant::now() + WAIT;

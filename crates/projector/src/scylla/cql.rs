@@ -182,26 +182,29 @@ struct Prepared {
     select_positions: PreparedStatement,
 }
 
+/// Prepares `text`, marked idempotent (every write of the store is, so the
+/// driver may retry and speculate).
+pub(super) async fn prepare_idempotent(
+    session: &Session,
+    text: &str,
+) -> Result<PreparedStatement, ScyllaError> {
+    let mut statement = session.prepare(text.to_owned()).await?;
+    statement.set_is_idempotent(true);
+    Ok(statement)
+}
+
 impl Prepared {
     async fn new(session: &Session, texts: &Statements) -> Result<Self, ScyllaError> {
-        let prepare = |text: &str| {
-            let text = text.to_owned();
-            async move {
-                let mut statement = session.prepare(text).await?;
-                statement.set_is_idempotent(true);
-                Ok::<_, ScyllaError>(statement)
-            }
-        };
         Ok(Prepared {
-            insert_message: prepare(&texts.insert_message).await?,
-            insert_bucket: prepare(&texts.insert_bucket).await?,
-            insert_claim: prepare(&texts.insert_claim).await?,
-            select_claim: prepare(&texts.select_claim).await?,
-            insert_position: prepare(&texts.insert_position).await?,
-            select_position: prepare(&texts.select_position).await?,
-            select_buckets: prepare(&texts.select_buckets).await?,
-            select_rows: prepare(&texts.select_rows).await?,
-            select_positions: prepare(&texts.select_positions).await?,
+            insert_message: prepare_idempotent(session, &texts.insert_message).await?,
+            insert_bucket: prepare_idempotent(session, &texts.insert_bucket).await?,
+            insert_claim: prepare_idempotent(session, &texts.insert_claim).await?,
+            select_claim: prepare_idempotent(session, &texts.select_claim).await?,
+            insert_position: prepare_idempotent(session, &texts.insert_position).await?,
+            select_position: prepare_idempotent(session, &texts.select_position).await?,
+            select_buckets: prepare_idempotent(session, &texts.select_buckets).await?,
+            select_rows: prepare_idempotent(session, &texts.select_rows).await?,
+            select_positions: prepare_idempotent(session, &texts.select_positions).await?,
         })
     }
 }

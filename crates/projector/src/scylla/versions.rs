@@ -48,20 +48,12 @@ struct Prepared {
 
 impl Prepared {
     async fn new(session: &Session, texts: &VersionStatements) -> Result<Self, ScyllaError> {
-        let prepare = |text: &str| {
-            let text = text.to_owned();
-            async move {
-                let mut statement = session.prepare(text).await?;
-                statement.set_is_idempotent(true);
-                Ok::<_, ScyllaError>(statement)
-            }
-        };
         Ok(Prepared {
-            select_book: prepare(&texts.select_book).await?,
-            select_row: prepare(&texts.select_row).await?,
-            upsert_version: prepare(&texts.upsert_version).await?,
-            upsert_pointer: prepare(&texts.upsert_pointer).await?,
-            delete_row: prepare(&texts.delete_row).await?,
+            select_book: super::cql::prepare_idempotent(session, &texts.select_book).await?,
+            select_row: super::cql::prepare_idempotent(session, &texts.select_row).await?,
+            upsert_version: super::cql::prepare_idempotent(session, &texts.upsert_version).await?,
+            upsert_pointer: super::cql::prepare_idempotent(session, &texts.upsert_pointer).await?,
+            delete_row: super::cql::prepare_idempotent(session, &texts.delete_row).await?,
         })
     }
 }

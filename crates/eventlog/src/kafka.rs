@@ -8,26 +8,16 @@
 //!   partition count; an existing topic with another count is refused.
 //! - The epoch is the topic's id (DescribeTopics), so a deleted and
 //!   re-created topic is a new epoch.
-//! - Reads are multiplexed onto a small pool of shared readers, each one
-//!   consumer (no group) polled by one thread of its own. A `read` takes the
-//!   first reader that does not serve its partition yet (a consumer holds a
-//!   partition once, so two reads of one partition use two readers: in
-//!   practice a process runs two consumers, not one per read), adds a route
-//!   for the partition and assigns it at the asked offset. The thread groups
-//!   what it polls by partition into batches and hands each to its route's
-//!   bounded channel. Full route: the thread waits, so a slow reader delays
-//!   the other partitions of its shared consumer too. When a stream is
-//!   dropped the thread unassigns its partition and drops the route; records
-//!   of a partition without a route are discarded. A thread ends once the
-//!   log is dropped and no route is left.
+//! - A `read` assigns one partition to a consumer of its own (no group) and
+//!   polls it on a thread of its own, handing batches over a bounded channel
+//!   (full: the thread waits). The thread ends when the stream is dropped.
 //! - `assignments` joins a consumer group only to learn which partitions
 //!   this member owns; it fetches nothing (its partitions are paused): the
 //!   owner reads them with `read` from the position its store keeps.
 
-use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -141,8 +131,6 @@ pub struct KafkaLog {
     meta: Arc<BaseConsumer>,
     /// Reads the last batch to find the exact end (see [`exact_end`]).
     probe: Arc<std::sync::Mutex<BaseConsumer>>,
-    /// The shared consumers behind `read`.
-    readers: ReadPool,
     epoch: String,
 }
 
@@ -203,7 +191,6 @@ impl KafkaLog {
         };
         tracing::info!(topic = %config.topic, epoch, partitions = found, "kafka log ready");
         Ok(KafkaLog {
-            readers: ReadPool::new(config.clone()),
             config,
             producer,
             meta,
@@ -475,10 +462,29 @@ impl EventLog for KafkaLog {
         if let Err(e) = self.check(partition) {
             return futures::stream::once(async move { Err(e) }).boxed();
         }
-        match self.readers.read(partition, from) {
-            Ok(rx) => tokio_stream_from(rx),
-            Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
+        let consumer: BaseConsumer = match self.config.consumer("chat-reader").create() {
+            Ok(c) => c,
+            Err(e) => return futures::stream::once(async move { Err(unavailable(e)) }).boxed(),
+        };
+        let mut tpl = TopicPartitionList::new();
+        if let Err(e) = tpl
+            .add_partition_offset(
+                &self.config.topic,
+                partition as i32,
+                Offset::Offset(from as i64),
+            )
+            .and_then(|()| consumer.assign(&tpl))
+        {
+            return futures::stream::once(async move { Err(unavailable(e)) }).boxed();
         }
+        let (tx, rx) = mpsc::channel(4);
+        let spawned = std::thread::Builder::new()
+            .name(format!("kafka-read-{partition}"))
+            .spawn(move || poll_partition(consumer, tx));
+        if let Err(e) = spawned {
+            return futures::stream::once(async move { Err(unavailable(e)) }).boxed();
+        }
+        tokio_stream_from(rx)
     }
 
     async fn load_position(&self, group: &str, partition: u32) -> Result<Option<u64>, LogError> {
@@ -615,199 +621,27 @@ impl ConsumerContext for GroupContext {
     }
 }
 
-type BatchSender = mpsc::Sender<Result<Vec<LogRecord>, LogError>>;
-type BatchReceiver = mpsc::Receiver<Result<Vec<LogRecord>, LogError>>;
-
-/// Bound of a read's channel, in batches.
-const ROUTE_BATCHES: usize = 4;
-
-/// How long a reader's thread waits in one poll; also how soon it notices
-/// a dropped stream or a dropped log when idle.
-const POLL_WAIT: Duration = Duration::from_millis(100);
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The shared readers of one log; stops them when dropped.
-struct ReadPool {
-    config: KafkaConfig,
-    readers: Mutex<Vec<Arc<SharedReader>>>,
-}
-
-/// One consumer and the routes of the partitions assigned to it; polled by
-/// one thread (see [`SharedReader::run`]).
-struct SharedReader {
-    consumer: BaseConsumer,
-    topic: String,
-    /// Partition -> route. Locked briefly, never while sending; an assign
-    /// or unassign happens under it, so a partition is assigned exactly
-    /// while it has a route.
-    routes: Mutex<HashMap<u32, Route>>,
-    /// Set when the log is dropped: the thread ends once no route is left.
-    stop: AtomicBool,
-}
-
-struct Route {
-    tx: BatchSender,
-    /// The next offset the stream expects; anything below is a leftover
-    /// of an earlier assignment and is dropped.
-    next: u64,
-}
-
-impl ReadPool {
-    fn new(config: KafkaConfig) -> Self {
-        ReadPool {
-            config,
-            readers: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// Routes `partition` from `from` on to a new channel, on the first
-    /// reader not serving it yet (a new reader when every one does).
-    fn read(&self, partition: u32, from: u64) -> Result<BatchReceiver, LogError> {
-        let (tx, rx) = mpsc::channel(ROUTE_BATCHES);
-        let mut readers = lock(&self.readers);
-        for reader in readers.iter() {
-            let mut routes = lock(&reader.routes);
-            if !routes.contains_key(&partition) {
-                reader.add(&mut routes, partition, from, tx)?;
-                return Ok(rx);
-            }
-        }
-        let reader = SharedReader::start(&self.config, readers.len())?;
-        {
-            let mut routes = lock(&reader.routes);
-            reader.add(&mut routes, partition, from, tx)?;
-        }
-        readers.push(reader);
-        Ok(rx)
-    }
-
-    /// The readers, to check in tests that they stay few and end.
-    #[cfg(test)]
-    fn readers(&self) -> Vec<Arc<SharedReader>> {
-        lock(&self.readers).clone()
-    }
-}
-
-impl Drop for ReadPool {
-    fn drop(&mut self) {
-        for reader in lock(&self.readers).iter() {
-            reader.stop.store(true, Ordering::Relaxed);
-        }
-    }
-}
-
-impl SharedReader {
-    /// A consumer with nothing assigned, and its polling thread.
-    fn start(config: &KafkaConfig, index: usize) -> Result<Arc<Self>, LogError> {
-        let consumer: BaseConsumer = config
-            .consumer("chat-reader")
-            .create()
-            .map_err(unavailable)?;
-        let reader = Arc::new(SharedReader {
-            consumer,
-            topic: config.topic.clone(),
-            routes: Mutex::new(HashMap::new()),
-            stop: AtomicBool::new(false),
-        });
-        let polled = reader.clone();
-        std::thread::Builder::new()
-            .name(format!("kafka-read-{index}"))
-            .spawn(move || polled.run())
-            .map_err(unavailable)?;
-        Ok(reader)
-    }
-
-    /// Assigns `partition` at `from` and routes it to `tx`.
-    fn add(
-        &self,
-        routes: &mut HashMap<u32, Route>,
-        partition: u32,
-        from: u64,
-        tx: BatchSender,
-    ) -> Result<(), LogError> {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&self.topic, partition as i32, Offset::Offset(from as i64))
-            .and_then(|()| self.consumer.incremental_assign(&tpl))
-            .map_err(unavailable)?;
-        routes.insert(partition, Route { tx, next: from });
-        Ok(())
-    }
-
-    /// Unassigns the partitions whose stream is gone; false once the log
-    /// is dropped and no route is left (the thread ends).
-    fn reap(&self) -> bool {
-        let mut routes = lock(&self.routes);
-        let closed: Vec<u32> = routes
-            .iter()
-            .filter(|(_, r)| r.tx.is_closed())
-            .map(|(p, _)| *p)
-            .collect();
-        if !closed.is_empty() {
-            let mut tpl = TopicPartitionList::new();
-            for p in &closed {
-                tpl.add_partition(&self.topic, *p as i32);
-            }
-            if let Err(e) = self.consumer.incremental_unassign(&tpl) {
-                tracing::warn!(error = %e, ?closed, "unassigning read partitions failed");
-            }
-            for p in &closed {
-                routes.remove(p);
-            }
-        }
-        !(routes.is_empty() && self.stop.load(Ordering::Relaxed))
-    }
-
-    /// Polls the consumer, handing each partition's records to its route,
-    /// until the log is dropped and every stream with it.
-    fn run(&self) {
-        while self.reap() {
-            let mut polled: Vec<LogRecord> = Vec::new();
-            match self.consumer.poll(POLL_WAIT) {
-                None => continue,
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "kafka read error (retried by librdkafka)");
-                    continue;
-                }
-                Some(Ok(m)) => polled.push(to_record(&m)),
-            }
-            while polled.len() < READ_BATCH {
-                match self.consumer.poll(Duration::ZERO) {
-                    Some(Ok(m)) => polled.push(to_record(&m)),
-                    _ => break,
-                }
-            }
-            for (tx, batch) in self.route(polled) {
-                // Full: wait. Closed: the route is reaped on the next turn.
-                if tx.blocking_send(Ok(batch)).is_err() {
-                    tracing::debug!("read stream dropped while a batch was handed over");
-                }
-            }
-        }
-        tracing::debug!("shared kafka reader stopped");
-    }
-
-    /// Groups records by partition, in order, each with its route's sender;
-    /// drops what has no route or lies below the route's next offset.
-    fn route(&self, polled: Vec<LogRecord>) -> Vec<(BatchSender, Vec<LogRecord>)> {
-        let mut out: Vec<(u32, BatchSender, Vec<LogRecord>)> = Vec::new();
-        let mut routes = lock(&self.routes);
-        for r in polled {
-            let Some(route) = routes.get_mut(&r.partition) else {
-                continue;
-            };
-            if r.offset < route.next {
+/// Polls an assigned consumer, handing batches to `tx` until it closes.
+fn poll_partition(consumer: BaseConsumer, tx: mpsc::Sender<Result<Vec<LogRecord>, LogError>>) {
+    while !tx.is_closed() {
+        let mut batch = Vec::new();
+        match consumer.poll(Duration::from_millis(100)) {
+            None => continue,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "kafka read error (retried by librdkafka)");
                 continue;
             }
-            route.next = r.offset + 1;
-            match out.iter_mut().find(|(p, _, _)| *p == r.partition) {
-                Some((_, _, batch)) => batch.push(r),
-                None => out.push((r.partition, route.tx.clone(), vec![r])),
+            Some(Ok(m)) => batch.push(to_record(&m)),
+        }
+        while batch.len() < READ_BATCH {
+            match consumer.poll(Duration::ZERO) {
+                Some(Ok(m)) => batch.push(to_record(&m)),
+                _ => break,
             }
         }
-        out.into_iter().map(|(_, tx, batch)| (tx, batch)).collect()
+        if tx.blocking_send(Ok(batch)).is_err() {
+            break;
+        }
     }
 }
 
@@ -1004,139 +838,6 @@ mod tests {
                 "key {}",
                 String::from_utf8_lossy(&r.key)
             );
-        }
-    }
-
-    /// Reads of several partitions, and two of one partition at different
-    /// offsets, share two consumers; each stream gets exactly its records,
-    /// also after others are dropped and re-opened; the readers' threads end
-    /// once the log and its streams are gone.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn reads_share_a_few_consumers() {
-        use futures::StreamExt;
-        const WAIT: Duration = Duration::from_secs(30);
-        use crate::conformance::take;
-        /// Waits, with a deadline, until the readers hold `routes` routes.
-        async fn wait_routes(log: &KafkaLog, routes: usize) {
-            let deadline = std::time::Instant::now() + WAIT;
-            loop {
-                let held: usize = log
-                    .readers
-                    .readers()
-                    .iter()
-                    .map(|r| lock(&r.routes).len())
-                    .sum();
-                if held == routes {
-                    return;
-                }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "{held} routes, not {routes}"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        fn check(got: &[LogRecord], partition: u32, offsets: std::ops::Range<u64>) {
-            let want: Vec<(u32, u64, Vec<u8>)> = offsets
-                .map(|o| (partition, o, format!("p{partition}-{o}").into_bytes()))
-                .collect();
-            let got: Vec<(u32, u64, Vec<u8>)> = got
-                .iter()
-                .map(|r| (r.partition, r.offset, r.value.clone()))
-                .collect();
-            assert_eq!(got, want);
-        }
-
-        let h = harness();
-        let topic = format!("t-{}", uuid::Uuid::new_v4().simple());
-        let log = KafkaLog::connect(KafkaConfig::new(&h.broker.brokers(), &topic, 4))
-            .await
-            .unwrap();
-        // A key per partition, and `n` records on each, valued by offset.
-        let keys: Vec<Vec<u8>> = (0..4)
-            .map(|p| {
-                (0..)
-                    .map(|i| format!("room-{i}").into_bytes())
-                    .find(|k| log.partition_for(k) == p)
-                    .unwrap()
-            })
-            .collect();
-        let mut next = [0u64; 4];
-        let mut append = |n: u64| {
-            let mut records = Vec::new();
-            for (p, key) in keys.iter().enumerate() {
-                for _ in 0..n {
-                    records.push(Record {
-                        key: key.clone(),
-                        value: format!("p{p}-{}", next[p]).into_bytes(),
-                        ts: 0,
-                    });
-                    next[p] += 1;
-                }
-            }
-            records
-        };
-        log.append(append(20)).await.unwrap();
-
-        let mut r0 = log.read(0, 0);
-        let mut r1 = log.read(1, 0);
-        let mut r2 = log.read(2, 5);
-        let mut r0_late = log.read(0, 15);
-        assert_eq!(
-            log.readers.readers().len(),
-            2,
-            "the second read of 0 adds one"
-        );
-        check(&take(&mut r0, 20).await, 0, 0..20);
-        check(&take(&mut r1, 20).await, 1, 0..20);
-        check(&take(&mut r2, 15).await, 2, 5..20);
-        check(&take(&mut r0_late, 5).await, 0, 15..20);
-
-        // Dropped streams are unassigned; the others tail new records.
-        drop(r1);
-        drop(r0_late);
-        wait_routes(&log, 2).await;
-        log.append(append(10)).await.unwrap();
-        check(&take(&mut r0, 10).await, 0, 20..30);
-        check(&take(&mut r2, 10).await, 2, 20..30);
-
-        // Re-reading dropped partitions, at other offsets, reuses readers.
-        let mut r1 = log.read(1, 25);
-        let mut r0_again = log.read(0, 3);
-        let mut r3 = log.read(3, 0);
-        assert_eq!(log.readers.readers().len(), 2);
-        check(&take(&mut r1, 5).await, 1, 25..30);
-        check(&take(&mut r0_again, 27).await, 0, 3..30);
-        check(&take(&mut r3, 30).await, 3, 0..30);
-        log.append(append(1)).await.unwrap();
-        for (stream, p) in [
-            (&mut r0, 0),
-            (&mut r0_again, 0),
-            (&mut r1, 1),
-            (&mut r2, 2),
-            (&mut r3, 3),
-        ] {
-            check(&take(stream, 1).await, p, 30..31);
-        }
-
-        // No thread outlives the log and its streams.
-        let readers: Vec<std::sync::Weak<SharedReader>> =
-            log.readers.readers().iter().map(Arc::downgrade).collect();
-        drop(log);
-        // A stream outlives the log: still open, quiet since nothing is new.
-        let quiet = tokio::time::timeout(Duration::from_millis(300), r0.next()).await;
-        assert!(
-            quiet.is_err(),
-            "the stream ended or yielded after the log was dropped"
-        );
-        drop((r0, r0_again, r1, r2, r3));
-        let deadline = std::time::Instant::now() + WAIT;
-        while readers.iter().any(|r| r.strong_count() > 0) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "a reader thread is left"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }

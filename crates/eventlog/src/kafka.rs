@@ -712,6 +712,7 @@ pub mod testing {
                 bin,
                 storage: storage.to_owned(),
             };
+            let _stale = std::fs::remove_file(broker.log_path());
             broker.restart();
             broker
         }
@@ -728,16 +729,47 @@ pub mod testing {
                 .arg(format!("tcp://127.0.0.1:{port}"))
                 .arg("--storage-engine")
                 .arg(&self.storage)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stdout(self.log_file())
+                .stderr(self.log_file())
                 .spawn()
                 .expect("tansu starts");
             self.child = Some(child);
             let deadline = Instant::now() + Duration::from_secs(30);
             while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-                assert!(Instant::now() < deadline, "tansu did not listen on {port}");
+                if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok()?) {
+                    panic!(
+                        "tansu exited ({status}) before listening on {port}{}",
+                        self.log_tail()
+                    );
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "tansu did not listen on {port}{}",
+                    self.log_tail()
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
+        }
+
+        /// Where the broker's output goes: one file per port, appended to by
+        /// every restart, so a failure can say what tansu said.
+        pub fn log_path(&self) -> PathBuf {
+            std::env::temp_dir().join(format!("tansu-{}.log", self.port))
+        }
+
+        fn log_file(&self) -> Stdio {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.log_path())
+                .map_or_else(|_| Stdio::null(), Stdio::from)
+        }
+
+        fn log_tail(&self) -> String {
+            let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+            format!("; its output ({}) ends:\n{tail}", self.log_path().display())
         }
 
         pub fn url(&self) -> String {
@@ -764,6 +796,7 @@ pub mod testing {
     impl Drop for Broker {
         fn drop(&mut self) {
             self.kill();
+            let _removed = std::fs::remove_file(self.log_path());
         }
     }
 }

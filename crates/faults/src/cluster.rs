@@ -56,6 +56,9 @@ pub struct Node {
     args: Vec<String>,
     child: Option<Child>,
     chat_bin: PathBuf,
+    /// `RUST_LOG` for the node: warnings, or everything at info when the
+    /// run keeps its files for a look afterwards.
+    log_filter: &'static str,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -86,7 +89,7 @@ impl Node {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(&self.args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", self.log_filter)
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(log)
@@ -138,13 +141,33 @@ pub struct Cluster {
     pub backend: Backend,
     pub nodes: Vec<Node>,
     pub broker: Option<Broker>,
-    _dir: tempfile::TempDir,
+    /// Where the nodes' data dirs and logs are; removed at the end unless
+    /// the run was asked to keep them.
+    pub root: PathBuf,
+    temp: Option<tempfile::TempDir>,
 }
 
 impl Cluster {
-    /// Builds and starts the cluster of `backend`.
-    pub async fn start(backend: Backend, chat_bin: &Path, partitions: u32) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
+    /// Builds and starts the cluster of `backend`, its files in a temporary
+    /// directory or, when `keep` is given, there (left for inspection).
+    pub async fn start(
+        backend: Backend,
+        chat_bin: &Path,
+        partitions: u32,
+        keep: Option<&Path>,
+    ) -> anyhow::Result<Self> {
+        let (dir, root) = match keep {
+            Some(path) => {
+                std::fs::create_dir_all(path)
+                    .with_context(|| format!("creating {}", path.display()))?;
+                (None, path.to_owned())
+            }
+            None => {
+                let dir = tempfile::tempdir()?;
+                let root = dir.path().to_owned();
+                (Some(dir), root)
+            }
+        };
         let broker = match backend {
             Backend::Embedded => None,
             Backend::Kafka => Some(Broker::start(None)),
@@ -152,7 +175,7 @@ impl Cluster {
                 let bin = eventlog::kafka::testing::durable_tansu_bin().context(
                     "kafka-durable needs TANSU_DURABLE_BIN: a tansu built with --features libsql",
                 )?;
-                let db = dir.path().join("broker.db");
+                let db = root.join("broker.db");
                 // tansu reads the path after `sqlite://` relative to its
                 // working directory unless it starts with one more `/`: an
                 // absolute path needs four slashes in all.
@@ -184,7 +207,7 @@ impl Cluster {
         }
         let mut nodes = Vec::new();
         for (name, kind, args) in specs {
-            let data_dir = dir.path().join(&name);
+            let data_dir = root.join(&name);
             std::fs::create_dir_all(&data_dir)?;
             let mut node = Node {
                 name,
@@ -194,6 +217,7 @@ impl Cluster {
                 args,
                 child: None,
                 chat_bin: chat_bin.to_owned(),
+                log_filter: if keep.is_some() { "info" } else { "warn" },
             };
             node.start().await?;
             nodes.push(node);
@@ -202,7 +226,8 @@ impl Cluster {
             backend,
             nodes,
             broker,
-            _dir: dir,
+            root,
+            temp: dir,
         })
     }
 
@@ -231,13 +256,17 @@ impl Cluster {
     }
 
     /// Kills every node and the broker; what was left on disk is gone with
-    /// the temporary directory.
+    /// the temporary directory, or stays in the kept one with the broker's
+    /// log beside it.
     pub fn stop(&mut self) {
         for node in &mut self.nodes {
             node.kill();
         }
         if let Some(b) = &mut self.broker {
             b.kill();
+            if self.temp.is_none() {
+                let _copied = std::fs::copy(b.log_path(), self.root.join("broker.log"));
+            }
         }
     }
 }

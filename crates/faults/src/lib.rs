@@ -44,6 +44,9 @@ pub struct Config {
     pub down_for: (Duration, Duration),
     pub partitions: u32,
     pub seed: u64,
+    /// Keep every node's data dir and `server.log` here instead of a
+    /// temporary directory.
+    pub keep: Option<PathBuf>,
 }
 
 impl Config {
@@ -61,6 +64,7 @@ impl Config {
             down_for: (Duration::from_millis(100), Duration::from_millis(800)),
             partitions: 4,
             seed: 7,
+            keep: None,
         }
     }
 }
@@ -119,8 +123,13 @@ async fn histories(
 
 /// Runs the workload under faults and checks it.
 pub async fn run(config: Config) -> anyhow::Result<Report> {
-    let mut cluster =
-        cluster::Cluster::start(config.backend, &config.chat_bin, config.partitions).await?;
+    let mut cluster = cluster::Cluster::start(
+        config.backend,
+        &config.chat_bin,
+        config.partitions,
+        config.keep.as_deref(),
+    )
+    .await?;
     let rooms: Vec<String> = (0..config.rooms).map(|i| format!("room-{i}")).collect();
     let stop_sending = CancellationToken::new();
     let finish = CancellationToken::new();

@@ -39,6 +39,10 @@ struct Args {
     /// Write the full report as JSON here.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Keep every node's data dir and server log (and the durable broker's
+    /// database) in this directory, for a look after the run.
+    #[arg(long)]
+    keep: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -64,6 +68,7 @@ async fn main() -> anyhow::Result<()> {
             Duration::from_millis(args.fault_max_ms),
         ),
         seed: args.seed,
+        keep: args.keep,
         ..faults::Config::smoke(args.backend, chat_bin)
     };
     let report = faults::run(config).await?;

@@ -170,11 +170,15 @@ fn apply_in(
     let mut ids = txn.open_table(tables.ids()).map_err(storage)?;
     for m in messages {
         let offset = u64::try_from(m.offset).map_err(storage)?;
-        if let Some(first) = ids.get((m.room.as_str(), m.id.as_str())).map_err(storage)? {
-            if first.value() != offset {
-                metrics::counter!("projector_duplicate_ids_total").increment(1);
-                continue;
-            }
+        let key = (m.room.as_str(), m.id.as_str());
+        // One descent of the id index instead of a lookup and an insert:
+        // insert, and put the first offset back in the rare case of a
+        // duplicate.
+        let earlier = ids.insert(key, offset).map_err(storage)?.map(|v| v.value());
+        if let Some(first) = earlier.filter(|&first| first != offset) {
+            ids.insert(key, first).map_err(storage)?;
+            metrics::counter!("projector_duplicate_ids_total").increment(1);
+            continue;
         }
         let row = serde_json::to_vec(&Row {
             id: m.id.clone(),
@@ -184,8 +188,6 @@ fn apply_in(
         })
         .map_err(storage)?;
         rows.insert((m.room.as_str(), offset), row.as_slice())
-            .map_err(storage)?;
-        ids.insert((m.room.as_str(), m.id.as_str()), offset)
             .map_err(storage)?;
     }
     positions.insert(partition, next).map_err(storage)?;

@@ -203,8 +203,11 @@ const APPLY_QUEUE: usize = 256;
 const MAX_APPLIES_PER_COMMIT: usize = 256;
 /// Under load (a commit within [`BUSY_WITHIN`]) the committer waits this
 /// long for more applies before committing; idle, it commits at once.
-const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
-const BUSY_WITHIN: std::time::Duration = std::time::Duration::from_millis(10);
+/// Longer than the log's linger on purpose: history is not on the ack path,
+/// and fewer, larger commits leave the disk's fsyncs to the log, whose
+/// commits the acks wait for (benches/RESULTS.md: ingest-max p99 ack).
+const LINGER: std::time::Duration = std::time::Duration::from_millis(10);
+const BUSY_WITHIN: std::time::Duration = std::time::Duration::from_millis(30);
 
 /// One `apply` call, on its way to the committer.
 struct Apply {

@@ -239,7 +239,7 @@ impl Decoder {
 
     /// Decodes one single-object-encoded record. Never panics.
     pub fn decode(&self, bytes: &[u8]) -> Result<ChatEvent, DecodeError> {
-        let (header, mut datum) = bytes
+        let (header, datum) = bytes
             .split_first_chunk::<HEADER_LEN>()
             .ok_or(DecodeError::BadHeader)?;
         let (marker, fingerprint) = header.split_at(MARKER.len());
@@ -255,32 +255,108 @@ impl Decoder {
             .find(|(known, _)| *known == fingerprint)
             .map(|(_, schema)| schema)
             .ok_or(DecodeError::UnknownFingerprint(fingerprint))?;
-
-        // Resolution happens below, per branch, by name: apache-avro resolves
-        // a union by trying the reader's branches in order by shape, which
-        // would read a future event carrying a superset of MessagePosted's
-        // fields as a MessagePosted.
-        let value = apache_avro::from_avro_datum(writer, &mut datum, None).map_err(malformed)?;
-        if !datum.is_empty() {
-            return Err(DecodeError::Malformed(format!(
-                "{} bytes after the end of the record",
-                datum.len()
-            )));
+        if fingerprint == CURRENT.fingerprint {
+            // Today's records, nearly all of them: nothing to resolve.
+            return decode_current(datum);
         }
-        let (writer_name, record) = writer_branch(writer, value)?;
-        let current = &*CURRENT;
-        let branch = current
-            .branches
-            .iter()
-            .find(|branch| branch.reads.contains(&writer_name))
-            .ok_or_else(|| {
-                DecodeError::Malformed(format!("no event type reads a {writer_name} record"))
-            })?;
-        let resolved = record
-            .resolve_schemata(&branch.schema, vec![&current.schema])
-            .map_err(malformed)?;
-        to_event(&branch.fullname, resolved)
+        decode_resolving(writer, datum)
     }
+}
+
+/// Reads a record `writer` wrote with apache-avro and resolves it into the
+/// current schema.
+fn decode_resolving(writer: &Schema, mut datum: &[u8]) -> Result<ChatEvent, DecodeError> {
+    // Resolution happens below, per branch, by name: apache-avro resolves
+    // a union by trying the reader's branches in order by shape, which
+    // would read a future event carrying a superset of MessagePosted's
+    // fields as a MessagePosted.
+    let value = apache_avro::from_avro_datum(writer, &mut datum, None).map_err(malformed)?;
+    if !datum.is_empty() {
+        return Err(DecodeError::Malformed(format!(
+            "{} bytes after the end of the record",
+            datum.len()
+        )));
+    }
+    let (writer_name, record) = writer_branch(writer, value)?;
+    let current = &*CURRENT;
+    let branch = current
+        .branches
+        .iter()
+        .find(|branch| branch.reads.contains(&writer_name))
+        .ok_or_else(|| {
+            DecodeError::Malformed(format!("no event type reads a {writer_name} record"))
+        })?;
+    let resolved = record
+        .resolve_schemata(&branch.schema, vec![&current.schema])
+        .map_err(malformed)?;
+    to_event(&branch.fullname, resolved)
+}
+
+/// Reads a record of the current schema by hand, the mirror of [`encode`]:
+/// no `Value` tree and no resolution, 20 to 50 times faster than
+/// apache-avro's reader (benches/RESULTS.md). The tests hold it to
+/// apache-avro's answer on valid, truncated and corrupted records.
+fn decode_current(mut datum: &[u8]) -> Result<ChatEvent, DecodeError> {
+    let branch = get_long(&mut datum)?;
+    if branch != MESSAGE_POSTED_BRANCH {
+        return Err(DecodeError::Malformed(format!("no union branch {branch}")));
+    }
+    let room = get_string(&mut datum, "room")?;
+    let client_id = get_string(&mut datum, "client_id")?;
+    let user = get_string(&mut datum, "user")?;
+    let body = get_string(&mut datum, "body")?;
+    let ts = get_long(&mut datum)?;
+    if !datum.is_empty() {
+        return Err(DecodeError::Malformed(format!(
+            "{} bytes after the end of the record",
+            datum.len()
+        )));
+    }
+    Ok(ChatEvent::MessagePosted(MessagePosted {
+        room,
+        client_id,
+        user,
+        body,
+        ts,
+    }))
+}
+
+/// Avro `long`, as apache-avro reads it: at most ten bytes of base-128
+/// varint (bits past the 64th dropped), then zig-zag.
+fn get_long(datum: &mut &[u8]) -> Result<i64, DecodeError> {
+    let mut z = 0u64;
+    for j in 0..10 {
+        let (&byte, rest) = datum
+            .split_first()
+            .ok_or_else(|| DecodeError::Malformed("record ends inside an integer".to_owned()))?;
+        *datum = rest;
+        z |= u64::from(byte & 0x7F) << (j * 7);
+        if byte & 0x80 == 0 {
+            let half = (z >> 1) as i64;
+            return Ok(if z & 1 == 0 { half } else { !half });
+        }
+    }
+    Err(DecodeError::Malformed(
+        "integer longer than ten bytes".to_owned(),
+    ))
+}
+
+/// Avro `string`: a length, then that many bytes of UTF-8.
+fn get_string(datum: &mut &[u8], field: &str) -> Result<String, DecodeError> {
+    let len = get_long(datum)?;
+    let len = usize::try_from(len)
+        .ok()
+        .filter(|&len| len <= datum.len())
+        .ok_or_else(|| {
+            DecodeError::Malformed(format!(
+                "field {field}: length {len} with {} bytes left",
+                datum.len()
+            ))
+        })?;
+    let (bytes, rest) = datum.split_at(len);
+    *datum = rest;
+    String::from_utf8(bytes.to_vec())
+        .map_err(|_| DecodeError::Malformed(format!("field {field} is not UTF-8")))
 }
 
 fn malformed(e: apache_avro::Error) -> DecodeError {
@@ -790,6 +866,19 @@ mod tests {
         )
     }
 
+    /// The hand reader and apache-avro's both read `datum` as the same
+    /// event, or both refuse it.
+    fn agree(datum: &[u8]) -> Result<(), TestCaseError> {
+        let hand = decode_current(datum);
+        let avro = decode_resolving(schema(), datum);
+        match (&hand, &avro) {
+            (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+            (Err(_), Err(_)) => {}
+            _ => prop_assert!(false, "hand {hand:?} vs apache-avro {avro:?} on {datum:?}"),
+        }
+        Ok(())
+    }
+
     proptest! {
         #[test]
         fn hand_encoding_matches_apache_avro(
@@ -801,5 +890,48 @@ mod tests {
             prop_assert_eq!(&bytes[HEADER_LEN..], &datum[..]);
         }
 
+        /// The hand-written reader gives apache-avro's answer: the same
+        /// event for every valid record, an error wherever it errs.
+        #[test]
+        fn hand_decoding_matches_apache_avro_on_valid_records(
+            room in ".*", client_id in ".*", user in ".*", body in ".*", ts in any::<i64>(),
+        ) {
+            let event = ChatEvent::MessagePosted(MessagePosted { room, client_id, user, body, ts });
+            let bytes = encode(&event);
+            prop_assert_eq!(decode_current(&bytes[HEADER_LEN..]).ok(), Some(event.clone()));
+            prop_assert_eq!(decode_resolving(schema(), &bytes[HEADER_LEN..]).ok(), Some(event));
+        }
+
+        #[test]
+        fn hand_decoding_errs_where_apache_avro_errs(
+            body in ".{0,40}",
+            ts in any::<i64>(),
+            cut in any::<prop::sample::Index>(),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+            tail in proptest::collection::vec(any::<u8>(), 0..12),
+        ) {
+            let event = ChatEvent::MessagePosted(MessagePosted {
+                room: "general".into(),
+                client_id: "4b1d".into(),
+                user: "alice".into(),
+                body,
+                ts,
+            });
+            let mut datum = encode(&event)[HEADER_LEN..].to_vec();
+            for (at, byte) in flips {
+                let i = at.index(datum.len());
+                datum[i] ^= byte;
+            }
+            datum.truncate(cut.index(datum.len() + 1));
+            datum.extend(tail);
+            agree(&datum)?;
+        }
+
+        #[test]
+        fn hand_decoding_matches_apache_avro_on_any_bytes(
+            datum in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            agree(&datum)?;
+        }
     }
 }

@@ -879,6 +879,27 @@ mod tests {
         Ok(())
     }
 
+    #[test]
+    fn hand_decoding_reads_ten_byte_integers_and_refuses_eleven() {
+        for ts in [i64::MIN, i64::MAX, -(1 << 62) - 1, 1 << 62, 0, -1] {
+            let event = ChatEvent::MessagePosted(MessagePosted {
+                room: "r".into(),
+                client_id: "c".into(),
+                user: "u".into(),
+                body: "b".into(),
+                ts,
+            });
+            let datum = encode(&event)[HEADER_LEN..].to_vec();
+            assert_eq!(decode_current(&datum).ok(), Some(event), "ts {ts}");
+            agree(&datum).unwrap();
+        }
+        // Ten continuation bytes: no integer ends within ten bytes.
+        let mut datum = vec![0x80; 10];
+        datum.push(0);
+        assert!(decode_current(&datum).is_err());
+        agree(&datum).unwrap();
+    }
+
     proptest! {
         #[test]
         fn hand_encoding_matches_apache_avro(

@@ -243,9 +243,14 @@ pub(crate) async fn ingest_max(
     // A step that fails is run once more before it counts: on this shared
     // machine one stall of a neighbour can fail a step the server sustains.
     let mut confirming: Option<f64> = None;
-    for _ in 0..s.max_steps {
+    for step in 0..s.max_steps {
         if aborted.is_cancelled() {
             break;
+        }
+        if step > 0 {
+            // Let the server settle between steps (pacing, not a wait for
+            // a condition: the next step measures whatever state it is in).
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let p = fleet.traffic(&traffic(s, rate)).await;
         let pass = sustained(&p, s);
@@ -266,7 +271,6 @@ pub(crate) async fn ingest_max(
             if fleet.broken() {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         } else {
             failed = Some(failed.map_or(rate, |f: f64| f.min(rate)));
@@ -291,8 +295,6 @@ pub(crate) async fn ingest_max(
         if rate > s.max_rate || rate < 1.0 {
             break;
         }
-        // Let the server settle between steps.
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     (best, failed)
 }

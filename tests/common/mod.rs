@@ -201,7 +201,7 @@ impl Drop for Server {
     }
 }
 
-/// A WebSocket chat client speaking PROTOCOL.md.
+/// A WebSocket chat client speaking the client protocol (docs/protocol.md).
 pub struct Client {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     pub user: String,

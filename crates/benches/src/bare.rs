@@ -1,8 +1,8 @@
-//! The baseline: a bare WebSocket server that answers PROTOCOL.md the way a
-//! gateway does, with no log behind it. What it costs is the floor any
-//! gateway pays on this machine (HTTP upgrade, WebSocket framing, JSON in
-//! and out, a per-connection writer), so load figures of the real gateway are
-//! reported as ratios to it.
+//! The baseline: a bare WebSocket server that answers the client protocol
+//! (docs/protocol.md) the way a gateway does, with no log behind it. What it
+//! costs is the floor any gateway pays on this machine (HTTP upgrade,
+//! WebSocket framing, JSON in and out, a per-connection writer), so load
+//! figures of the real gateway are reported as ratios to it.
 //!
 //! It sends `welcome`; answers `join` with `joined`; answers each `send` with
 //! an `ack` (fake offsets, one counter per room) and a `message` to every
@@ -55,9 +55,9 @@ impl Default for BareConfig {
 }
 
 const EPOCH: &str = "bare";
-const CLOSE_SLOW_CONSUMER: u16 = 4008;
-const CLOSE_UNAUTHORIZED: u16 = 4001;
-const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_SLOW_CONSUMER: u16 = schemas::protocol::CloseCode::SlowConsumer.code();
+const CLOSE_UNAUTHORIZED: u16 = schemas::protocol::CloseCode::Unauthorized.code();
+const CLOSE_GOING_AWAY: u16 = schemas::protocol::CloseCode::GoingAway.code();
 
 struct Member {
     id: u64,

@@ -21,7 +21,7 @@ use crate::scenario::{parse_seconds, Preset, Scenario};
 #[command(
     name = "chat-load",
     version,
-    about = "Load generator for chat gateways (PROTOCOL.md over WebSocket): open-loop rate, \
+    about = "Load generator for chat gateways (the client protocol over WebSocket): open-loop rate, \
              HDR latency from the intended send time, a JSON report and an SVG chart"
 )]
 pub struct Cli {

@@ -1,5 +1,5 @@
-//! A fleet of WebSocket clients speaking PROTOCOL.md to one gateway, and the
-//! traffic phases it runs.
+//! A fleet of WebSocket clients speaking the client protocol
+//! (docs/protocol.md) to one gateway, and the traffic phases it runs.
 //!
 //! Connection `i` joins room `i % rooms`; the first `senders` connections
 //! also send into their room. Each connection has two tasks, both owned by
@@ -97,7 +97,7 @@ pub struct Check {
     /// Acked messages a connected member did not get.
     pub missing: u64,
     /// Acked messages members the server closed (slow consumers) did not
-    /// get; PROTOCOL.md has them resume with `since`.
+    /// get; the protocol has them resume with `since` (docs/protocol.md).
     pub missing_closed: u64,
     /// Delivered but never acked.
     pub unexpected: u64,

@@ -9,7 +9,7 @@
 //! [`LABEL`], so [`crate::compare`] divides by it as by `bare`.
 //!
 //! - One `FutureProducer` with the settings of the log's Kafka backend
-//!   (`crates/eventlog/src/kafka.rs`: idempotent, `acks=all`,
+//!   (`crates/eventlog/src/kafka/mod.rs`: idempotent, `acks=all`,
 //!   `murmur2_random`, `linger.ms=2`, the same batch and queue bounds, no
 //!   message timeout), producing to a topic of its own ([`DEFAULT_TOPIC`]),
 //!   created when missing with the chat run's partition count; an existing

@@ -1,12 +1,13 @@
 //! Load benchmarks of the ingest tier, and what they compare against.
 //!
 //! - `chat-load` (binary; [`cli`]): a fleet of WebSocket clients speaking
-//!   PROTOCOL.md to any gateway on this machine ([`fleet`]), open-loop rate
-//!   control with latency from the intended send time ([`ids`], [`stats`]),
-//!   the presets `ingest-max`, `fanout`, `connections`, `mixed`
-//!   ([`scenario`], [`run`]), a JSON report ([`report`]) and an SVG chart
-//!   ([`chart`]); `chat-load compare` starts the baseline and `chat serve`
-//!   one after the other and reports ratios ([`compare`]).
+//!   the client protocol (docs/protocol.md) to any gateway on this machine
+//!   ([`fleet`]), open-loop rate control with latency from the intended
+//!   send time ([`ids`], [`stats`]), the presets `ingest-max`, `fanout`,
+//!   `connections`, `mixed` ([`scenario`], [`run`]), a JSON report
+//!   ([`report`]) and an SVG chart ([`chart`]); `chat-load compare` starts
+//!   the baseline and `chat serve` one after the other and reports ratios
+//!   ([`compare`]).
 //! - `bare-server` (binary; [`bare`]): the baseline, a WebSocket server that
 //!   answers like a gateway with no log behind it.
 //! - The Kafka-mode baseline ([`kafka`]): a raw rdkafka producer with the

@@ -143,8 +143,8 @@ mod tests {
     }
 
     /// Key → partition over 1000 partitions, as the Java producer's
-    /// partitioner assigns them; from dpkp/kafka-python
-    /// `test/test_partitioner.py`, `test_murmur2_java_compatibility`
+    /// partitioner assigns them; from kafka-python's partitioner tests,
+    /// `test_murmur2_java_compatibility`
     /// ("compare with output from Kafka's
     /// org.apache.kafka.clients.producer.Partitioner"). Kafka's own
     /// `BuiltInPartitionerTest`/`DefaultPartitionerTest` only check that a

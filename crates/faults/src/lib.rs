@@ -5,10 +5,10 @@
 //! SIGKILLed at random moments and restarted; clients reconnect to any
 //! gateway and resume with `since`. At the end the checker compares the
 //! history with what clients were acked and what they received, and reports
-//! every violation of DESIGN.md's promises: acked-but-missing, duplicates
-//! (in history, or delivered twice to one client), order violations within a
-//! room, gaps in a client's stream after its join position, and messages in
-//! history that nobody sent.
+//! every broken promise of the pipeline (docs/architecture.md, Contracts):
+//! acked-but-missing, duplicates (in history, or delivered twice to one
+//! client), order violations within a room, gaps in a client's stream after
+//! its join position, and messages in history that nobody sent.
 
 pub mod checker;
 pub mod client;

@@ -613,7 +613,7 @@ mod tests {
         out
     }
 
-    /// apache/avro `share/test/data/schema-tests.txt`: input, canonical form,
+    /// Apache Avro's shared schema test data: input, canonical form,
     /// fingerprint (as Java's signed long; `None` where the file gives none).
     const SPEC_CASES: &[(&str, &str, Option<i64>)] = &[
         (r#""null""#, r#""null""#, Some(7195948357588979594)),

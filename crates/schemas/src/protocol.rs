@@ -1,5 +1,6 @@
-//! Client protocol v1 frames (PROTOCOL.md): parsing and validation of what a
-//! client sends, and the frames a gateway answers with.
+//! Client protocol v1 frames (docs/protocol.md): parsing and validation of
+//! what a client sends, the frames a gateway answers with, and the error and
+//! close codes it uses.
 //!
 //! Parsing never fails the connection: every problem becomes a [`FrameError`]
 //! carrying the protocol error code and, when the frame had one, the request
@@ -45,7 +46,7 @@ pub enum ClientFrame {
     },
 }
 
-/// The error codes of PROTOCOL.md.
+/// The error codes of the client protocol (docs/protocol.md, Error codes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -60,6 +61,19 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every error code, in declaration order.
+    pub const ALL: [ErrorCode; 8] = [
+        ErrorCode::BadFrame,
+        ErrorCode::TooLarge,
+        ErrorCode::BadRoom,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::RateLimited,
+        ErrorCode::Unavailable,
+        ErrorCode::NotJoined,
+    ];
+
+    /// The code as it appears in an `error` frame's `code` field.
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BadFrame => "bad_frame",
@@ -71,6 +85,40 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::NotJoined => "not_joined",
         }
+    }
+}
+
+/// The WebSocket close codes a gateway sends (docs/protocol.md, Close codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum CloseCode {
+    /// The client closed the connection: the gateway answers the client's
+    /// close frame with the same code, normally this one. The gateway never
+    /// starts a close with it.
+    Normal = 1000,
+    /// The server is shutting down: the connection's accepted sends were
+    /// appended and acked first. Reconnect, to this node or another one.
+    GoingAway = 1001,
+    /// The connection named no valid user; sent right after an
+    /// `unauthorized` error frame, before any `welcome`.
+    Unauthorized = 4001,
+    /// The client's outbound queue filled up (a slow consumer); what was
+    /// still queued is dropped. Reconnect and join with `since` to resume.
+    SlowConsumer = 4008,
+}
+
+impl CloseCode {
+    /// Every close code, in declaration order.
+    pub const ALL: [CloseCode; 4] = [
+        CloseCode::Normal,
+        CloseCode::GoingAway,
+        CloseCode::Unauthorized,
+        CloseCode::SlowConsumer,
+    ];
+
+    /// The numeric code of the close frame.
+    pub const fn code(self) -> u16 {
+        self as u16
     }
 }
 
@@ -348,6 +396,43 @@ mod tests {
             code(&format!(r#"{{"type":"join","room":"{}"}}"#, "a".repeat(65))),
             (ErrorCode::BadRoom, None)
         );
+    }
+
+    #[test]
+    fn code_lists_are_complete() {
+        // Exhaustive matches: a new variant does not compile until it gets
+        // an arm here, the reminder to add it to `ALL` at that index (and to
+        // docs/protocol.md, which tests/docs.rs compares with `ALL`).
+        fn error_index(c: ErrorCode) -> usize {
+            match c {
+                ErrorCode::BadFrame => 0,
+                ErrorCode::TooLarge => 1,
+                ErrorCode::BadRoom => 2,
+                ErrorCode::Unauthorized => 3,
+                ErrorCode::Forbidden => 4,
+                ErrorCode::RateLimited => 5,
+                ErrorCode::Unavailable => 6,
+                ErrorCode::NotJoined => 7,
+            }
+        }
+        fn close_index(c: CloseCode) -> usize {
+            match c {
+                CloseCode::Normal => 0,
+                CloseCode::GoingAway => 1,
+                CloseCode::Unauthorized => 2,
+                CloseCode::SlowConsumer => 3,
+            }
+        }
+        for (i, c) in ErrorCode::ALL.into_iter().enumerate() {
+            assert_eq!(error_index(c), i, "{c:?}");
+            let json = serde_json::to_value(c).unwrap();
+            assert_eq!(json.as_str(), Some(c.as_str()), "{c:?}");
+        }
+        for (i, c) in CloseCode::ALL.into_iter().enumerate() {
+            assert_eq!(close_index(c), i, "{c:?}");
+        }
+        let codes: Vec<u16> = CloseCode::ALL.into_iter().map(CloseCode::code).collect();
+        assert_eq!(codes, [1000, 1001, 4001, 4008]);
     }
 
     #[test]

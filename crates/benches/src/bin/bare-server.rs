@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 #[command(
     name = "bare-server",
     version,
-    about = "A bare WebSocket server answering PROTOCOL.md like a gateway, with no log: the baseline of chat-load"
+    about = "A bare WebSocket server answering the client protocol like a gateway, with no log: the baseline of chat-load"
 )]
 struct Args {
     /// Address to listen on.

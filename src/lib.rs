@@ -1,18 +1,22 @@
 //! Wires the roles of a chat node together: the log, the history store, the
 //! projector, the fan-out and the gateway, in one process.
 //!
-//! The binary (`src/main.rs`) only parses the command line, sets up tracing
-//! and metrics, binds, and calls [`serve`] (or, for `chat replay` and
-//! `chat versions`, the functions of [`replay`]).
+//! The binary (`src/main.rs`) only parses the command line ([`cli`]), sets
+//! up tracing, and calls [`cli::run`], which binds and calls [`serve`] (or,
+//! for `chat replay` and `chat versions`, the control socket's client).
 //!
 //! The history is served from the current projection version
-//! ([`projector::versions::CurrentVersion`]); a replay builds another one
+//! ([`history::versions::CurrentVersion`]); a replay builds another one
 //! beside it and a switch moves reads and the projector over without a
 //! restart. A serving process takes replay and version requests on a control
-//! socket in its data dir ([`replay::SOCKET`]).
+//! socket in its data dir ([`projector::control::SOCKET`]).
+//!
+//! Backends are cargo features of this crate, both on by default: `kafka`
+//! (`--log kafka://...`) and `scylla` (`--store scylla://...`). A build
+//! without one refuses its flag value with a message that names the feature.
 
+pub mod cli;
 pub mod progress;
-pub mod replay;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -21,26 +25,64 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use eventlog::embedded::EmbeddedLog;
+#[cfg(feature = "kafka")]
 use eventlog::kafka::{KafkaConfig, KafkaLog};
 use eventlog::EventLog;
 use fanout::{Fanout, FanoutConfig};
+use history::embedded::{EmbeddedStore, EmbeddedVersions};
+#[cfg(feature = "scylla")]
+use history::scylla::{ScyllaStore, ScyllaUri, ScyllaVersions};
+use history::versions::{CurrentVersion, Versions};
+use history::HistoryStore;
 use ingest::{Gateway, GatewayConfig};
 use metrics_exporter_prometheus::PrometheusHandle;
-use projector::embedded::{EmbeddedStore, EmbeddedVersions};
-use projector::scylla::{ScyllaStore, ScyllaUri, ScyllaVersions};
-use projector::versions::{CurrentVersion, Versions};
-use projector::{HistoryStore, Projector, ProjectorConfig, DLQ_TOPIC};
+use projector::control;
+use projector::{Projector, ProjectorConfig, DLQ_TOPIC};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Name of the message topic.
-pub const MESSAGES_TOPIC: &str = "chat.messages";
+pub use schemas::MESSAGES_TOPIC;
 /// Projection version a new store starts with, and serves until a replay
 /// builds another one and reads are switched to it.
 pub const STORE_NAMESPACE: &str = "v1";
 /// How often a server re-reads which projection version is current (a
 /// switch made in the server itself applies at once).
 pub const VERSION_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Every metric the chat records, per crate: (crate, name, kind, help).
+/// Each crate names its metrics once, in its `metrics` module; this is the
+/// catalogue of `docs/metrics.md` (a test keeps the two equal).
+pub fn metric_catalogue() -> Vec<(&'static str, &'static str, &'static str, &'static str)> {
+    /// A crate's `metrics::CATALOGUE`: (name, kind, help).
+    type Catalogue = &'static [(&'static str, &'static str, &'static str)];
+    let crates: [(&str, Catalogue); 5] = [
+        ("ingest", ingest::metrics::CATALOGUE),
+        ("fanout", fanout::metrics::CATALOGUE),
+        ("eventlog", eventlog::metrics::CATALOGUE),
+        ("projector", projector::metrics::CATALOGUE),
+        ("history", history::metrics::CATALOGUE),
+    ];
+    crates
+        .into_iter()
+        .flat_map(|(krate, metrics)| {
+            metrics
+                .iter()
+                .map(move |&(name, kind, help)| (krate, name, kind, help))
+        })
+        .collect()
+}
+
+/// Gives the installed recorder the help text of every metric, so
+/// `GET /metrics` describes each one (`# HELP`).
+pub fn describe_metrics() {
+    for (_, name, kind, help) in metric_catalogue() {
+        match kind {
+            "counter" => metrics::describe_counter!(name, help),
+            "gauge" => metrics::describe_gauge!(name, help),
+            _ => metrics::describe_histogram!(name, help),
+        }
+    }
+}
 
 /// Where the log lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,9 +99,14 @@ impl FromStr for LogSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "embedded" => Ok(LogSpec::Embedded),
+            #[cfg(feature = "kafka")]
             url if url.starts_with("kafka://") => eventlog::kafka::parse_url(url)
                 .map(LogSpec::Kafka)
                 .map_err(|e| e.to_string()),
+            #[cfg(not(feature = "kafka"))]
+            url if url.starts_with("kafka://") => Err(format!(
+                "{url:?}: this chat was built without the Kafka log (cargo feature `kafka`)"
+            )),
             other => Err(format!(
                 "expected `embedded` or kafka://HOST:PORT[,HOST:PORT...], got {other:?}"
             )),
@@ -77,12 +124,25 @@ pub struct KafkaTuning {
     pub enqueue_timeout: std::time::Duration,
 }
 
+#[cfg(feature = "kafka")]
 impl Default for KafkaTuning {
     fn default() -> Self {
         let c = KafkaConfig::new("", "", 1);
         KafkaTuning {
             queue_kbytes: c.queue_kbytes,
             enqueue_timeout: c.enqueue_timeout,
+        }
+    }
+}
+
+/// Without the Kafka log the tuning is never used; the values are the Kafka
+/// backend's defaults, so `--help` reads the same.
+#[cfg(not(feature = "kafka"))]
+impl Default for KafkaTuning {
+    fn default() -> Self {
+        KafkaTuning {
+            queue_kbytes: 65_536,
+            enqueue_timeout: std::time::Duration::from_millis(5_000),
         }
     }
 }
@@ -94,6 +154,7 @@ pub enum StoreSpec {
     Embedded,
     /// A ScyllaDB keyspace: `scylla://HOST:9042[,HOST...]/KEYSPACE`, checked
     /// when parsed, connected to when opened.
+    #[cfg(feature = "scylla")]
     Scylla(ScyllaUri),
 }
 
@@ -103,9 +164,14 @@ impl FromStr for StoreSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "embedded" => Ok(StoreSpec::Embedded),
+            #[cfg(feature = "scylla")]
             uri if uri.starts_with("scylla://") => ScyllaUri::parse(uri)
                 .map(StoreSpec::Scylla)
                 .map_err(|e| e.to_string()),
+            #[cfg(not(feature = "scylla"))]
+            uri if uri.starts_with("scylla://") => Err(format!(
+                "{uri:?}: this chat was built without the Scylla store (cargo feature `scylla`)"
+            )),
             other => Err(format!(
                 "expected `embedded` or scylla://HOST:9042[,HOST...]/KEYSPACE, got {other:?}"
             )),
@@ -114,6 +180,7 @@ impl FromStr for StoreSpec {
 }
 
 /// How a message names the Scylla store of `target`.
+#[cfg(feature = "scylla")]
 fn scylla_name(target: &ScyllaUri) -> String {
     format!("scylla://{}/{}", target.hosts.join(","), target.keyspace)
 }
@@ -197,6 +264,7 @@ pub async fn open_log(
                     .with_context(|| format!("opening the log {topic} in {}", dir.display()))?,
             )
         }
+        #[cfg(feature = "kafka")]
         LogSpec::Kafka(brokers) => {
             let config = KafkaConfig {
                 queue_kbytes: tuning.queue_kbytes,
@@ -208,6 +276,11 @@ pub async fn open_log(
                     .await
                     .with_context(|| format!("opening topic {topic} on {brokers}"))?,
             )
+        }
+        #[cfg(not(feature = "kafka"))]
+        LogSpec::Kafka(brokers) => {
+            let _ = (tuning, brokers);
+            anyhow::bail!("this chat was built without the Kafka log (cargo feature `kafka`)")
         }
     })
 }
@@ -226,6 +299,7 @@ pub async fn open_store(
             let group = format!("chat-projector-embedded-{}", store.id());
             (Arc::new(store), group)
         }
+        #[cfg(feature = "scylla")]
         StoreSpec::Scylla(target) => {
             let store = ScyllaStore::open(target, namespace)
                 .await
@@ -260,6 +334,7 @@ pub async fn open_versions(
             let group = format!("chat-projector-embedded-{}", store.id());
             (Arc::new(versions), group)
         }
+        #[cfg(feature = "scylla")]
         StoreSpec::Scylla(target) => {
             let versions = ScyllaVersions::connect(target, STORE_NAMESPACE)
                 .await
@@ -329,7 +404,7 @@ pub async fn serve(
         None
     };
     let follow_task = tokio::spawn(current.clone().follow(VERSION_POLL, projector_stop.clone()));
-    let control = Arc::new(replay::Control::new(
+    let control = Arc::new(control::Control::new(
         log.clone(),
         dlq,
         current.clone(),
@@ -337,11 +412,11 @@ pub async fn serve(
     ));
     // Nothing else may have created the data dir (a Kafka log, a Scylla store).
     let bound =
-        std::fs::create_dir_all(&config.data_dir).and_then(|()| replay::bind(&config.data_dir));
+        std::fs::create_dir_all(&config.data_dir).and_then(|()| control::bind(&config.data_dir));
     let control_task = match bound {
         Ok((listener, path)) => {
             tracing::info!(path = %path.display(), "control socket (chat replay, chat versions)");
-            let task = tokio::spawn(replay::serve_control(
+            let task = tokio::spawn(control::serve_control(
                 listener,
                 control,
                 projector_stop.clone(),
@@ -394,6 +469,45 @@ pub async fn serve(
 mod tests {
     use super::*;
 
+    /// The generated part of `docs/metrics.md`: one row per metric.
+    fn catalogue_table() -> String {
+        let mut table = String::from("| metric | kind | crate | meaning |\n|---|---|---|---|\n");
+        for (krate, name, kind, help) in metric_catalogue() {
+            table.push_str(&format!("| `{name}` | {kind} | `{krate}` | {help} |\n"));
+        }
+        table
+    }
+
+    const CATALOGUE_MARK: &str = "<!-- generated from each crate's metrics.rs";
+
+    /// `docs/metrics.md` lists exactly the metrics the crates declare. With
+    /// `UPDATE_DOCS=1` the test rewrites the generated table instead.
+    #[test]
+    fn the_metrics_catalogue_matches_the_crates() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/metrics.md");
+        let text = std::fs::read_to_string(&path).expect("docs/metrics.md");
+        let at = text
+            .find(CATALOGUE_MARK)
+            .expect("docs/metrics.md has the catalogue mark");
+        let end = at + text[at..].find("-->\n").expect("the mark ends with -->") + 4;
+        let (head, generated) = text.split_at(end);
+        let expected = catalogue_table();
+        if std::env::var_os("UPDATE_DOCS").is_some() {
+            std::fs::write(&path, format!("{head}{expected}")).unwrap();
+            return;
+        }
+        assert_eq!(
+            generated, expected,
+            "docs/metrics.md is out of date: run `UPDATE_DOCS=1 cargo test -p chat the_metrics_catalogue`"
+        );
+        let mut names: Vec<_> = metric_catalogue().iter().map(|m| m.1).collect();
+        names.sort_unstable();
+        let before = names.len();
+        names.dedup();
+        assert_eq!(before, names.len(), "a metric is declared twice");
+    }
+
+    #[cfg(feature = "kafka")]
     #[test]
     fn specs_and_roles_parse() {
         assert_eq!("embedded".parse::<LogSpec>().unwrap(), LogSpec::Embedded);
@@ -409,6 +523,7 @@ mod tests {
         assert!("".parse::<Roles>().is_err());
     }
 
+    #[cfg(feature = "scylla")]
     #[test]
     fn store_specs_parse_and_a_bad_scylla_uri_is_refused() {
         assert_eq!(
@@ -434,6 +549,7 @@ mod tests {
         assert!(e.contains("scylla://"), "{e}");
     }
 
+    #[cfg(feature = "scylla")]
     #[tokio::test]
     async fn serving_on_an_unreachable_scylla_fails_clearly() {
         let dir = tempfile::tempdir().unwrap();

@@ -2,8 +2,8 @@
 //! with the partition position that covers them, one durable transaction.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use projector::embedded::EmbeddedStore;
-use projector::HistoryStore;
+use history::embedded::EmbeddedStore;
+use history::HistoryStore;
 use schemas::protocol::MessageView;
 
 fn apply(c: &mut Criterion) {

@@ -423,8 +423,8 @@ impl Writer {
             }
             self.commit(&mut pending);
             last_commit = std::time::Instant::now();
-            metrics::counter!("eventlog_commits_total").increment(1);
-            metrics::histogram!("eventlog_commit_records").record(count as f64);
+            metrics::counter!(crate::metrics::COMMITS_TOTAL).increment(1);
+            metrics::histogram!(crate::metrics::COMMIT_RECORDS).record(count as f64);
         }
     }
 

@@ -1,7 +1,10 @@
 //! The append-only, partitioned log that is the source of truth of the chat.
 //!
-//! One trait, [`EventLog`], for every backend; the embedded backend
-//! ([`embedded::EmbeddedLog`], redb with group commit) is the default. A record
+//! One trait, [`EventLog`], for every backend. Backends are cargo features:
+//! `embedded` (default; `embedded::EmbeddedLog`, redb with group commit) and
+//! `kafka` (`kafka::KafkaLog`, Redpanda/Kafka through librdkafka). The
+//! conformance suite every backend passes, and a throwaway test broker, are
+//! behind the `testing` feature. A record
 //! goes to the partition Kafka's keyed partitioner picks for its key
 //! ([`partitioner`]), so every backend agrees on where a room lives.
 //!
@@ -14,9 +17,13 @@
 //! - the epoch names this incarnation of the log and never changes while the
 //!   log's data lives.
 
+#[cfg(any(test, feature = "testing"))]
 pub mod conformance;
+#[cfg(feature = "embedded")]
 pub mod embedded;
+#[cfg(feature = "kafka")]
 pub mod kafka;
+pub mod metrics;
 pub mod partitioner;
 
 use async_trait::async_trait;

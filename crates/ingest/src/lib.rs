@@ -1,5 +1,5 @@
-//! The gateway's front door: the WebSocket protocol of PROTOCOL.md, the HTTP
-//! endpoints, and the web page.
+//! The gateway's front door: the client WebSocket protocol (docs/protocol.md),
+//! the HTTP endpoints, and the web page.
 //!
 //! Ingest validates each request, appends accepted messages to the log and
 //! acks them only once the append is durable. A connection's sends are
@@ -10,6 +10,7 @@
 
 mod dedup;
 mod http;
+pub mod metrics;
 mod ws;
 
 use std::sync::Arc;
@@ -20,8 +21,8 @@ use axum::serve::ListenerExt;
 use axum::Router;
 use eventlog::{EventLog, Record};
 use fanout::Fanout;
+use history::HistoryStore;
 use metrics_exporter_prometheus::PrometheusHandle;
-use projector::HistoryStore;
 use schemas::protocol::{ErrorCode, FrameError};
 use schemas::{ChatEvent, MessagePosted};
 use tokio::net::TcpListener;
@@ -149,10 +150,10 @@ impl AppState {
         } else {
             self.gw.log.append(records).await
         };
-        metrics::counter!("ingest_appends_total").increment(1);
+        ::metrics::counter!(crate::metrics::APPENDS_TOTAL).increment(1);
         if let Err(e) = &appended {
             tracing::warn!(error = %e, "append failed");
-            metrics::counter!("ingest_append_errors_total").increment(1);
+            ::metrics::counter!(crate::metrics::APPEND_ERRORS_TOTAL).increment(1);
         }
         let mut placed = match &appended {
             Ok(all) => Some(all.iter()),
@@ -185,7 +186,7 @@ impl AppState {
         for (s, o) in batch.iter().zip(&outcomes) {
             self.dedup.finish(&s.room, &s.id, o);
         }
-        metrics::counter!("ingest_messages_acked_total")
+        ::metrics::counter!(crate::metrics::MESSAGES_ACKED_TOTAL)
             .increment(outcomes.iter().filter(|o| o.is_ok()).count() as u64);
         outcomes
     }

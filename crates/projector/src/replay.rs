@@ -27,7 +27,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::run::Applier;
-use crate::{HistoryStore, StoreError};
+use history::{HistoryStore, StoreError};
 
 /// Where a replay starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +42,8 @@ pub enum StartAt {
 #[derive(Debug, Clone)]
 pub struct ReplayConfig {
     pub start: StartAt,
-    /// First wait after a failed store write; doubles up to `max_backoff`.
+    /// First wait after a failure; each next one doubles (jittered) up to
+    /// `max_backoff`.
     pub backoff: Duration,
     pub max_backoff: Duration,
     /// How often progress is published.
@@ -275,7 +276,7 @@ impl Replay {
             records,
             seconds: shared.began.elapsed().as_secs_f64(),
         };
-        metrics::counter!("replay_events_total").increment(summary.events);
+        metrics::counter!(crate::metrics::REPLAY_EVENTS_TOTAL).increment(summary.events);
         tracing::info!(
             events = summary.events,
             rooms = summary.rooms,

@@ -1,5 +1,6 @@
 //! The contracts every other crate relies on: the Avro event schemas and their
-//! codec (`event`), and the client protocol frames of PROTOCOL.md (`protocol`).
+//! codec (`event`), and the client protocol frames (`protocol`, described in
+//! docs/protocol.md).
 //!
 //! Nothing here does I/O; a change here is a change to a public contract.
 
@@ -7,3 +8,6 @@ pub mod event;
 pub mod protocol;
 
 pub use event::{decode, encode, ChatEvent, DecodeError, MessagePosted};
+
+/// The log topic of the chat's events, partitioned by room.
+pub const MESSAGES_TOPIC: &str = "chat.messages";

@@ -19,10 +19,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
+use crate::replay::{Progress, Replay, ReplayConfig, ReplayError, StartAt, Summary};
 use eventlog::EventLog;
-use projector::replay::{Progress, Replay, ReplayConfig, StartAt, Summary};
-use projector::versions::{next_name, CurrentVersion, VersionInfo, Versions};
+use history::versions::{next_name, CurrentVersion, VersionError, VersionInfo, Versions};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -97,13 +96,67 @@ impl ReplayReport {
     }
 }
 
+/// What went wrong with a control request, or with the replay it ran. The
+/// text of each names what was being done; the cause follows as its
+/// [`std::error::Error::source`] (and in [`ControlError::chain`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("bad --from: {0}")]
+    BadFrom(String),
+    #[error(transparent)]
+    Version(#[from] VersionError),
+    #[error("listing versions")]
+    List(#[source] VersionError),
+    #[error("creating version {target}")]
+    Create {
+        target: String,
+        #[source]
+        source: VersionError,
+    },
+    #[error("replay into {target} stopped; run it again with --into {target} to resume")]
+    Replay {
+        target: String,
+        #[source]
+        source: ReplayError,
+    },
+    #[error("{what}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("a reply from the server")]
+    Reply(#[source] serde_json::Error),
+}
+
+impl ControlError {
+    /// The error and each of its causes, `: `-separated, on one line.
+    pub fn chain(&self) -> String {
+        let mut text = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(e) = cause {
+            text.push_str(": ");
+            text.push_str(&e.to_string());
+            cause = e.source();
+        }
+        text
+    }
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> ControlError {
+    move |source| ControlError::Io { what, source }
+}
+
 /// The version a replay builds: `into`, or the next free `vN`.
-pub async fn pick_target(versions: &dyn Versions, into: Option<&str>) -> anyhow::Result<String> {
+pub async fn pick_target(
+    versions: &dyn Versions,
+    into: Option<&str>,
+) -> Result<String, ControlError> {
     if let Some(name) = into {
-        projector::versions::check_name(name)?;
+        history::versions::check_name(name)?;
         return Ok(name.to_owned());
     }
-    let existing = versions.list().await.context("listing versions")?;
+    let existing = versions.list().await.map_err(ControlError::List)?;
     Ok(next_name(existing.iter().map(|v| v.name.as_str())))
 }
 
@@ -120,18 +173,22 @@ pub async fn replay_into(
     request: &ReplayRequest,
     progress: &watch::Sender<Progress>,
     shutdown: CancellationToken,
-) -> anyhow::Result<ReplayReport> {
-    let start = parse_from(&request.from).map_err(anyhow::Error::msg)?;
+) -> Result<ReplayReport, ControlError> {
+    let start = parse_from(&request.from).map_err(ControlError::BadFrom)?;
     let store = versions
         .create(target, &request.from)
         .await
-        .with_context(|| format!("creating version {target}"))?;
+        .map_err(|source| ControlError::Create {
+            target: target.to_owned(),
+            source,
+        })?;
     tracing::info!(version = target, from = request.from, "replay starts");
     let summary = Replay::new(log, store, dlq, ReplayConfig::new(start))
         .run(progress, shutdown)
         .await
-        .with_context(|| {
-            format!("replay into {target} stopped; run it again with --into {target} to resume")
+        .map_err(|source| ControlError::Replay {
+            target: target.to_owned(),
+            source,
         })?;
     versions.mark_ready(target).await?;
     if request.switch {
@@ -278,7 +335,7 @@ async fn handle(
     stream: UnixStream,
     control: &Control,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut reader = BufReader::new(r.take(MAX_REQUEST));
     let mut line = String::new();
@@ -327,10 +384,10 @@ async fn replay(
     mut reader: BufReader<tokio::io::Take<tokio::net::unix::OwnedReadHalf>>,
     mut w: tokio::net::unix::OwnedWriteHalf,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> std::io::Result<()> {
     let target = match pick_target(versions, request.into.as_deref()).await {
         Ok(t) => t,
-        Err(e) => return Ok(send(&mut w, &Reply::Error(format!("{e:#}"))).await?),
+        Err(e) => return send(&mut w, &Reply::Error(e.chain())).await,
     };
     let busy = {
         let mut replaying = control.replaying.lock().unwrap_or_else(|p| p.into_inner());
@@ -342,7 +399,7 @@ async fn replay(
     };
     if let Some(other) = busy {
         let busy = Reply::Error(format!("a replay into {other} is running"));
-        return Ok(send(&mut w, &busy).await?);
+        return send(&mut w, &busy).await;
     }
     let _guard = ReplayingGuard(control);
     send(
@@ -391,7 +448,7 @@ async fn replay(
     };
     let reply = match outcome {
         Ok(report) => Reply::Done(report),
-        Err(e) => Reply::Error(format!("{e:#}")),
+        Err(e) => Reply::Error(e.chain()),
     };
     if !gone {
         send(&mut w, &reply).await?;
@@ -418,19 +475,25 @@ pub struct Replies {
 
 impl Replies {
     /// The next reply; `None` once the server has closed the connection.
-    pub async fn next(&mut self) -> anyhow::Result<Option<Reply>> {
-        let line = self.lines.next_line().await.context("reading the server")?;
-        line.map(|l| serde_json::from_str(&l).context("a reply from the server"))
+    pub async fn next(&mut self) -> Result<Option<Reply>, ControlError> {
+        let line = self
+            .lines
+            .next_line()
+            .await
+            .map_err(io("reading the server"))?;
+        line.map(|l| serde_json::from_str(&l).map_err(ControlError::Reply))
             .transpose()
     }
 }
 
 /// Sends `request` to a server's control socket.
-pub async fn request(stream: UnixStream, request: &Request) -> anyhow::Result<Replies> {
+pub async fn request(stream: UnixStream, request: &Request) -> Result<Replies, ControlError> {
     let (r, mut w) = stream.into_split();
-    let mut line = serde_json::to_vec(request)?;
+    let mut line = serde_json::to_vec(request).map_err(ControlError::Reply)?;
     line.push(b'\n');
-    w.write_all(&line).await.context("sending to the server")?;
+    w.write_all(&line)
+        .await
+        .map_err(io("sending to the server"))?;
     Ok(Replies {
         lines: BufReader::new(r).lines(),
         _requester: w,

@@ -177,7 +177,7 @@ fn apply_in(
         let earlier = ids.insert(key, offset).map_err(storage)?.map(|v| v.value());
         if let Some(first) = earlier.filter(|&first| first != offset) {
             ids.insert(key, first).map_err(storage)?;
-            metrics::counter!("projector_duplicate_ids_total").increment(1);
+            metrics::counter!(crate::metrics::DUPLICATE_IDS_TOTAL).increment(1);
             continue;
         }
         let row = serde_json::to_vec(&Row {
@@ -272,7 +272,7 @@ fn commit_loop(db: &Database, tables: &Tables, mut rx: mpsc::Receiver<Apply>) {
             txn.commit().map_err(storage)
         });
         last_commit = std::time::Instant::now();
-        metrics::counter!("projector_store_commits_total").increment(1);
+        metrics::counter!(crate::metrics::STORE_COMMITS_TOTAL).increment(1);
         match together {
             Ok(()) => {
                 for a in batch.drain(..) {

@@ -216,7 +216,7 @@ impl<T: Tables> HistoryStore for BucketedStore<T> {
             .await?;
         let plan = plan_apply(self.bucketing, partition, messages, &known).map_err(layout)?;
         if plan.skipped > 0 {
-            metrics::counter!("projector_duplicate_ids_total").increment(plan.skipped as u64);
+            metrics::counter!(crate::metrics::DUPLICATE_IDS_TOTAL).increment(plan.skipped as u64);
         }
         let mut writes: Vec<BoxFuture<'_, Result<(), StoreError>>> =
             Vec::with_capacity(plan.statements());

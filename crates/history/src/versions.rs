@@ -190,7 +190,7 @@ impl CurrentVersion {
             version = name,
             "reads switched to another projection version"
         );
-        metrics::counter!("projector_version_switches_total").increment(1);
+        metrics::counter!(crate::metrics::VERSION_SWITCHES_TOTAL).increment(1);
         self.inner.active.send_replace(Active {
             name: name.into(),
             store,

@@ -1,0 +1,44 @@
+//! The metrics this crate records, each named once. [`CATALOGUE`] lists them
+//! (name, kind, help) for the exporter's descriptions and for the catalogue
+//! in `docs/metrics.md`, which a test keeps equal to it. A slow consumer
+//! found by the gateway counts in fan-out's
+//! [`fanout::metrics::SLOW_CONSUMERS_TOTAL`].
+
+/// Open WebSocket connections.
+pub const CONNECTIONS: &str = "ingest_connections";
+/// Frames received from WebSocket clients.
+pub const FRAMES_TOTAL: &str = "ingest_frames_total";
+/// Frames refused, by error `code`.
+pub const BAD_FRAMES_TOTAL: &str = "ingest_bad_frames_total";
+/// Appends to the log (one per batch of sends).
+pub const APPENDS_TOTAL: &str = "ingest_appends_total";
+/// Appends to the log that failed.
+pub const APPEND_ERRORS_TOTAL: &str = "ingest_append_errors_total";
+/// Sends answered with an `ack`.
+pub const MESSAGES_ACKED_TOTAL: &str = "ingest_messages_acked_total";
+
+/// Every metric above: (name, kind, help).
+pub const CATALOGUE: &[(&str, &str, &str)] = &[
+    (CONNECTIONS, "gauge", "open WebSocket connections"),
+    (
+        FRAMES_TOTAL,
+        "counter",
+        "frames received from WebSocket clients",
+    ),
+    (BAD_FRAMES_TOTAL, "counter", "frames refused, by error code"),
+    (
+        APPENDS_TOTAL,
+        "counter",
+        "appends to the log, one per batch of sends",
+    ),
+    (
+        APPEND_ERRORS_TOTAL,
+        "counter",
+        "appends to the log that failed",
+    ),
+    (
+        MESSAGES_ACKED_TOTAL,
+        "counter",
+        "sends answered with an ack",
+    ),
+];

@@ -1,0 +1,464 @@
+//! The command line of `chat`: its flags and subcommands, and what each one
+//! runs. `src/main.rs` parses a [`Cli`], sets up tracing and calls [`run`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "chat",
+    version,
+    about = "An event-sourced chat pipeline: WebSocket gateways in front of a partitioned log, with live fan-out and a projected history"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run a chat node. With no flags: every role (ingest, fanout, projector)
+    /// in one process on the embedded log and history store, with the web
+    /// page at `/`.
+    Serve(ServeArgs),
+    /// Rebuild the history from the log into a new projection version while
+    /// the current one keeps serving reads. When a `chat serve` holds the
+    /// data dir, the replay runs inside it (through its control socket);
+    /// otherwise this process opens the log and the store itself.
+    Replay(ReplayArgs),
+    /// List the projection versions, point reads at one, drop one.
+    Versions {
+        #[command(subcommand)]
+        action: VersionsAction,
+    },
+}
+
+/// Where the log and the history are, for `replay` and `versions`.
+#[derive(clap::Args)]
+pub struct DataArgs {
+    /// Data dir of the embedded log and history store (and of the control
+    /// socket of a `chat serve` running on it).
+    #[arg(long, default_value = "./data", env = "CHAT_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Partitions of the message topic, as the log was created with.
+    #[arg(long, default_value_t = 16, env = "CHAT_PARTITIONS")]
+    partitions: u32,
+    /// The log: `embedded` or kafka://HOST:PORT[,HOST:PORT...]. Default:
+    /// the log of the server holding the data dir, else `embedded`.
+    #[arg(long, env = "CHAT_LOG")]
+    log: Option<crate::LogSpec>,
+    /// The history store: `embedded` (in the data dir) or
+    /// scylla://HOST:9042[,HOST...]/KEYSPACE. Used when no server holds the
+    /// data dir (else the server's store is).
+    #[arg(long, default_value = "embedded", env = "CHAT_STORE")]
+    store: crate::StoreSpec,
+}
+
+#[derive(clap::Args)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    /// Where to start: `earliest`, or an RFC 3339 time
+    /// (2026-11-24T10:00:00Z): records stamped earlier are left out.
+    #[arg(long, default_value = "earliest")]
+    from: String,
+    /// Version to build. Default: the next vN. Naming a version a stopped
+    /// replay left resumes it.
+    #[arg(long)]
+    into: Option<String>,
+    /// Point reads at the new version once it has caught up with the head.
+    #[arg(long)]
+    switch: bool,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// When stderr is not a terminal: seconds between progress lines.
+    #[arg(long, default_value_t = 5.0)]
+    progress_every: f64,
+}
+
+#[derive(Subcommand)]
+pub enum VersionsAction {
+    /// Every projection version: state, records covered, the current one.
+    List {
+        #[command(flatten)]
+        data: DataArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Point reads (and the projector) at a version a replay completed.
+    Switch {
+        name: String,
+        #[command(flatten)]
+        data: DataArgs,
+    },
+    /// Delete a version and its data; never the current one.
+    Drop {
+        name: String,
+        #[command(flatten)]
+        data: DataArgs,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Address the WebSocket/HTTP gateway listens on.
+    #[arg(long, default_value = "127.0.0.1:8080", env = "CHAT_LISTEN")]
+    listen: SocketAddr,
+    /// Directory of the embedded log and history store; created when missing.
+    #[arg(long, default_value = "./data", env = "CHAT_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Partitions of the message topic. Fixed when the log is created: a
+    /// different value on an existing data dir is refused, since rooms would
+    /// move to other partitions.
+    #[arg(long, default_value_t = 16, env = "CHAT_PARTITIONS")]
+    partitions: u32,
+    /// The log: `embedded` (in the data dir) or
+    /// kafka://HOST:PORT[,HOST:PORT...] for Kafka or Redpanda.
+    #[arg(long, default_value = "embedded", env = "CHAT_LOG")]
+    log: crate::LogSpec,
+    /// Kafka log: bound of the producer queue, in KiB. When the brokers
+    /// stall, intake stops once it is full.
+    #[arg(long, default_value_t = crate::KafkaTuning::default().queue_kbytes)]
+    log_queue_kbytes: u32,
+    /// Kafka log: how long a send waits for room in a full producer queue
+    /// before it is answered `unavailable` (never sent, so retry is safe).
+    #[arg(long, default_value_t = crate::KafkaTuning::default().enqueue_timeout.as_millis() as u64)]
+    log_enqueue_timeout_ms: u64,
+    /// The history store: `embedded` (in the data dir) or
+    /// scylla://HOST:9042[,HOST...]/KEYSPACE[?replication_factor=N&strategy=S]
+    /// for ScyllaDB (keyspace and tables created when missing; the
+    /// replication options only shape a new keyspace, default
+    /// NetworkTopologyStrategy with 3 replicas).
+    #[arg(long, default_value = "embedded", env = "CHAT_STORE")]
+    store: crate::StoreSpec,
+    /// Roles of this process, any of ingest,fanout,projector. A gateway is
+    /// ingest,fanout; a projector node is projector.
+    #[arg(long, default_value = "ingest,fanout,projector", env = "CHAT_ROLES")]
+    roles: crate::Roles,
+    /// Consumer group of the projector. Default: named after the store (a
+    /// Scylla store: its keyspace, chat-projector-scylla-KEYSPACE), so
+    /// projectors writing one store share the partitions and a node with its
+    /// own embedded store reads all of them.
+    #[arg(long, env = "CHAT_GROUP")]
+    group: Option<String>,
+    /// Name of this node, sent to clients in `welcome`.
+    #[arg(long, default_value = "gw-1", env = "CHAT_NODE")]
+    node: String,
+    /// Frames queued for one client before it is closed as a slow consumer
+    /// (close code 4008).
+    #[arg(long, default_value_t = 4096)]
+    client_queue: usize,
+}
+
+impl Cli {
+    /// The default log filter: a server logs what it does; a command's own
+    /// output is its report.
+    pub fn default_log_filter(&self) -> &'static str {
+        match self.command {
+            Command::Serve(_) => "info",
+            _ => "warn",
+        }
+    }
+}
+
+/// Runs the parsed command to its end.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Replay(args) => replay(args).await,
+        Command::Versions { action } => versions(action).await,
+    }
+}
+
+/// Opens the log of `data` for a command running without a server.
+async fn open_log(
+    data: &DataArgs,
+    topic: &str,
+    partitions: u32,
+) -> anyhow::Result<std::sync::Arc<dyn eventlog::EventLog>> {
+    let spec = data.log.clone().unwrap_or(crate::LogSpec::Embedded);
+    if spec == crate::LogSpec::Embedded {
+        let file = data.data_dir.join("log").join(format!("{topic}.redb"));
+        if topic == crate::MESSAGES_TOPIC && !file.exists() {
+            anyhow::bail!(
+                "no log in {} (no {})",
+                data.data_dir.display(),
+                file.display()
+            );
+        }
+    }
+    crate::open_log(
+        &spec,
+        &data.data_dir,
+        topic,
+        partitions,
+        &crate::KafkaTuning::default(),
+    )
+    .await
+    .context("is a chat server without a control socket using this data dir?")
+}
+
+async fn open_versions(
+    data: &DataArgs,
+) -> anyhow::Result<std::sync::Arc<dyn history::versions::Versions>> {
+    let opened = crate::open_versions(&data.store, &data.data_dir).await;
+    let (versions, _) = match data.store {
+        crate::StoreSpec::Embedded => {
+            opened.context("is a chat server without a control socket using this data dir?")?
+        }
+        #[cfg(feature = "scylla")]
+        crate::StoreSpec::Scylla(_) => opened?,
+    };
+    Ok(versions)
+}
+
+async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
+    use projector::control::{ReplayRequest, Reply, Request};
+    projector::control::parse_from(&args.from).map_err(anyhow::Error::msg)?;
+    if !(args.progress_every > 0.0 && args.progress_every.is_finite()) {
+        anyhow::bail!("--progress-every must be a positive number of seconds");
+    }
+    let style =
+        crate::progress::Style::detect(std::time::Duration::from_secs_f64(args.progress_every));
+    let request = ReplayRequest {
+        from: args.from.clone(),
+        into: args.into.clone(),
+        switch: args.switch,
+    };
+    let (progress, watched) = tokio::sync::watch::channel(Default::default());
+    let report = if let Some(stream) = projector::control::connect(&args.data.data_dir).await {
+        // A server holds the data dir: it replays, next to the version it
+        // serves, and streams the progress here.
+        let mut replies = projector::control::request(stream, &Request::Replay(request)).await?;
+        let mut draw = None;
+        let mut outcome = None;
+        while let Some(reply) = replies.next().await? {
+            match reply {
+                Reply::Started { version, log } => {
+                    if let Some(asked) = &args.data.log {
+                        anyhow::ensure!(
+                            crate::log_name(asked) == log,
+                            "the server on {} reads {log}, not {}",
+                            args.data.data_dir.display(),
+                            crate::log_name(asked)
+                        );
+                    }
+                    eprintln!("replaying inside the chat server on {} (log {log}) into {version}; reads keep being served", args.data.data_dir.display());
+                    let watched = watched.clone();
+                    draw = Some(tokio::spawn(async move {
+                        crate::progress::render(&version, watched, style).await
+                    }));
+                }
+                Reply::Progress(p) => {
+                    progress.send_replace(p);
+                }
+                Reply::Done(report) => outcome = Some(Ok(report)),
+                Reply::Error(e) => outcome = Some(Err(anyhow::anyhow!(e))),
+                other => outcome = Some(Err(anyhow::anyhow!("unexpected reply {other:?}"))),
+            }
+        }
+        drop(progress);
+        if let Some(draw) = draw {
+            draw.await.context("progress display")?;
+        }
+        outcome.unwrap_or_else(|| Err(anyhow::anyhow!("the server closed the connection")))?
+    } else {
+        let log = open_log(&args.data, crate::MESSAGES_TOPIC, args.data.partitions).await?;
+        let dlq = open_log(&args.data, projector::DLQ_TOPIC, 1).await?;
+        let versions = open_versions(&args.data).await?;
+        let target = projector::control::pick_target(&*versions, args.into.as_deref()).await?;
+        let shutdown = CancellationToken::new();
+        let on_signal = tokio::spawn(on_signal(shutdown.clone()));
+        let draw = tokio::spawn({
+            let target = target.clone();
+            async move { crate::progress::render(&target, watched, style).await }
+        });
+        let report = projector::control::replay_into(
+            log,
+            Some(dlq),
+            &*versions,
+            None,
+            &target,
+            &request,
+            &progress,
+            shutdown,
+        )
+        .await;
+        drop(progress);
+        draw.await.context("progress display")?;
+        on_signal.abort();
+        report?
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", report.text());
+    }
+    Ok(())
+}
+
+async fn versions(action: VersionsAction) -> anyhow::Result<()> {
+    use projector::control::{Reply, Request};
+    let (data, request) = match &action {
+        VersionsAction::List { data, .. } => (data, Request::Versions),
+        VersionsAction::Switch { name, data } => (data, Request::Switch { to: name.clone() }),
+        VersionsAction::Drop { name, data } => (
+            data,
+            Request::Drop {
+                version: name.clone(),
+            },
+        ),
+    };
+    let reply = if let Some(stream) = projector::control::connect(&data.data_dir).await {
+        let mut replies = projector::control::request(stream, &request).await?;
+        replies
+            .next()
+            .await?
+            .context("the server closed the connection")?
+    } else {
+        let versions = open_versions(data).await?;
+        let outcome = match &request {
+            Request::Versions => versions.list().await.map(Reply::Versions),
+            Request::Switch { to } => versions
+                .set_current(to)
+                .await
+                .map(|()| Reply::Ok(format!("reads now use {to}"))),
+            Request::Drop { version } => versions
+                .drop_version(version)
+                .await
+                .map(|()| Reply::Ok(format!("dropped {version}"))),
+            Request::Replay(_) => unreachable!("not a versions request"),
+        };
+        outcome.unwrap_or_else(|e| Reply::Error(e.to_string()))
+    };
+    match reply {
+        Reply::Versions(list) => {
+            if matches!(action, VersionsAction::List { json: true, .. }) {
+                println!("{}", serde_json::to_string(&list)?);
+            } else {
+                println!(
+                    "{:<12} {:<9} {:<8} {:>12}  {:<26} CREATED",
+                    "VERSION", "STATE", "CURRENT", "RECORDS", "FROM"
+                );
+                for v in list {
+                    let state = serde_json::to_value(v.state)?;
+                    let created = if v.created_ms > 0 {
+                        time::OffsetDateTime::from_unix_timestamp_nanos(
+                            i128::from(v.created_ms) * 1_000_000,
+                        )
+                        .ok()
+                        .and_then(|t| {
+                            t.format(&time::format_description::well_known::Rfc3339)
+                                .ok()
+                        })
+                        .unwrap_or_default()
+                    } else {
+                        "-".to_owned()
+                    };
+                    println!(
+                        "{:<12} {:<9} {:<8} {:>12}  {:<26} {created}",
+                        v.name,
+                        state.as_str().unwrap_or("?"),
+                        if v.current { "*" } else { "" },
+                        v.records,
+                        v.from,
+                    );
+                }
+            }
+            Ok(())
+        }
+        Reply::Ok(message) => {
+            println!("{message}");
+            Ok(())
+        }
+        Reply::Error(e) => anyhow::bail!(e),
+        other => anyhow::bail!("unexpected reply {other:?}"),
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if args.partitions == 0 {
+        anyhow::bail!("--partitions must be at least 1");
+    }
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    crate::describe_metrics();
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::warn!("open dev mode: no JWT secret, clients name themselves with ?user=<name>");
+    tracing::info!(%addr, "listening; web page at http://{addr}/");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(on_signal(shutdown.clone()));
+    let config = crate::ServeConfig {
+        data_dir: args.data_dir,
+        partitions: args.partitions,
+        log: args.log,
+        kafka: crate::KafkaTuning {
+            queue_kbytes: args.log_queue_kbytes,
+            enqueue_timeout: std::time::Duration::from_millis(args.log_enqueue_timeout_ms),
+        },
+        store: args.store,
+        roles: args.roles,
+        group: args.group,
+        gateway: ingest::GatewayConfig {
+            node: args.node,
+            client_queue: args.client_queue,
+            ..Default::default()
+        },
+    };
+    crate::serve(listener, config, Some(metrics), shutdown).await
+}
+
+/// Cancels `shutdown` on SIGTERM or Ctrl-C.
+async fn on_signal(shutdown: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(feature = "scylla")]
+    #[test]
+    fn the_store_flag_takes_a_scylla_uri_and_refuses_a_bad_one() {
+        // As redpanda/compose.yaml passes it.
+        let cli =
+            Cli::try_parse_from(["chat", "serve", "--store=scylla://scylla:9042/chat"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve");
+        };
+        assert!(matches!(args.store, crate::StoreSpec::Scylla(t) if t.keyspace == "chat"));
+        let cli = Cli::try_parse_from(["chat", "versions", "list", "--store", "scylla://a,b/ks"])
+            .unwrap();
+        assert!(matches!(cli.command, Command::Versions { .. }));
+        let e = Cli::try_parse_from(["chat", "serve", "--store", "scylla://bad"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("--store") && e.contains("missing /KEYSPACE"),
+            "{e}"
+        );
+    }
+}

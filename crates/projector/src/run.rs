@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::{ExponentialBuilder, Retryable};
 use eventlog::{EventLog, LogRecord, Record};
 use futures::StreamExt;
 use schemas::protocol::MessageView;
@@ -25,8 +26,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::versions::Active;
-use crate::{HistoryStore, StoreError};
+use history::versions::Active;
+use history::{HistoryStore, StoreError};
 
 /// Name of the dead-letter topic.
 pub const DLQ_TOPIC: &str = "chat.dlq";
@@ -39,7 +40,8 @@ pub struct ProjectorConfig {
     /// every partition without joining the group, so a restart resumes at
     /// once instead of waiting for the group to notice the old member died.
     pub exclusive: bool,
-    /// First wait after a failed store write; doubles up to `max_backoff`.
+    /// First wait after a failure; each next one doubles (jittered) up to
+    /// `max_backoff`.
     pub backoff: Duration,
     pub max_backoff: Duration,
 }
@@ -121,7 +123,50 @@ pub(crate) struct Applier {
     pub max_backoff: Duration,
 }
 
+/// How the projector waits between attempts of anything that failed:
+/// exponential from `first` to `max` (each wait jittered by up to as much
+/// again), without end: a projector never skips what it could not store.
+pub(crate) fn retry_policy(first: Duration, max: Duration) -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(first)
+        .with_max_delay(max)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+}
+
+/// The waits of a loop that retries by starting over (a read re-opened, a
+/// group re-joined): the next wait, and a reset once it made progress.
+struct Delays {
+    policy: ExponentialBuilder,
+    max: Duration,
+    waits: backon::ExponentialBackoff,
+}
+
+impl Delays {
+    fn new(first: Duration, max: Duration) -> Self {
+        let policy = retry_policy(first, max);
+        Delays {
+            policy,
+            max,
+            waits: backon::BackoffBuilder::build(policy),
+        }
+    }
+
+    fn next(&mut self) -> Duration {
+        self.waits.next().unwrap_or(self.max)
+    }
+
+    fn reset(&mut self) {
+        self.waits = backon::BackoffBuilder::build(self.policy);
+    }
+}
+
 impl Applier {
+    fn policy(&self) -> ExponentialBuilder {
+        retry_policy(self.backoff, self.max_backoff)
+    }
+
     /// Decodes `batch`, leaving out records stamped before `not_before`;
     /// dead-letters what cannot be decoded (retrying the dead-letter topic
     /// until it takes the record).
@@ -155,22 +200,14 @@ impl Applier {
         partition: u32,
         decoded: &Decoded,
     ) -> Result<(), StoreError> {
-        let mut backoff = self.backoff;
-        loop {
-            match store
-                .apply(partition, decoded.messages.clone(), decoded.next)
-                .await
-            {
-                Ok(()) => return Ok(()),
-                Err(e) if e.is_retriable() => {
-                    tracing::warn!(partition, error = %e, "store apply failed, retrying");
-                    metrics::counter!("projector_store_errors_total").increment(1);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(self.max_backoff);
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        (|| store.apply(partition, decoded.messages.clone(), decoded.next))
+            .retry(self.policy())
+            .when(StoreError::is_retriable)
+            .notify(|e, wait| {
+                tracing::warn!(partition, error = %e, ?wait, "store apply failed, retrying");
+                metrics::counter!(crate::metrics::STORE_ERRORS_TOTAL).increment(1);
+            })
+            .await
     }
 
     async fn dead_letter(&self, record: &LogRecord, reason: &str) {
@@ -181,17 +218,18 @@ impl Applier {
             consumer = self.consumer,
             "undecodable record sent to the dead-letter topic"
         );
-        metrics::counter!("projector_dead_letters_total", "consumer" => self.consumer.clone())
+        metrics::counter!(crate::metrics::DEAD_LETTERS_TOTAL, "consumer" => self.consumer.clone())
             .increment(1);
         let Some(dlq) = &self.dlq else { return };
-        let mut backoff = self.backoff;
-        while let Err(e) = dlq
-            .append(vec![dead_letter(record, reason, &self.consumer)])
-            .await
-        {
-            tracing::warn!(error = %e, "dead-letter append failed, retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(self.max_backoff);
+        let appended = (|| dlq.append(vec![dead_letter(record, reason, &self.consumer)]))
+            .retry(self.policy())
+            .notify(|e, wait| {
+                tracing::warn!(error = %e, ?wait, "dead-letter append failed, retrying");
+            })
+            .await;
+        if let Err(e) = appended {
+            // Unreachable: the policy has no last attempt.
+            tracing::error!(error = %e, "dead-letter append gave up");
         }
     }
 }
@@ -214,7 +252,7 @@ impl Projector {
     }
 
     /// A projector writing the version `stores` names, following it when it
-    /// changes (see [`crate::versions::CurrentVersion::subscribe`]).
+    /// changes (see [`history::versions::CurrentVersion::subscribe`]).
     pub fn following(
         log: Arc<dyn EventLog>,
         stores: watch::Receiver<Active>,
@@ -243,7 +281,7 @@ impl Projector {
         let this = Arc::new(self);
         let tracker = TaskTracker::new();
         let mut owned: HashMap<u32, CancellationToken> = HashMap::new();
-        let mut backoff = this.config.backoff;
+        let mut delays = Delays::new(this.config.backoff, this.config.max_backoff);
         'membership: loop {
             let mut assignments = if this.config.exclusive {
                 let all: Vec<u32> = (0..this.log.partitions()).collect();
@@ -260,7 +298,7 @@ impl Projector {
                 };
                 match next {
                     Some(Ok(partitions)) => {
-                        backoff = this.config.backoff;
+                        delays.reset();
                         owned.retain(|p, stop| {
                             let keep = partitions.contains(p);
                             if !keep {
@@ -283,7 +321,7 @@ impl Projector {
                                 stop
                             });
                         }
-                        metrics::gauge!("projector_partitions_owned").set(owned.len() as f64);
+                        metrics::gauge!(crate::metrics::PARTITIONS_OWNED).set(owned.len() as f64);
                     }
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "consumer group membership failed");
@@ -294,9 +332,8 @@ impl Projector {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(delays.next()) => {}
             }
-            backoff = (backoff * 2).min(this.config.max_backoff);
         }
         for stop in owned.values() {
             stop.cancel();
@@ -307,7 +344,7 @@ impl Projector {
 
     async fn project_partition(&self, partition: u32) {
         let mut stores = self.stores.clone();
-        let mut backoff = self.config.backoff;
+        let mut delays = Delays::new(self.config.backoff, self.config.max_backoff);
         loop {
             // (Re)start from the store's position: the store is the truth.
             let active = stores.borrow_and_update().clone();
@@ -316,8 +353,7 @@ impl Projector {
                 Ok(p) => p.unwrap_or(0),
                 Err(e) => {
                     tracing::warn!(partition, error = %e, "reading projection position failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(self.config.max_backoff);
+                    tokio::time::sleep(delays.next()).await;
                     continue;
                 }
             };
@@ -355,30 +391,286 @@ impl Projector {
                     continue;
                 }
                 self.apply_batch(&*store, partition, &batch).await;
-                backoff = self.config.backoff;
+                delays.reset();
             }
             if switched {
                 continue;
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(self.config.max_backoff);
+            tokio::time::sleep(delays.next()).await;
         }
     }
 
     /// Applies one batch, retrying the store until it succeeds.
     async fn apply_batch(&self, store: &dyn HistoryStore, partition: u32, batch: &[LogRecord]) {
         let decoded = self.applier.decode(batch, None).await;
-        let mut backoff = self.config.backoff;
-        while let Err(e) = self.applier.store(store, partition, &decoded).await {
-            // Terminal for this attempt, but the position must not move
-            // past data it does not cover: wait and try again.
-            tracing::error!(partition, error = %e, "store apply failed, retrying");
-            metrics::counter!("projector_store_errors_total").increment(1);
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(self.config.max_backoff);
+        // A terminal error ends an attempt, but the position must not move
+        // past data it does not cover: wait and try again, without end.
+        let stored = (|| self.applier.store(store, partition, &decoded))
+            .retry(self.applier.policy())
+            .notify(|e, wait| {
+                tracing::error!(partition, error = %e, ?wait, "store apply failed, retrying");
+                metrics::counter!(crate::metrics::STORE_ERRORS_TOTAL).increment(1);
+            })
+            .await;
+        if let Err(e) = stored {
+            // Unreachable: the policy has no last attempt.
+            tracing::error!(partition, error = %e, "store apply gave up");
+            return;
         }
-        metrics::counter!("projector_events_total").increment(decoded.messages.len() as u64);
-        metrics::gauge!("projector_position", "partition" => partition.to_string())
+        metrics::counter!(crate::metrics::EVENTS_TOTAL).increment(decoded.messages.len() as u64);
+        metrics::gauge!(crate::metrics::POSITION, "partition" => partition.to_string())
             .set(decoded.next as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The projector loop over the embedded log and store: what it stores,
+    //! where it resumes, what it dead-letters, and that it retries a store
+    //! that fails instead of moving past the data.
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+    use eventlog::embedded::EmbeddedLog;
+    use history::embedded::EmbeddedStore;
+    use schemas::MessagePosted;
+
+    use super::*;
+
+    const WAIT: Duration = Duration::from_secs(30);
+
+    fn posted(room: &str, n: u64) -> Record {
+        let event = ChatEvent::MessagePosted(MessagePosted {
+            room: room.into(),
+            client_id: format!("id-{room}-{n}"),
+            user: "ada".into(),
+            body: format!("message {n}"),
+            ts: 1_000 + n as i64,
+        });
+        Record {
+            key: room.as_bytes().to_vec(),
+            value: schemas::encode(&event),
+            ts: 1_000 + n as i64,
+        }
+    }
+
+    fn config() -> ProjectorConfig {
+        ProjectorConfig {
+            exclusive: true,
+            backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(20),
+            ..ProjectorConfig::new("test")
+        }
+    }
+
+    /// Waits until `store` covers every partition of `log` up to its head.
+    async fn caught_up(log: &dyn EventLog, store: &dyn HistoryStore) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let mut done = true;
+            for p in 0..log.partitions() {
+                let end = log.end_offset(p).await.unwrap();
+                let at = store.position(p).await.unwrap().unwrap_or(0);
+                done &= at >= end;
+            }
+            if done {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "projection did not catch up"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Runs a projector until it has caught up, then stops it.
+    async fn project(
+        log: Arc<dyn EventLog>,
+        store: Arc<dyn HistoryStore>,
+        dlq: Option<Arc<dyn EventLog>>,
+    ) {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(
+            Projector::new(log.clone(), store.clone(), dlq, config()).run(stop.clone()),
+        );
+        caught_up(&*log, &*store).await;
+        stop.cancel();
+        tokio::time::timeout(WAIT, task)
+            .await
+            .expect("the projector stops when cancelled")
+            .unwrap();
+    }
+
+    fn bodies(page: &[MessageView]) -> Vec<&str> {
+        page.iter().map(|m| m.body.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn every_partition_is_projected_in_offset_order_with_its_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(dir.path(), "m", 4).unwrap());
+        let store: Arc<dyn HistoryStore> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("h"), "v1").unwrap());
+        let rooms = ["a", "b", "c", "d", "e"];
+        for n in 0..20 {
+            log.append(rooms.iter().map(|r| posted(r, n)).collect())
+                .await
+                .unwrap();
+        }
+        project(log.clone(), store.clone(), None).await;
+        for room in rooms {
+            let page = store.page(room, None, 100).await.unwrap();
+            let expected: Vec<String> = (0..20).map(|n| format!("message {n}")).collect();
+            assert_eq!(bodies(&page), expected, "room {room}");
+            assert!(page.windows(2).all(|w| w[0].offset < w[1].offset));
+        }
+        for p in 0..4 {
+            assert_eq!(
+                store.position(p).await.unwrap().unwrap_or(0),
+                log.end_offset(p).await.unwrap(),
+                "partition {p}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_restarted_projector_resumes_from_the_stores_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(dir.path(), "m", 1).unwrap());
+        let store: Arc<dyn HistoryStore> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("h"), "v1").unwrap());
+        log.append((0..5).map(|n| posted("r", n)).collect())
+            .await
+            .unwrap();
+        project(log.clone(), store.clone(), None).await;
+        assert_eq!(store.position(0).await.unwrap(), Some(5));
+        // More records while it was down; the new one starts at 5, and what
+        // the first one stored is not stored again.
+        log.append((5..9).map(|n| posted("r", n)).collect())
+            .await
+            .unwrap();
+        project(log.clone(), store.clone(), None).await;
+        let page = store.page("r", None, 100).await.unwrap();
+        let expected: Vec<String> = (0..9).map(|n| format!("message {n}")).collect();
+        assert_eq!(bodies(&page), expected);
+        assert_eq!(store.position(0).await.unwrap(), Some(9));
+    }
+
+    #[tokio::test]
+    async fn an_undecodable_record_is_dead_lettered_and_the_partition_moves_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(dir.path(), "m", 1).unwrap());
+        let dlq: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(dir.path(), DLQ_TOPIC, 1).unwrap());
+        let store: Arc<dyn HistoryStore> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("h"), "v1").unwrap());
+        let poison = Record {
+            key: b"r".to_vec(),
+            value: b"not avro".to_vec(),
+            ts: 1,
+        };
+        log.append(vec![posted("r", 0), poison, posted("r", 2)])
+            .await
+            .unwrap();
+        project(log.clone(), store.clone(), Some(dlq.clone())).await;
+        let page = store.page("r", None, 100).await.unwrap();
+        assert_eq!(bodies(&page), ["message 0", "message 2"]);
+        assert_eq!(store.position(0).await.unwrap(), Some(3));
+        assert_eq!(dlq.end_offset(0).await.unwrap(), 1, "one dead letter");
+        let mut read = dlq.read(0, 0);
+        let letter = tokio::time::timeout(WAIT, read.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let letter: serde_json::Value = serde_json::from_slice(&letter[0].value).unwrap();
+        assert_eq!(letter["partition"], 0);
+        assert_eq!(letter["offset"], 1);
+        assert_eq!(letter["consumer"], "projector");
+        assert_eq!(letter["value_hex"], "6e6f74206176726f");
+        assert!(!letter["reason"].as_str().unwrap().is_empty());
+    }
+
+    /// An embedded store whose first `failures` applies fail, retriable or
+    /// not: the projector's retry is what is under test.
+    struct Flaky {
+        inner: EmbeddedStore,
+        failures: usize,
+        retriable: bool,
+        calls: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl HistoryStore for Flaky {
+        async fn apply(
+            &self,
+            partition: u32,
+            messages: Vec<MessageView>,
+            next: u64,
+        ) -> Result<(), StoreError> {
+            if self.calls.fetch_add(1, Ordering::SeqCst) < self.failures {
+                return Err(if self.retriable {
+                    StoreError::Unavailable("down for the test".into())
+                } else {
+                    StoreError::Storage("broken for the test".into())
+                });
+            }
+            self.inner.apply(partition, messages, next).await
+        }
+
+        async fn position(&self, partition: u32) -> Result<Option<u64>, StoreError> {
+            self.inner.position(partition).await
+        }
+
+        async fn page(
+            &self,
+            room: &str,
+            before: Option<u64>,
+            limit: usize,
+        ) -> Result<Vec<MessageView>, StoreError> {
+            self.inner.page(room, before, limit).await
+        }
+
+        async fn find_id(&self, room: &str, id: &str) -> Result<Option<u64>, StoreError> {
+            self.inner.find_id(room, id).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_store_is_retried_until_it_takes_the_batch() {
+        for retriable in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(dir.path(), "m", 1).unwrap());
+            let flaky = Arc::new(Flaky {
+                inner: EmbeddedStore::open(&dir.path().join("h"), "v1").unwrap(),
+                failures: 3,
+                retriable,
+                calls: AtomicUsize::new(0),
+            });
+            log.append((0..4).map(|n| posted("r", n)).collect())
+                .await
+                .unwrap();
+            project(log.clone(), flaky.clone(), None).await;
+            let page = flaky.page("r", None, 100).await.unwrap();
+            assert_eq!(page.len(), 4, "retriable {retriable}: nothing skipped");
+            assert_eq!(flaky.position(0).await.unwrap(), Some(4));
+            assert!(flaky.calls.load(Ordering::SeqCst) > 3, "it was retried");
+        }
+    }
+
+    #[test]
+    fn the_retry_policy_grows_to_its_cap_and_never_ends() {
+        let mut delays = Delays::new(Duration::from_millis(10), Duration::from_millis(80));
+        let waits: Vec<Duration> = (0..50).map(|_| delays.next()).collect();
+        // Jitter adds at most as much again as the un-jittered wait.
+        assert!(waits[0] >= Duration::from_millis(10) && waits[0] <= Duration::from_millis(20));
+        assert!(waits.iter().all(|w| *w <= Duration::from_millis(160)));
+        assert!(waits[10..].iter().all(|w| *w >= Duration::from_millis(80)));
+        delays.reset();
+        assert!(
+            delays.next() <= Duration::from_millis(20),
+            "reset starts over"
+        );
     }
 }

@@ -1,0 +1,122 @@
+//! A connected client as the dispatchers see it: its bounded outbound queue
+//! and the token that kicks it.
+//!
+//! Owns the slow-consumer policy. Promises:
+//! - [`Member::offer`] never waits: a frame that does not fit (full or closed
+//!   queue) kicks the member (cancels its `kick` token, counts one slow
+//!   consumer); a kicked member is offered nothing more;
+//! - [`Member::send_paced`] is the one path that waits for room in the queue
+//!   (a catch-up goes at the client's pace, never kicks);
+//! - every member gets an id no other member of this process has.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{FanoutError, Frame};
+
+/// One connected client, as the dispatchers see it.
+pub struct Member {
+    pub(crate) id: u64,
+    user: String,
+    tx: mpsc::Sender<Frame>,
+    kick: CancellationToken,
+}
+
+impl Member {
+    /// `tx` is the member's bounded outbound queue; `kick` is cancelled when
+    /// the member must be closed as a slow consumer.
+    pub fn new(user: &str, tx: mpsc::Sender<Frame>, kick: CancellationToken) -> Arc<Self> {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Arc::new(Member {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            user: user.to_owned(),
+            tx,
+            kick,
+        })
+    }
+
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// Queues a frame without waiting; false when it was not queued. A full
+    /// or closed queue kicks the member.
+    pub(crate) fn offer(&self, frame: Frame) -> bool {
+        if self.kick.is_cancelled() {
+            return false;
+        }
+        match self.tx.try_send(frame) {
+            Ok(()) => true,
+            Err(_) => {
+                ::metrics::counter!(crate::metrics::SLOW_CONSUMERS_TOTAL).increment(1);
+                self.kick.cancel();
+                false
+            }
+        }
+    }
+
+    /// Queues a frame for an ephemeral broadcast: dropped, without a kick,
+    /// when the queue is full.
+    pub(crate) fn offer_ephemeral(&self, frame: Frame) {
+        let _dropped_when_full = self.tx.try_send(frame);
+    }
+
+    /// Queues a frame, waiting for room in the queue (the catch-up's pace);
+    /// [`FanoutError::Slow`] when the queue is closed.
+    pub(crate) async fn send_paced(&self, frame: Frame) -> Result<(), FanoutError> {
+        self.tx.send(frame).await.map_err(|_| FanoutError::Slow)
+    }
+
+    /// Frames the queue can take now without waiting.
+    pub(crate) fn free(&self) -> usize {
+        self.tx.capacity()
+    }
+
+    /// True once the member has been kicked as a slow consumer.
+    pub(crate) fn is_kicked(&self) -> bool {
+        self.kick.is_cancelled()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_kicks_and_nothing_more_is_offered() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let kick = CancellationToken::new();
+        let m = Member::new("u", tx, kick.clone());
+        assert!(m.offer(Frame::from("a")));
+        assert!(!m.is_kicked());
+        assert!(!m.offer(Frame::from("b")), "the queue holds one frame");
+        assert!(kick.is_cancelled());
+        assert_eq!(rx.try_recv().unwrap().as_str(), "a");
+        assert!(!m.offer(Frame::from("c")), "a kicked member gets nothing");
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn an_ephemeral_frame_for_a_full_queue_is_dropped_without_a_kick() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let kick = CancellationToken::new();
+        let m = Member::new("u", tx, kick.clone());
+        m.offer_ephemeral(Frame::from("a"));
+        m.offer_ephemeral(Frame::from("b"));
+        assert!(!kick.is_cancelled());
+        assert_eq!(rx.try_recv().unwrap().as_str(), "a");
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn members_get_distinct_ids() {
+        let (tx, _rx) = mpsc::channel(1);
+        let a = Member::new("u", tx.clone(), CancellationToken::new());
+        let b = Member::new("u", tx, CancellationToken::new());
+        assert_ne!(a.id, b.id);
+        assert_eq!(a.user(), "u");
+    }
+}

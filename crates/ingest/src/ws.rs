@@ -5,7 +5,14 @@
 //! by it drains the queue into the socket and sends the close frame. A bad
 //! frame is answered with an `error` and nothing else happens. Close codes:
 //! 4001 unauthorized, 4008 slow consumer (its queue filled up), 1001 server
-//! going away (shutdown, after in-flight appends are acked).
+//! going away (shutdown, after in-flight appends are acked). However a
+//! connection ends, the sends it accepted are appended (acked when the
+//! client can still take the ack), so a retry of their ids gets the outcome.
+//!
+//! The socket itself is only touched at the edge: [`connection`] splits it
+//! and hands its halves to [`session`], which works over any `Sink` and
+//! `Stream` of messages, so the tests (`ws/tests.rs`) drive the production
+//! code over channels.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -15,10 +22,11 @@ use axum::extract::{Query, State};
 use axum::response::Response;
 use fanout::{Frame, Member};
 use futures::future::BoxFuture;
-use futures::stream::{FuturesUnordered, SplitSink};
-use futures::{FutureExt, SinkExt, StreamExt};
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use schemas::protocol::{
-    parse_client_frame, ClientFrame, ErrorCode, FrameError, Position, ServerFrame, PROTOCOL_VERSION,
+    parse_client_frame, ClientFrame, CloseCode, ErrorCode, FrameError, Position, ServerFrame,
+    PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -26,10 +34,10 @@ use tokio_util::sync::CancellationToken;
 use crate::dedup::{self, AckInfo, Claim, Outcome};
 use crate::{now_ms, AppState, PendingSend};
 
-/// Close codes of PROTOCOL.md.
-pub const CLOSE_UNAUTHORIZED: u16 = 4001;
-pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
-pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// Close codes, as [`CloseCode`] names them (docs/protocol.md, Close codes).
+pub const CLOSE_UNAUTHORIZED: u16 = CloseCode::Unauthorized.code();
+pub const CLOSE_SLOW_CONSUMER: u16 = CloseCode::SlowConsumer.code();
+pub const CLOSE_GOING_AWAY: u16 = CloseCode::GoingAway.code();
 
 /// How long a closing connection may take to flush its last frames.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -109,12 +117,15 @@ const UNAUTHORIZED: Close = Close {
 };
 
 /// Drains the queue into the socket until the queue closes or a close
-/// arrives.
-async fn writer(
-    mut sink: SplitSink<WebSocket, Message>,
+/// arrives. `sink` is the socket's sending half (a channel in tests); a
+/// failed write ends the writer.
+async fn writer<Si>(
+    mut sink: Si,
     mut rx: mpsc::Receiver<Frame>,
     mut close: oneshot::Receiver<Close>,
-) {
+) where
+    Si: Sink<Message> + Unpin,
+{
     loop {
         tokio::select! {
             biased;
@@ -172,8 +183,21 @@ struct Connection {
     retries: FuturesUnordered<RetryFuture>,
 }
 
+/// Serves an upgraded socket (the production path).
 async fn connection(socket: WebSocket, state: Arc<AppState>, user: Option<String>) {
-    let (sink, mut stream) = socket.split();
+    let (sink, stream) = socket.split();
+    session(sink, stream, state, user).await;
+}
+
+/// Serves one connection over the halves of its socket: `welcome` (or, when
+/// `user` is `None`, the `unauthorized` error and close), then the client's
+/// frames, then the close. Returns when the writer is done, at most
+/// [`CLOSE_GRACE`] after the connection stopped handling frames.
+async fn session<Si, St, E>(sink: Si, mut stream: St, state: Arc<AppState>, user: Option<String>)
+where
+    Si: Sink<Message> + Unpin + Send + 'static,
+    St: Stream<Item = Result<Message, E>> + Unpin,
+{
     let (tx, rx) = mpsc::channel(state.gw.config.client_queue);
     let (close_tx, close_rx) = oneshot::channel();
     let mut writer = tokio::spawn(writer(sink, rx, close_rx));
@@ -195,20 +219,8 @@ async fn connection(socket: WebSocket, state: Arc<AppState>, user: Option<String
         }
         return;
     };
-    metrics::gauge!("ingest_connections").increment(1.0);
-    let kick = CancellationToken::new();
-    let member = Member::new(&user, tx.clone(), kick.clone());
-    let mut conn = Connection {
-        state: state.clone(),
-        user,
-        member,
-        tx,
-        kick,
-        rooms: HashSet::new(),
-        queued: Vec::new(),
-        inflight: FuturesUnordered::new(),
-        retries: FuturesUnordered::new(),
-    };
+    metrics::gauge!(crate::metrics::CONNECTIONS).increment(1.0);
+    let mut conn = Connection::new(state.clone(), user, tx);
     let node = state.gw.config.node.clone();
     conn.push(Frame::from(
         ServerFrame::Welcome {
@@ -246,14 +258,32 @@ async fn connection(socket: WebSocket, state: Arc<AppState>, user: Option<String
             tracing::debug!("client did not answer the close");
         }
     }
-    metrics::gauge!("ingest_connections").decrement(1.0);
+    metrics::gauge!(crate::metrics::CONNECTIONS).decrement(1.0);
 }
 
 impl Connection {
+    /// A connection of `user` whose frames for the client go to `tx` (the
+    /// queue the writer drains); it has joined no room yet.
+    fn new(state: Arc<AppState>, user: String, tx: mpsc::Sender<Frame>) -> Self {
+        let kick = CancellationToken::new();
+        let member = Member::new(&user, tx.clone(), kick.clone());
+        Connection {
+            state,
+            user,
+            member,
+            tx,
+            kick,
+            rooms: HashSet::new(),
+            queued: Vec::new(),
+            inflight: FuturesUnordered::new(),
+            retries: FuturesUnordered::new(),
+        }
+    }
+
     /// Queues a frame for the client; a full queue makes it a slow consumer.
     fn push(&self, frame: Frame) {
         if self.tx.try_send(frame).is_err() && !self.kick.is_cancelled() {
-            metrics::counter!("fanout_slow_consumers_total").increment(1);
+            metrics::counter!(fanout::metrics::SLOW_CONSUMERS_TOTAL).increment(1);
             self.kick.cancel();
         }
     }
@@ -267,8 +297,12 @@ impl Connection {
     }
 
     /// Handles frames until the client leaves or must be closed; returns the
-    /// close code to send, if any.
-    async fn run(&mut self, stream: &mut futures::stream::SplitStream<WebSocket>) -> Option<Close> {
+    /// close code to send, if any. The end of `stream`, or an error from it,
+    /// means the client is gone.
+    async fn run<St, E>(&mut self, stream: &mut St) -> Option<Close>
+    where
+        St: Stream<Item = Result<Message, E>> + Unpin,
+    {
         let shutdown = self.state.shutdown.clone();
         let kick = self.kick.clone();
         let max_pending = self.state.gw.config.max_pending_sends;
@@ -276,7 +310,14 @@ impl Connection {
             let can_read = self.queued.len() + self.retries.len() < max_pending;
             tokio::select! {
                 biased;
-                _ = kick.cancelled() => return Some(SLOW_CONSUMER),
+                _ = kick.cancelled() => {
+                    // The client's backlog is dropped, its accepted sends are
+                    // not: an id stays claimed until its append has an
+                    // outcome, so abandoning it would leave the retry the
+                    // client makes after reconnecting waiting forever.
+                    self.finish_appends().await;
+                    return Some(SLOW_CONSUMER);
+                }
                 _ = shutdown.cancelled() => {
                     // Drain: finish the appends already accepted, ack them.
                     while !self.inflight.is_empty() || !self.queued.is_empty() {
@@ -306,15 +347,22 @@ impl Connection {
                     ))),
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
                         // The client is gone; appends in flight still complete.
-                        while let Some((batch, outcomes)) = self.inflight.next().await {
-                            self.answer(batch, outcomes);
-                            self.start_batch();
-                        }
+                        self.finish_appends().await;
                         return None;
                     }
                     Some(Ok(_)) => {} // ping/pong are answered by the library
                 },
             }
+        }
+    }
+
+    /// Completes the accepted sends: the batch in the log, then the ones
+    /// queued behind it. Each outcome reaches the dedup cache, where retries
+    /// of the id find it, and the client's queue when it has room.
+    async fn finish_appends(&mut self) {
+        while let Some((batch, outcomes)) = self.inflight.next().await {
+            self.answer(batch, outcomes);
+            self.start_batch();
         }
     }
 
@@ -348,11 +396,11 @@ impl Connection {
     }
 
     async fn handle(&mut self, text: &str) {
-        metrics::counter!("ingest_frames_total").increment(1);
+        metrics::counter!(crate::metrics::FRAMES_TOTAL).increment(1);
         let frame = match parse_client_frame(text) {
             Ok(frame) => frame,
             Err(e) => {
-                metrics::counter!("ingest_bad_frames_total", "code" => e.code.as_str())
+                metrics::counter!(crate::metrics::BAD_FRAMES_TOTAL, "code" => e.code.as_str())
                     .increment(1);
                 return self.push(error_frame(&e));
             }
@@ -450,3 +498,8 @@ fn not_joined(room: &str) -> Frame {
         None,
     ))
 }
+
+// The path is spelled out so that `rustfmt src/ws.rs` alone finds the file.
+#[cfg(test)]
+#[path = "ws/tests.rs"]
+mod tests;

@@ -1,0 +1,696 @@
+//! Tests of the WebSocket protocol handling, without sockets.
+//!
+//! A [`Client`] runs the production [`session`] over two channels that
+//! stand for the socket's halves: the test writes client frames into one and
+//! reads what the writer task wrote from the other. The node behind it has
+//! real backends (an embedded log and history store in a temporary
+//! directory, and a fan-out), built as `chat serve` builds them. The shutdown
+//! and slow-consumer paths are driven on a bare [`Connection`] or [`writer`],
+//! where the order of events is fixed by the test rather than the scheduler.
+//!
+//! Every wait is on a condition (a frame, the end of a channel), bounded by
+//! [`WAIT`] so a broken promise fails the test instead of hanging it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::Message;
+use eventlog::embedded::EmbeddedLog;
+use eventlog::{EventLog, LogRecord};
+use fanout::{Fanout, FanoutConfig};
+use futures::channel::mpsc as socket;
+use futures::StreamExt;
+use history::embedded::EmbeddedStore;
+use history::HistoryStore;
+use schemas::protocol::{MessageView, MAX_BODY_BYTES};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::*;
+use crate::{dedup, AppState, Gateway, GatewayConfig};
+
+/// Longest wait for anything; reached only when a test fails.
+const WAIT: Duration = Duration::from_secs(10);
+const ROOM: &str = "general";
+const PARTITIONS: u32 = 4;
+
+/// One gateway node over real backends in a temporary directory.
+struct Node {
+    log: Arc<dyn EventLog>,
+    store: Arc<EmbeddedStore>,
+    state: Arc<AppState>,
+    /// Holds the backends' files for the life of the node.
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    /// A node with every role, as `chat serve` runs by default.
+    fn new() -> Node {
+        Node::with(GatewayConfig::default(), true)
+    }
+
+    /// A node with `config`, and a fan-out when `fanout` is set.
+    fn with(config: GatewayConfig, fanout: bool) -> Node {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let log: Arc<dyn EventLog> = Arc::new(
+            EmbeddedLog::open(dir.path(), schemas::MESSAGES_TOPIC, PARTITIONS).expect("open log"),
+        );
+        let store =
+            Arc::new(EmbeddedStore::open(&dir.path().join("history"), "v1").expect("store"));
+        let gw = Gateway {
+            log: log.clone(),
+            fanout: fanout.then(|| Fanout::new(log.clone(), FanoutConfig::default())),
+            store: Some(store.clone() as Arc<dyn HistoryStore>),
+            metrics: None,
+            config,
+        };
+        let state = Arc::new(AppState {
+            dedup: dedup::Dedup::new(gw.config.dedup_capacity),
+            gw,
+            shutdown: CancellationToken::new(),
+            connections: TaskTracker::new(),
+        });
+        Node {
+            log,
+            store,
+            state,
+            _dir: dir,
+        }
+    }
+
+    fn partition(&self, room: &str) -> u32 {
+        self.log.partition_for(room.as_bytes())
+    }
+
+    /// The offset the next record of `room`'s partition will get.
+    async fn end(&self, room: &str) -> u64 {
+        self.log
+            .end_offset(self.partition(room))
+            .await
+            .expect("end offset")
+    }
+
+    fn epoch(&self) -> String {
+        self.log.epoch().to_owned()
+    }
+
+    /// The record of `room`'s partition at `offset`.
+    async fn record(&self, room: &str, offset: u64) -> LogRecord {
+        let mut read = self.log.read(self.partition(room), offset);
+        let batch = tokio::time::timeout(WAIT, read.next())
+            .await
+            .expect("the record is in the log")
+            .expect("the read yields")
+            .expect("the read succeeds");
+        batch.into_iter().next().expect("a record at the offset")
+    }
+}
+
+/// A client of a [`Node`], connected through channels instead of a socket.
+struct Client {
+    /// What the socket's stream yields to the session.
+    to_server: socket::UnboundedSender<Result<Message, axum::Error>>,
+    /// What the writer task wrote to the socket.
+    from_server: socket::UnboundedReceiver<Message>,
+}
+
+impl Client {
+    /// Connects `user` and checks that its first frame is `welcome`.
+    async fn connect(node: &Node, user: &str) -> Client {
+        let mut client = Client::open(node, Some(user));
+        let welcome = client.recv().await;
+        assert_eq!(
+            welcome,
+            json!({"type": "welcome", "user": user, "node": "gw-1", "v": PROTOCOL_VERSION}),
+        );
+        client
+    }
+
+    /// Starts a session as the upgrade does, `user` being what the query
+    /// named (`None`: no valid user).
+    fn open(node: &Node, user: Option<&str>) -> Client {
+        let (to_server, stream) = socket::unbounded();
+        let (sink, from_server) = socket::unbounded();
+        tokio::spawn(session(
+            sink,
+            stream,
+            node.state.clone(),
+            user.map(str::to_owned),
+        ));
+        Client {
+            to_server,
+            from_server,
+        }
+    }
+
+    /// Sends one text frame.
+    fn send_text(&self, text: &str) {
+        self.to_server
+            .unbounded_send(Ok(Message::Text(text.into())))
+            .expect("the session reads");
+    }
+
+    fn send(&self, frame: Value) {
+        self.send_text(&frame.to_string());
+    }
+
+    /// The next frame the server wrote.
+    async fn next(&mut self) -> Message {
+        tokio::time::timeout(WAIT, self.from_server.next())
+            .await
+            .expect("a frame from the server")
+            .expect("the socket is still open")
+    }
+
+    /// The next frame, which must be a text frame, as JSON.
+    async fn recv(&mut self) -> Value {
+        match self.next().await {
+            Message::Text(text) => serde_json::from_str(&text).expect("server frames are json"),
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+
+    /// The next `n` frames, in the order they came.
+    async fn recv_n(&mut self, n: usize) -> Vec<Value> {
+        let mut frames = Vec::with_capacity(n);
+        for _ in 0..n {
+            frames.push(self.recv().await);
+        }
+        frames
+    }
+
+    /// The next frame, which must be an `error` with `code`; returns it.
+    async fn expect_error(&mut self, code: &str) -> Value {
+        let frame = self.recv().await;
+        assert_eq!(frame["type"], "error", "{frame}");
+        assert_eq!(frame["code"], code, "{frame}");
+        frame
+    }
+
+    /// Sends a message and returns its `ack`, the next frame: for a client
+    /// that is not a member of `room` (a member may get its message first).
+    async fn post(&mut self, room: &str, id: &str, body: &str) -> Value {
+        self.send(json!({"type": "send", "room": room, "id": id, "body": body}));
+        let ack = self.recv().await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        assert_eq!(
+            (ack["id"].as_str(), ack["room"].as_str()),
+            (Some(id), Some(room))
+        );
+        ack
+    }
+
+    /// Joins `room` (from `since`, if any) and returns the `joined` frame.
+    async fn join(&mut self, room: &str, since: Option<Value>) -> Value {
+        let mut frame = json!({"type": "join", "room": room});
+        if let Some(since) = since {
+            frame["since"] = since;
+        }
+        self.send(frame);
+        let joined = self.recv().await;
+        assert_eq!(joined["type"], "joined", "{joined}");
+        assert_eq!(joined["room"], room);
+        joined
+    }
+
+    /// The next frame, which must be a close frame with a code; returns
+    /// its code and reason.
+    async fn closed(&mut self) -> (u16, String) {
+        match self.next().await {
+            Message::Close(Some(close)) => (close.code, close.reason.to_string()),
+            other => panic!("expected a close frame with a code, got {other:?}"),
+        }
+    }
+}
+
+fn offset(frame: &Value) -> i64 {
+    frame["offset"].as_i64().expect("an integer offset")
+}
+
+/// The one frame of `frames` with this `type`.
+fn one_of<'a>(frames: &'a [Value], kind: &str) -> &'a Value {
+    let mut found = frames.iter().filter(|f| f["type"] == kind);
+    let frame = found
+        .next()
+        .unwrap_or_else(|| panic!("no {kind} in {frames:?}"));
+    assert!(found.next().is_none(), "two {kind} in {frames:?}");
+    frame
+}
+
+#[tokio::test]
+async fn a_connection_without_user_gets_unauthorized_then_4001() {
+    let node = Node::new();
+    let mut client = Client::open(&node, None);
+    // The error comes first, and no welcome at all.
+    client.expect_error("unauthorized").await;
+    assert_eq!(
+        client.closed().await,
+        (CLOSE_UNAUTHORIZED, "unauthorized".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn malformed_frames_get_bad_frame_and_the_connection_keeps_working() {
+    let node = Node::new();
+    let mut alice = Client::connect(&node, "alice").await;
+    let cases: [(&str, Option<&str>); 7] = [
+        ("nope", None),
+        ("[1]", None),
+        (r#"{"room":"general"}"#, None),
+        (r#"{"type":"dance","id":"q"}"#, Some("q")),
+        (r#"{"type":"join"}"#, None),
+        (r#"{"type":"send","room":"general","body":"hi"}"#, None),
+        (r#"{"type":"send","room":"general","id":"m1"}"#, Some("m1")),
+    ];
+    for (text, id) in cases {
+        alice.send_text(text);
+        let error = alice.expect_error("bad_frame").await;
+        assert_eq!(error["id"].as_str(), id, "{text}");
+    }
+    alice
+        .to_server
+        .unbounded_send(Ok(Message::Binary(vec![1, 2].into())))
+        .unwrap();
+    alice.expect_error("bad_frame").await;
+    assert_eq!(node.end(ROOM).await, 0, "nothing was appended");
+
+    let ack = alice.post(ROOM, "m1", "still here").await;
+    assert_eq!(offset(&ack), 0);
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_too_large_and_not_appended() {
+    let node = Node::new();
+    let mut alice = Client::connect(&node, "alice").await;
+    let big = "x".repeat(MAX_BODY_BYTES + 1);
+    alice.send(json!({"type": "send", "room": ROOM, "id": "big", "body": big}));
+    let error = alice.expect_error("too_large").await;
+    assert_eq!(error["id"], "big");
+    assert_eq!(node.end(ROOM).await, 0, "nothing was appended");
+
+    // The limit itself is allowed, and the refused id is not remembered.
+    let ack = alice.post(ROOM, "big", &big[1..]).await;
+    assert_eq!(offset(&ack), 0);
+    assert_eq!(node.end(ROOM).await, 1);
+}
+
+#[tokio::test]
+async fn bad_room_names_get_bad_room() {
+    let node = Node::new();
+    let mut alice = Client::connect(&node, "alice").await;
+    let long = "a".repeat(65);
+    for room in ["no spaces", "", long.as_str(), "slash/room"] {
+        alice.send(json!({"type": "send", "room": room, "id": "m", "body": "hi"}));
+        assert_eq!(alice.expect_error("bad_room").await["id"], "m");
+        for kind in ["join", "leave", "typing"] {
+            alice.send(json!({"type": kind, "room": room}));
+            alice.expect_error("bad_room").await;
+        }
+    }
+    for partition in 0..PARTITIONS {
+        assert_eq!(node.log.end_offset(partition).await.unwrap(), 0);
+    }
+}
+
+#[tokio::test]
+async fn leave_and_typing_need_a_joined_room_but_send_does_not() {
+    let node = Node::new();
+    let mut alice = Client::connect(&node, "alice").await;
+    alice.send(json!({"type": "leave", "room": ROOM}));
+    alice.expect_error("not_joined").await;
+    alice.send(json!({"type": "typing", "room": ROOM}));
+    alice.expect_error("not_joined").await;
+    assert_eq!(node.end(ROOM).await, 0);
+
+    // docs/protocol.md: "the connection does not need to have joined it".
+    let ack = alice.post(ROOM, "m1", "from outside").await;
+    assert_eq!(offset(&ack), 0);
+    assert_eq!(node.end(ROOM).await, 1);
+}
+
+#[tokio::test]
+async fn a_send_is_acked_with_its_offset_after_the_append() {
+    let node = Node::new();
+    let mut alice = Client::connect(&node, "alice").await;
+    // Back to back: appended in the order sent, acked in that order.
+    for (id, body) in [("m1", "hello"), ("m2", "world"), ("m3", "again")] {
+        alice.send(json!({"type": "send", "room": ROOM, "id": id, "body": body}));
+    }
+    let acks = alice.recv_n(3).await;
+    for (n, (ack, (id, body))) in acks
+        .iter()
+        .zip([("m1", "hello"), ("m2", "world"), ("m3", "again")])
+        .enumerate()
+    {
+        assert_eq!(ack["type"], "ack", "{ack}");
+        assert_eq!(ack["id"], id);
+        assert_eq!(ack["room"], ROOM);
+        assert_eq!(offset(ack), n as i64);
+        let ts = ack["ts"].as_i64().expect("an integer ts");
+        // Acked means in the log.
+        assert!(node.end(ROOM).await > n as u64);
+        let record = node.record(ROOM, n as u64).await;
+        assert_eq!(record.offset, n as u64);
+        assert_eq!(record.key, ROOM.as_bytes());
+        assert_eq!(record.ts, ts);
+        let schemas::ChatEvent::MessagePosted(m) = schemas::decode(&record.value).unwrap();
+        assert_eq!(
+            (m.room.as_str(), m.client_id.as_str(), m.user.as_str()),
+            (ROOM, id, "alice")
+        );
+        assert_eq!((m.body.as_str(), m.ts), (body, ts));
+    }
+    assert_eq!(node.end(ROOM).await, 3);
+}
+
+#[tokio::test]
+async fn the_same_id_twice_is_appended_once() {
+    let node = Node::new();
+    let mut alice = Client::connect(&node, "alice").await;
+    let send = json!({"type": "send", "room": ROOM, "id": "once", "body": "hi"});
+    // The second one comes while the first may still be in the log.
+    alice.send(send.clone());
+    alice.send(send.clone());
+    let acks = alice.recv_n(2).await;
+    assert_eq!(acks[0]["type"], "ack", "{acks:?}");
+    assert_eq!(acks[0], acks[1], "same offset and ts");
+    // And once the first is acked, from the ids the node remembers.
+    alice.send(send);
+    assert_eq!(alice.recv().await, acks[0]);
+    assert_eq!(node.end(ROOM).await, 1, "appended once");
+
+    // An id is per room: the same id elsewhere is another message.
+    let other = alice.post("other", "once", "hi").await;
+    assert_eq!(node.end("other").await, offset(&other) as u64 + 1);
+}
+
+#[tokio::test]
+async fn an_id_another_user_used_is_refused() {
+    let node = Node::new();
+    let mut alice = Client::connect(&node, "alice").await;
+    let mut mallory = Client::connect(&node, "mallory").await;
+    alice.post(ROOM, "mine", "hi").await;
+    mallory.send(json!({"type": "send", "room": ROOM, "id": "mine", "body": "hijack"}));
+    assert_eq!(mallory.expect_error("bad_frame").await["id"], "mine");
+    assert_eq!(node.end(ROOM).await, 1);
+}
+
+#[tokio::test]
+async fn a_retry_the_history_knows_is_answered_from_it() {
+    let node = Node::new();
+    // Appended through another node and projected, unknown to this node.
+    let stored = MessageView {
+        room: ROOM.to_owned(),
+        offset: 7,
+        id: "elsewhere".to_owned(),
+        user: "alice".to_owned(),
+        body: "hi".to_owned(),
+        ts: 1_234,
+    };
+    node.store
+        .apply(node.partition(ROOM), vec![stored], 8)
+        .await
+        .unwrap();
+    let mut alice = Client::connect(&node, "alice").await;
+    let ack = alice.post(ROOM, "elsewhere", "hi").await;
+    assert_eq!((offset(&ack), ack["ts"].as_i64()), (7, Some(1_234)));
+    assert_eq!(node.end(ROOM).await, 0, "not appended again");
+}
+
+#[tokio::test]
+async fn joined_members_get_the_rooms_messages() {
+    let node = Node::new();
+    let mut alice = Client::connect(&node, "alice").await;
+    let mut bob = Client::connect(&node, "bob").await;
+    for client in [&mut alice, &mut bob] {
+        let joined = client.join(ROOM, None).await;
+        assert_eq!(
+            joined["position"],
+            json!({"offset": -1, "epoch": node.epoch()})
+        );
+        assert_eq!(joined["recovered"], true);
+    }
+    alice.send(json!({"type": "send", "room": ROOM, "id": "m1", "body": "hello"}));
+    // The sender's ack and its own message come in either order.
+    let frames = alice.recv_n(2).await;
+    let ack = one_of(&frames, "ack");
+    let message = one_of(&frames, "message").clone();
+    assert_eq!(
+        message,
+        json!({"type": "message", "room": ROOM, "offset": ack["offset"], "id": "m1",
+               "user": "alice", "body": "hello", "ts": ack["ts"]}),
+    );
+    assert_eq!(bob.recv().await, message);
+}
+
+#[tokio::test]
+async fn join_with_since_resumes_after_that_offset() {
+    let node = Node::new();
+    let mut alice = Client::connect(&node, "alice").await;
+    let mut offsets = Vec::new();
+    for n in 1..=3 {
+        let ack = alice
+            .post(ROOM, &format!("m{n}"), &format!("body {n}"))
+            .await;
+        offsets.push(offset(&ack));
+    }
+    let mut carol = Client::connect(&node, "carol").await;
+    let joined = carol
+        .join(
+            ROOM,
+            Some(json!({"offset": offsets[0], "epoch": node.epoch()})),
+        )
+        .await;
+    assert_eq!(joined["recovered"], true);
+    assert_eq!(joined["position"]["offset"], offsets[2]);
+    for (n, &expected) in offsets.iter().enumerate().skip(1) {
+        let message = carol.recv().await;
+        assert_eq!(message["type"], "message", "{message}");
+        assert_eq!(offset(&message), expected);
+        assert_eq!(message["id"], format!("m{}", n + 1));
+        assert_eq!(message["body"], format!("body {}", n + 1));
+    }
+    // Then live ones, with no repeat of the caught-up ones in between.
+    let ack = alice.post(ROOM, "m4", "live").await;
+    let live = carol.recv().await;
+    assert_eq!(
+        (live["type"].as_str(), offset(&live)),
+        (Some("message"), offset(&ack))
+    );
+}
+
+#[tokio::test]
+async fn join_with_since_of_another_epoch_is_not_recovered() {
+    let node = Node::new();
+    let mut alice = Client::connect(&node, "alice").await;
+    alice.post(ROOM, "old", "before").await;
+    let mut carol = Client::connect(&node, "carol").await;
+    let joined = carol
+        .join(ROOM, Some(json!({"offset": -1, "epoch": "another log"})))
+        .await;
+    assert_eq!(joined["recovered"], false);
+    assert_eq!(joined["position"]["offset"], 0);
+    // Live messages only: the old one is not replayed.
+    alice.post(ROOM, "new", "after").await;
+    assert_eq!(carol.recv().await["id"], "new");
+}
+
+#[tokio::test]
+async fn after_leave_no_message_of_the_room_comes() {
+    let node = Node::new();
+    let mut alice = Client::connect(&node, "alice").await;
+    let mut bob = Client::connect(&node, "bob").await;
+    alice.join(ROOM, None).await;
+    bob.join(ROOM, None).await;
+    alice.send(json!({"type": "leave", "room": ROOM}));
+    // A successful leave has no answer: the next frame answers the probe.
+    alice.send_text("probe");
+    alice.expect_error("bad_frame").await;
+    bob.send(json!({"type": "send", "room": ROOM, "id": "m1", "body": "hello"}));
+    // The fan-out hands a message to every member of the room at once: once
+    // bob has it, alice would have it queued before her next answer.
+    let frames = bob.recv_n(2).await;
+    one_of(&frames, "ack");
+    one_of(&frames, "message");
+    alice.send_text("probe");
+    alice.expect_error("bad_frame").await;
+    alice.send(json!({"type": "leave", "room": ROOM}));
+    alice.expect_error("not_joined").await;
+}
+
+#[tokio::test]
+async fn typing_reaches_the_members_the_sender_included() {
+    let node = Node::new();
+    let mut alice = Client::connect(&node, "alice").await;
+    let mut bob = Client::connect(&node, "bob").await;
+    alice.join(ROOM, None).await;
+    bob.join(ROOM, None).await;
+    bob.send(json!({"type": "typing", "room": ROOM}));
+    let typing = json!({"type": "typing", "room": ROOM, "user": "bob"});
+    assert_eq!(alice.recv().await, typing);
+    assert_eq!(bob.recv().await, typing);
+    assert_eq!(node.end(ROOM).await, 0, "typing is not stored");
+}
+
+#[tokio::test]
+async fn without_roles_joins_and_sends_are_unavailable() {
+    let config = GatewayConfig {
+        ingest: false,
+        ..GatewayConfig::default()
+    };
+    let node = Node::with(config, false);
+    let mut alice = Client::connect(&node, "alice").await;
+    alice.send(json!({"type": "join", "room": ROOM}));
+    alice.expect_error("unavailable").await;
+    alice.send(json!({"type": "send", "room": ROOM, "id": "m1", "body": "hi"}));
+    assert_eq!(alice.expect_error("unavailable").await["id"], "m1");
+    assert_eq!(node.end(ROOM).await, 0);
+}
+
+#[tokio::test]
+async fn shutdown_closes_with_1001_after_the_queued_frames() {
+    let node = Node::new();
+    let mut alice = Client::open(&node, Some("alice"));
+    node.state.shutdown.cancel();
+    assert_eq!(alice.recv().await["type"], "welcome");
+    assert_eq!(
+        alice.closed().await,
+        (CLOSE_GOING_AWAY, "server going away".to_owned())
+    );
+}
+
+/// A client stream that never yields: the connection is driven by its own
+/// state (shutdown, kick, appends in flight) alone.
+fn silent() -> futures::stream::Pending<Result<Message, axum::Error>> {
+    futures::stream::pending()
+}
+
+#[tokio::test]
+async fn shutdown_acks_the_accepted_sends_first() {
+    let node = Node::new();
+    let (tx, mut rx) = mpsc::channel(16);
+    let mut conn = Connection::new(node.state.clone(), "alice".to_owned(), tx);
+    conn.handle(r#"{"type":"send","room":"general","id":"m1","body":"hi"}"#)
+        .await;
+    conn.handle(r#"{"type":"send","room":"general","id":"m2","body":"hi"}"#)
+        .await;
+    // Accepted, not appended yet: the batch runs only when `run` polls it.
+    node.state.shutdown.cancel();
+    let close = tokio::time::timeout(WAIT, conn.run(&mut silent()))
+        .await
+        .expect("the drain ends");
+    assert_eq!(close.map(|c| c.code), Some(CLOSE_GOING_AWAY));
+    for (n, id) in ["m1", "m2"].into_iter().enumerate() {
+        let ack: Value = serde_json::from_str(&rx.try_recv().expect("an ack")).unwrap();
+        assert_eq!(
+            (ack["type"].as_str(), ack["id"].as_str()),
+            (Some("ack"), Some(id))
+        );
+        assert_eq!(offset(&ack), n as i64);
+    }
+    assert_eq!(node.end(ROOM).await, 2);
+}
+
+#[tokio::test]
+async fn the_client_leaving_still_completes_the_appends_in_flight() {
+    let node = Node::new();
+    let (tx, mut rx) = mpsc::channel(16);
+    let mut conn = Connection::new(node.state.clone(), "alice".to_owned(), tx);
+    conn.handle(r#"{"type":"send","room":"general","id":"m1","body":"hi"}"#)
+        .await;
+    let mut gone = futures::stream::empty::<Result<Message, axum::Error>>();
+    let close = tokio::time::timeout(WAIT, conn.run(&mut gone))
+        .await
+        .expect("run ends");
+    assert!(close.is_none(), "no close frame for a client that is gone");
+    let ack: Value = serde_json::from_str(&rx.try_recv().expect("an ack")).unwrap();
+    assert_eq!((ack["type"].as_str(), offset(&ack)), (Some("ack"), 0));
+    assert_eq!(node.end(ROOM).await, 1);
+}
+
+#[tokio::test]
+async fn a_full_queue_makes_a_slow_consumer() {
+    let node = Node::new();
+    // Room for one frame, and nobody drains it.
+    let (tx, _rx) = mpsc::channel(1);
+    let mut conn = Connection::new(node.state.clone(), "alice".to_owned(), tx);
+    conn.handle("nope").await;
+    assert!(!conn.kick.is_cancelled());
+    conn.handle("nope").await;
+    assert!(
+        conn.kick.is_cancelled(),
+        "the second error found the queue full"
+    );
+    let close = tokio::time::timeout(WAIT, conn.run(&mut silent()))
+        .await
+        .expect("run ends");
+    assert_eq!(close.map(|c| c.code), Some(CLOSE_SLOW_CONSUMER));
+}
+
+/// What [`writer`] writes for `frames` queued and then `close`.
+async fn written(frames: &[&str], close: Close) -> Vec<Message> {
+    let (tx, rx) = mpsc::channel(16);
+    for frame in frames {
+        tx.try_send(Frame::from(*frame)).unwrap();
+    }
+    let (close_tx, close_rx) = oneshot::channel();
+    close_tx.send(close).unwrap();
+    let (sink, out) = socket::unbounded();
+    tokio::time::timeout(WAIT, writer(sink, rx, close_rx))
+        .await
+        .expect("the writer ends");
+    // The writer closed the sink: `out` ends.
+    out.collect().await
+}
+
+#[tokio::test]
+async fn the_writer_flushes_before_1001_and_drops_the_backlog_of_4008() {
+    let close = |m: &Message| match m {
+        Message::Close(Some(c)) => Some((c.code, c.reason.to_string())),
+        _ => None,
+    };
+    let going = written(&["a", "b"], GOING_AWAY).await;
+    assert_eq!(going.len(), 3, "{going:?}");
+    assert_eq!(going[0], Message::Text("a".into()));
+    assert_eq!(going[1], Message::Text("b".into()));
+    assert_eq!(
+        close(&going[2]),
+        Some((CLOSE_GOING_AWAY, "server going away".to_owned()))
+    );
+
+    let slow = written(&["a", "b"], SLOW_CONSUMER).await;
+    assert_eq!(slow.len(), 1, "{slow:?}");
+    assert_eq!(
+        close(&slow[0]),
+        Some((CLOSE_SLOW_CONSUMER, "slow consumer".to_owned()))
+    );
+}
+
+#[tokio::test]
+async fn a_retry_after_a_slow_consumer_close_is_answered() {
+    let node = Node::new();
+    // Room for one frame, and nobody drains it.
+    let (tx, _rx) = mpsc::channel(1);
+    let mut conn = Connection::new(node.state.clone(), "alice".to_owned(), tx);
+    conn.handle("nope").await;
+    // Accepted: one batch for the log, one send waiting behind it.
+    conn.handle(r#"{"type":"send","room":"general","id":"m1","body":"hi"}"#)
+        .await;
+    conn.handle(r#"{"type":"send","room":"general","id":"m2","body":"hi"}"#)
+        .await;
+    conn.handle("nope").await;
+    let close = tokio::time::timeout(WAIT, conn.run(&mut silent()))
+        .await
+        .expect("run ends");
+    assert_eq!(close.map(|c| c.code), Some(CLOSE_SLOW_CONSUMER));
+    drop(conn);
+    // docs/protocol.md: reconnect after 4008 and retry with the same ids;
+    // each is answered, and is one message.
+    let mut alice = Client::connect(&node, "alice").await;
+    let first = alice.post(ROOM, "m1", "hi").await;
+    let second = alice.post(ROOM, "m2", "hi").await;
+    assert_eq!((offset(&first), offset(&second)), (0, 1));
+    assert_eq!(node.end(ROOM).await, 2);
+}

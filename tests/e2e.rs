@@ -437,3 +437,69 @@ async fn a_resume_ends_when_the_partitions_last_record_is_another_rooms() {
     let ack = alice.recv_type("ack").await;
     assert_eq!(ack["id"], next.as_str());
 }
+
+/// A `since` the server cannot honour is answered `recovered:false` (another
+/// epoch, past the head, the largest offset there is) or `bad_frame` (below
+/// -1, not an integer), never a crash: the connection and the node keep
+/// serving, and a `since` it can honour still resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_since_that_cannot_be_honoured_is_never_answered_recovered() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), 2).await;
+    let mut bob = server.connect("bob").await;
+    let joined = bob.join("general", None).await;
+    let epoch = joined["position"]["epoch"].as_str().unwrap().to_owned();
+    for i in 0..3 {
+        bob.send_message("general", &id(), &format!("m{i}")).await;
+    }
+    let mut head = -1;
+    for _ in 0..3 {
+        head = head.max(bob.recv_type("ack").await["offset"].as_i64().unwrap());
+    }
+
+    let mut alice = server.connect("alice").await;
+    for (since, why) in [
+        ((0, "another-epoch"), "another epoch"),
+        ((head + 1, epoch.as_str()), "one past the head"),
+        ((head + 1_000_000, epoch.as_str()), "far past the head"),
+        ((i64::MAX, epoch.as_str()), "the largest offset"),
+    ] {
+        let joined = alice.join("general", Some(since)).await;
+        assert_eq!(joined["recovered"], false, "{why}: {joined}");
+        assert_eq!(joined["position"]["offset"], head, "{why}");
+    }
+    for bad in [
+        json!({"offset": -2, "epoch": epoch}),
+        json!({"offset": i64::MIN, "epoch": epoch}),
+        json!({"offset": "7", "epoch": epoch}),
+        json!({"offset": 1.5, "epoch": epoch}),
+        json!({"offset": 18446744073709551615u64, "epoch": epoch}),
+    ] {
+        alice
+            .send_json(json!({"type": "join", "room": "general", "since": bad}))
+            .await;
+        let f = alice.recv().await;
+        assert_eq!(f["type"], "error", "{bad}: {f}");
+        assert_eq!(f["code"], "bad_frame", "{bad}: {f}");
+    }
+
+    // Still serving, on this connection and to others: a live message
+    // arrives once even though alice joined five times, and a `since` that
+    // can be honoured resumes.
+    let live = id();
+    bob.send_message("general", &live, "live").await;
+    let f = alice.recv_type("message").await;
+    assert_eq!(f["id"], live.as_str());
+    assert!(alice
+        .try_recv(std::time::Duration::from_millis(300))
+        .await
+        .is_none());
+    let mut carol = server.connect("carol").await;
+    let joined = carol.join("general", Some((head - 1, &epoch))).await;
+    assert_eq!(joined["recovered"], true, "{joined}");
+    let bodies: Vec<Value> = vec![
+        carol.recv_type("message").await["body"].clone(),
+        carol.recv_type("message").await["body"].clone(),
+    ];
+    assert_eq!(bodies, [json!("m2"), json!("live")]);
+}

@@ -33,6 +33,7 @@ macro_rules! log_conformance_suite {
             read_from_an_offset_skips_earlier_records,
             read_tails_records_appended_later,
             end_offset_follows_appends,
+            start_offset_is_zero_while_every_record_is_held,
             acked_records_survive_reopen,
             reopen_with_another_partition_count_fails,
             concurrent_appends_keep_each_callers_order,
@@ -156,6 +157,17 @@ pub async fn end_offset_follows_appends(h: &impl LogHarness) {
         .await
         .unwrap();
     assert_eq!(log.end_offset(p).await.unwrap(), 2);
+}
+
+pub async fn start_offset_is_zero_while_every_record_is_held(h: &impl LogHarness) {
+    let (log, _) = h.fresh(2).await;
+    let p = log.partition_for(b"s");
+    assert_eq!(log.start_offset(p).await.unwrap(), 0, "empty");
+    log.append(vec![rec("s", "1"), rec("s", "2"), rec("s", "3")])
+        .await
+        .unwrap();
+    assert_eq!(log.start_offset(p).await.unwrap(), 0, "nothing deleted");
+    assert!(log.start_offset(2).await.is_err(), "out of range");
 }
 
 pub async fn acked_records_survive_reopen(h: &impl LogHarness) {

@@ -208,6 +208,23 @@ impl EmbeddedLog {
             .collect()
     }
 
+    /// Deletes the records of `partition` below `before`, as retention
+    /// would: a test-only stand-in for a broker's retention or
+    /// `DeleteRecords`, so tests can resume from before the first retained
+    /// offset. Blocks until the deletion is committed.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn delete_before(&self, partition: u32, before: u64) -> Result<(), LogError> {
+        self.check_partition(partition)?;
+        let txn = self.inner.db.begin_write().map_err(storage)?;
+        {
+            let mut records = txn.open_table(RECORDS).map_err(storage)?;
+            records
+                .retain_in((partition, 0)..(partition, before), |_, _| false)
+                .map_err(storage)?;
+        }
+        txn.commit().map_err(storage)
+    }
+
     fn sender(&self) -> Result<&mpsc::Sender<WriteRequest>, LogError> {
         self.inner
             .writes
@@ -275,6 +292,25 @@ impl EventLog for EmbeddedLog {
     async fn end_offset(&self, partition: u32) -> Result<u64, LogError> {
         self.check_partition(partition)?;
         Ok(*self.inner.ends[partition as usize].borrow())
+    }
+
+    async fn start_offset(&self, partition: u32) -> Result<u64, LogError> {
+        self.check_partition(partition)?;
+        let end = *self.inner.ends[partition as usize].borrow();
+        let db = self.inner.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().map_err(storage)?;
+            let records = txn.open_table(RECORDS).map_err(storage)?;
+            let first = records
+                .range((partition, 0)..(partition, end))
+                .map_err(storage)?
+                .next()
+                .transpose()
+                .map_err(storage)?;
+            Ok(first.map_or(end, |(k, _)| k.value().1))
+        })
+        .await
+        .map_err(storage)?
     }
 
     fn read(&self, partition: u32, from: u64) -> RecordStream {
@@ -560,6 +596,33 @@ mod tests {
     }
 
     crate::log_conformance_suite!(harness());
+
+    /// The test-only retention: what is deleted is gone from reads, and the
+    /// start offset says where the partition now begins.
+    #[tokio::test]
+    async fn deleting_old_records_moves_the_start_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(dir.path(), "t", 1).unwrap();
+        let records = (0..10)
+            .map(|i| Record {
+                key: b"k".to_vec(),
+                value: vec![i],
+                ts: 0,
+            })
+            .collect();
+        log.append(records).await.unwrap();
+        log.delete_before(0, 4).unwrap();
+        assert_eq!(log.start_offset(0).await.unwrap(), 4);
+        assert_eq!(log.end_offset(0).await.unwrap(), 10);
+        let mut read = log.read(0, 4);
+        let got = crate::conformance::take(&mut read, 6).await;
+        assert_eq!(
+            got.iter().map(|r| r.offset).collect::<Vec<_>>(),
+            (4..10).collect::<Vec<_>>()
+        );
+        log.delete_before(0, 10).unwrap();
+        assert_eq!(log.start_offset(0).await.unwrap(), 10, "all gone: the end");
+    }
 
     #[tokio::test]
     async fn offset_for_time_is_the_first_record_at_or_after_the_time() {

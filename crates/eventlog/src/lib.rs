@@ -114,6 +114,11 @@ pub trait EventLog: Send + Sync + 'static {
     /// The offset the next record of `partition` will get.
     async fn end_offset(&self, partition: u32) -> Result<u64, LogError>;
 
+    /// The first offset of `partition` the log still holds: 0 until
+    /// retention (or a deletion) removed older records, the end offset when
+    /// every record is gone. A reader asking for less gets a gap.
+    async fn start_offset(&self, partition: u32) -> Result<u64, LogError>;
+
     /// Reads `partition` from offset `from` on, then tails it.
     fn read(&self, partition: u32, from: u64) -> RecordStream;
 

@@ -218,6 +218,13 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
                     )
                 })?),
             };
+            if since.as_ref().is_some_and(|s| s.offset < -1) {
+                return Err(FrameError::new(
+                    ErrorCode::BadFrame,
+                    "since.offset must be -1 (before the first message) or more",
+                    None,
+                ));
+            }
             Ok(ClientFrame::Join { room, since })
         }
         "leave" => Ok(ClientFrame::Leave {
@@ -396,6 +403,29 @@ mod tests {
             code(&format!(r#"{{"type":"join","room":"{}"}}"#, "a".repeat(65))),
             (ErrorCode::BadRoom, None)
         );
+    }
+
+    #[test]
+    fn a_since_is_an_offset_of_minus_one_or_more_that_fits_an_i64() {
+        let join = |offset: &str| {
+            parse_client_frame(&format!(
+                r#"{{"type":"join","room":"r","since":{{"offset":{offset},"epoch":"e"}}}}"#
+            ))
+        };
+        for fine in ["-1", "0", "9223372036854775807"] {
+            assert!(join(fine).is_ok(), "{fine} refused");
+        }
+        for bad in [
+            "-2",
+            "-9223372036854775808",
+            "9223372036854775808",
+            "1.5",
+            "\"7\"",
+        ] {
+            let e = join(bad).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadFrame, "{bad}");
+            assert!(e.message.contains("since"), "{bad}: {}", e.message);
+        }
     }
 
     #[test]

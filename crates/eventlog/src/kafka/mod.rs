@@ -458,6 +458,20 @@ impl EventLog for KafkaLog {
         .map_err(unavailable)?
     }
 
+    async fn start_offset(&self, partition: u32) -> Result<u64, LogError> {
+        self.check(partition)?;
+        let meta = self.meta.clone();
+        let (topic, timeout) = (self.config.topic.clone(), self.config.timeout);
+        tokio::task::spawn_blocking(move || {
+            let (low, _) = meta
+                .fetch_watermarks(&topic, partition as i32, timeout)
+                .map_err(unavailable)?;
+            Ok(low.max(0) as u64)
+        })
+        .await
+        .map_err(unavailable)?
+    }
+
     fn read(&self, partition: u32, from: u64) -> RecordStream {
         if let Err(e) = self.check(partition) {
             return futures::stream::once(async move { Err(e) }).boxed();

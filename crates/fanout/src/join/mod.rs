@@ -28,7 +28,7 @@ use crate::member::Member;
 use crate::partition::PartitionState;
 use crate::{Fanout, FanoutError};
 
-use plan::{first_wanted, joined_frame, plan, Plan};
+use plan::{first_wanted, joined_frame, needs_start, plan, resumable, Plan};
 
 /// What [`Fanout::hand_over`] did.
 #[derive(Debug, PartialEq, Eq)]
@@ -40,8 +40,11 @@ pub(crate) enum HandOver {
 }
 
 impl Fanout {
-    /// Adds `member` to `room`. Queues the `joined` frame, then (with `since`
-    /// of this epoch) every message after `since`, then live messages.
+    /// Adds `member` to `room`. Queues the `joined` frame, then (with a
+    /// `since` that can be honoured) every message after `since`, then live
+    /// messages. A `since` of another epoch, past the head, or older than
+    /// the partition's first retained offset is answered `recovered: false`
+    /// and the member gets live messages only: it must reload the history.
     ///
     /// [`FanoutError::Slow`] when the member was kicked meanwhile (it may be
     /// subscribed: leave the room to clean up); [`FanoutError::Log`] when
@@ -53,9 +56,14 @@ impl Fanout {
         since: Option<&Position>,
     ) -> Result<(), FanoutError> {
         let partition = self.log.partition_for(room.as_bytes());
-        let resume = since.filter(|s| s.epoch == self.log.epoch());
-        let recovered = since.is_none() || resume.is_some();
         let end = self.log.end_offset(partition).await?;
+        let resume = since.filter(|s| s.epoch == self.log.epoch());
+        let start = match resume {
+            Some(s) if needs_start(s, end) => self.log.start_offset(partition).await?,
+            _ => 0,
+        };
+        let resume = resume.filter(|s| resumable(s, start, end));
+        let recovered = since.is_none() || resume.is_some();
         let mut state = self.slot(partition, end);
         if !member.offer(joined_frame(room, end, self.log.epoch(), recovered)) {
             self.release(partition);

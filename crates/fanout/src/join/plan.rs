@@ -22,6 +22,26 @@ pub(crate) fn first_wanted(resume: Option<&Position>, end: u64) -> u64 {
     }
 }
 
+/// Whether a `since` of this epoch can be honoured on a partition that
+/// holds offsets `[start, end)`: it covers an offset the partition has had
+/// (-1, before the first one, up to the head `end - 1`), and the first
+/// offset it lacks is still held (no gap below `start`, the first retained
+/// offset). A `since` past the head names messages that do not exist; one
+/// older than retention has lost messages. Neither can be resumed without
+/// a lie: the join is answered `recovered: false` and goes live.
+pub(crate) fn resumable(since: &Position, start: u64, end: u64) -> bool {
+    let head = i64::try_from(end).unwrap_or(i64::MAX) - 1;
+    let first = i64::try_from(start).unwrap_or(i64::MAX);
+    (-1..=head).contains(&since.offset) && since.offset + 1 >= first
+}
+
+/// Whether honouring `since` depends on the partition's first retained
+/// offset: only when it lacks offsets below `end` (a `since` at the head or
+/// past it lacks none that could be gone).
+pub(crate) fn needs_start(since: &Position, end: u64) -> bool {
+    since.offset.saturating_add(1) < i64::try_from(end).unwrap_or(i64::MAX)
+}
+
 /// The `joined` frame: the partition's head (its last offset, -1 when
 /// empty) given its `end`.
 pub(crate) fn joined_frame(room: &str, end: u64, epoch: &str, recovered: bool) -> Frame {
@@ -99,6 +119,38 @@ mod tests {
         assert_eq!(first_wanted(Some(&at(-40)), 7), 0, "below -1 counts as -1");
         assert_eq!(first_wanted(Some(&at(100)), 7), 101, "past the head");
         assert_eq!(first_wanted(Some(&at(i64::MAX)), 7), i64::MAX as u64);
+    }
+
+    #[test]
+    fn a_since_is_resumable_only_within_what_the_partition_holds() {
+        let at = |offset| Position {
+            offset,
+            epoch: "e".into(),
+        };
+        // Offsets 0..10 held.
+        assert!(resumable(&at(-1), 0, 10));
+        assert!(resumable(&at(3), 0, 10));
+        assert!(resumable(&at(9), 0, 10), "at the head");
+        assert!(!resumable(&at(10), 0, 10), "past the head");
+        assert!(!resumable(&at(i64::MAX), 0, 10));
+        assert!(!resumable(&at(-2), 0, 10));
+        assert!(!resumable(&at(i64::MIN), 0, 10));
+        assert!(
+            resumable(&at(-1), 0, 0),
+            "an empty partition, from the start"
+        );
+        assert!(!resumable(&at(0), 0, 0));
+        // Offsets below 4 deleted: 4..10 held.
+        assert!(resumable(&at(3), 4, 10), "lacks 4 on, all held");
+        assert!(!resumable(&at(2), 4, 10), "lacks 3, which is gone");
+        assert!(!resumable(&at(-1), 4, 10));
+        assert!(resumable(&at(9), 10, 10), "every record gone, none lacked");
+        // Only a since that lacks something below the end needs the start.
+        assert!(needs_start(&at(3), 10));
+        assert!(!needs_start(&at(9), 10));
+        assert!(!needs_start(&at(i64::MAX), 10));
+        assert!(needs_start(&at(-1), 1));
+        assert!(!needs_start(&at(-1), 0));
     }
 
     #[test]

@@ -45,6 +45,9 @@ impl EventLog for FlakyLog {
     async fn end_offset(&self, partition: u32) -> Result<u64, LogError> {
         self.inner.end_offset(partition).await
     }
+    async fn start_offset(&self, partition: u32) -> Result<u64, LogError> {
+        self.inner.start_offset(partition).await
+    }
     fn read(&self, partition: u32, from: u64) -> RecordStream {
         let n = self.reads.fetch_add(1, Ordering::SeqCst) + 1;
         self.read_seen.notify_one();

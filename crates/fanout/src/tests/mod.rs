@@ -50,6 +50,8 @@ pub(crate) fn record(room: &str, id: &str, body: &str) -> Record {
 /// An embedded log in a temporary directory, and a fan-out on it.
 pub(crate) struct Harness {
     _dir: tempfile::TempDir,
+    /// The log as its own type, for what only tests do to it (deletions).
+    pub(crate) embedded: Arc<EmbeddedLog>,
     pub(crate) log: Arc<dyn EventLog>,
     pub(crate) fanout: Arc<Fanout>,
 }
@@ -57,11 +59,13 @@ pub(crate) struct Harness {
 impl Harness {
     pub(crate) fn new(partitions: u32, config: FanoutConfig) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let log: Arc<dyn EventLog> =
+        let embedded =
             Arc::new(EmbeddedLog::open(dir.path(), "chat.messages", partitions).unwrap());
+        let log: Arc<dyn EventLog> = embedded.clone();
         let fanout = Fanout::new(log.clone(), config);
         Harness {
             _dir: dir,
+            embedded,
             log,
             fanout,
         }

@@ -196,24 +196,65 @@ async fn a_since_of_another_epoch_gets_live_messages_only() {
 }
 
 #[tokio::test]
-async fn a_since_past_the_head_gets_only_what_follows_it() {
+async fn a_since_past_the_head_is_not_recovered_and_goes_live() {
     let h = Harness::new(1, FanoutConfig::default());
     h.append(&[record("a", "m0", "hi")]).await;
+    // The head is offset 0: a client claiming 2, or the largest offset
+    // there is, names messages that do not exist.
     let (m, mut rx, _) = h.member(64);
     h.join("a", &m, Some(2)).await.unwrap();
     let joined = expect_joined(&mut rx).await;
-    assert_eq!(joined["recovered"], true);
+    assert_eq!(joined["recovered"], false);
     assert_eq!(joined["position"]["offset"], 0);
+    let (far, mut rf, _) = h.member(64);
+    h.join("a", &far, Some(i64::MAX)).await.unwrap();
+    let joined = expect_joined(&mut rf).await;
+    assert_eq!(joined["recovered"], false, "no crash, and no lie");
+    // Both get every message from the head on, as a fresh join would.
     let records: Vec<Record> = (1..5)
         .map(|i| record("a", &format!("m{i}"), "hi"))
         .collect();
     h.append(&records).await;
-    let got = messages_until(&mut rx, "m4").await;
-    assert_eq!(got.iter().map(|m| m.offset).collect::<Vec<_>>(), [3, 4]);
+    for rx in [&mut rx, &mut rf] {
+        let got = messages_until(rx, "m4").await;
+        assert_eq!(
+            got.iter().map(|m| m.offset).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+    }
+    // At the head exactly, nothing is lacking: recovered.
+    let (at, mut ra, _) = h.member(64);
+    h.join("a", &at, Some(4)).await.unwrap();
+    assert_eq!(expect_joined(&mut ra).await["recovered"], true);
+    h.fanout.shutdown().await;
+}
 
-    // The largest `since` a client can send is honoured, not a crash.
-    let (far, mut rf, _) = h.member(64);
-    h.join("a", &far, Some(i64::MAX)).await.unwrap();
-    assert_eq!(expect_joined(&mut rf).await["position"]["offset"], 4);
+#[tokio::test]
+async fn a_since_older_than_the_first_retained_offset_is_not_recovered() {
+    let h = Harness::new(1, FanoutConfig::default());
+    let records: Vec<Record> = (0..10)
+        .map(|i| record("a", &format!("m{i}"), "hi"))
+        .collect();
+    h.append(&records).await;
+    // Retention took offsets 0..4.
+    h.embedded.delete_before(0, 4).unwrap();
+    assert_eq!(h.log.start_offset(0).await.unwrap(), 4);
+    for lost in [-1, 0, 2] {
+        let (m, mut rx, _) = h.member(64);
+        h.join("a", &m, Some(lost)).await.unwrap();
+        let joined = expect_joined(&mut rx).await;
+        assert_eq!(joined["recovered"], false, "since {lost}: a gap below 4");
+        assert_eq!(joined["position"]["offset"], 9);
+        assert!(rx.try_recv().is_err(), "since {lost}: nothing replayed");
+    }
+    // Lacking 4 on, all of it held: resumed with no gap.
+    let (m, mut rx, _) = h.member(64);
+    h.join("a", &m, Some(3)).await.unwrap();
+    assert_eq!(expect_joined(&mut rx).await["recovered"], true);
+    let got = messages_until(&mut rx, "m9").await;
+    assert_eq!(
+        got.iter().map(|m| m.offset).collect::<Vec<_>>(),
+        (4..10).collect::<Vec<_>>()
+    );
     h.fanout.shutdown().await;
 }

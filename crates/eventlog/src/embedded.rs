@@ -225,6 +225,30 @@ impl EmbeddedLog {
         txn.commit().map_err(storage)
     }
 
+    /// Runs `scan` on the blocking pool over the committed records of
+    /// `partition` in offset order, with the partition's end offset.
+    async fn scan_committed<T: Send + 'static>(
+        &self,
+        partition: u32,
+        scan: impl FnOnce(redb::Range<'_, (u32, u64), &'static [u8]>, u64) -> Result<T, LogError>
+            + Send
+            + 'static,
+    ) -> Result<T, LogError> {
+        self.check_partition(partition)?;
+        let end = *self.inner.ends[partition as usize].borrow();
+        let db = self.inner.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().map_err(storage)?;
+            let records = txn.open_table(RECORDS).map_err(storage)?;
+            let range = records
+                .range((partition, 0)..(partition, end))
+                .map_err(storage)?;
+            scan(range, end)
+        })
+        .await
+        .map_err(storage)?
+    }
+
     fn sender(&self) -> Result<&mpsc::Sender<WriteRequest>, LogError> {
         self.inner
             .writes
@@ -295,22 +319,11 @@ impl EventLog for EmbeddedLog {
     }
 
     async fn start_offset(&self, partition: u32) -> Result<u64, LogError> {
-        self.check_partition(partition)?;
-        let end = *self.inner.ends[partition as usize].borrow();
-        let db = self.inner.db.clone();
-        tokio::task::spawn_blocking(move || {
-            let txn = db.begin_read().map_err(storage)?;
-            let records = txn.open_table(RECORDS).map_err(storage)?;
-            let first = records
-                .range((partition, 0)..(partition, end))
-                .map_err(storage)?
-                .next()
-                .transpose()
-                .map_err(storage)?;
+        self.scan_committed(partition, |mut records, end| {
+            let first = records.next().transpose().map_err(storage)?;
             Ok(first.map_or(end, |(k, _)| k.value().1))
         })
         .await
-        .map_err(storage)?
     }
 
     fn read(&self, partition: u32, from: u64) -> RecordStream {
@@ -367,16 +380,8 @@ impl EventLog for EmbeddedLog {
     /// no time index, and timestamps need not grow with offsets, so a binary
     /// search could skip a late-stamped record.
     async fn offset_for_time(&self, partition: u32, ts_ms: i64) -> Result<u64, LogError> {
-        self.check_partition(partition)?;
-        let end = *self.inner.ends[partition as usize].borrow();
-        let db = self.inner.db.clone();
-        tokio::task::spawn_blocking(move || {
-            let txn = db.begin_read().map_err(storage)?;
-            let records = txn.open_table(RECORDS).map_err(storage)?;
-            for entry in records
-                .range((partition, 0)..(partition, end))
-                .map_err(storage)?
-            {
+        self.scan_committed(partition, move |records, end| {
+            for entry in records {
                 let (k, v) = entry.map_err(storage)?;
                 let ts = v
                     .value()
@@ -390,7 +395,6 @@ impl EventLog for EmbeddedLog {
             Ok(end)
         })
         .await
-        .map_err(storage)?
     }
 
     async fn load_position(&self, group: &str, partition: u32) -> Result<Option<u64>, LogError> {

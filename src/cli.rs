@@ -56,6 +56,39 @@ pub struct DataArgs {
     /// data dir (else the server's store is).
     #[arg(long, default_value = "embedded", env = "CHAT_STORE")]
     store: crate::StoreSpec,
+    #[command(flatten)]
+    topics: TopicArgs,
+}
+
+/// What the topics of a Kafka log must be, for `serve`, `replay` and
+/// `versions` alike.
+#[derive(clap::Args)]
+pub struct TopicArgs {
+    /// Kafka log: replication factor of the topics chat creates, and the
+    /// fewest replicas an existing topic may have. A single-broker setup
+    /// says 1 (and is warned that a broker's loss loses acked messages).
+    #[arg(long, default_value_t = crate::KafkaTuning::default().replication, env = "CHAT_LOG_REPLICATION_FACTOR")]
+    log_replication_factor: i32,
+    /// Kafka log: `min.insync.replicas` of the topics chat creates (with
+    /// `acks=all`, the replicas that hold a message before it is acked).
+    #[arg(long, default_value_t = crate::KafkaTuning::default().min_insync_replicas, env = "CHAT_LOG_MIN_INSYNC_REPLICAS")]
+    log_min_insync_replicas: i32,
+    /// Kafka log: use an existing topic that keeps records for a limited
+    /// time or size, or has fewer replicas than asked, instead of refusing
+    /// it (each shortfall is logged as a warning).
+    #[arg(long, env = "CHAT_LOG_ACCEPT_TOPIC_CONFIG")]
+    log_accept_topic_config: bool,
+}
+
+impl TopicArgs {
+    fn tuning(&self) -> crate::KafkaTuning {
+        crate::KafkaTuning {
+            replication: self.log_replication_factor,
+            min_insync_replicas: self.log_min_insync_replicas,
+            accept_topic_config: self.log_accept_topic_config,
+            ..crate::KafkaTuning::default()
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -130,6 +163,8 @@ pub struct ServeArgs {
     /// before it is answered `unavailable` (never sent, so retry is safe).
     #[arg(long, default_value_t = crate::KafkaTuning::default().enqueue_timeout.as_millis() as u64)]
     log_enqueue_timeout_ms: u64,
+    #[command(flatten)]
+    topics: TopicArgs,
     /// The history store: `embedded` (in the data dir) or
     /// scylla://HOST:9042[,HOST...]/KEYSPACE[?replication_factor=N&strategy=S]
     /// for ScyllaDB (keyspace and tables created when missing; the
@@ -198,7 +233,7 @@ async fn open_log(
         &data.data_dir,
         topic,
         partitions,
-        &crate::KafkaTuning::default(),
+        &data.topics.tuning(),
     )
     .await
     .context("is a chat server without a control socket using this data dir?")
@@ -405,6 +440,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         kafka: crate::KafkaTuning {
             queue_kbytes: args.log_queue_kbytes,
             enqueue_timeout: std::time::Duration::from_millis(args.log_enqueue_timeout_ms),
+            ..args.topics.tuning()
         },
         store: args.store,
         roles: args.roles,

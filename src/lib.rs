@@ -114,7 +114,8 @@ impl FromStr for LogSpec {
     }
 }
 
-/// Producer settings of the Kafka log.
+/// Settings of the Kafka log: its producer, and the topics it creates and
+/// accepts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KafkaTuning {
     /// Bound of the producer queue, in KiB.
@@ -122,27 +123,24 @@ pub struct KafkaTuning {
     /// How long a send waits for room in a full producer queue before it is
     /// answered `unavailable`.
     pub enqueue_timeout: std::time::Duration,
+    /// Replication factor of the topics chat creates, and the fewest
+    /// replicas an existing topic may have.
+    pub replication: i32,
+    /// `min.insync.replicas` of the topics chat creates.
+    pub min_insync_replicas: i32,
+    /// Use existing topics with finite retention or fewer replicas anyway.
+    pub accept_topic_config: bool,
 }
 
-#[cfg(feature = "kafka")]
-impl Default for KafkaTuning {
-    fn default() -> Self {
-        let c = KafkaConfig::new("", "", 1);
-        KafkaTuning {
-            queue_kbytes: c.queue_kbytes,
-            enqueue_timeout: c.enqueue_timeout,
-        }
-    }
-}
-
-/// Without the Kafka log the tuning is never used; the values are the Kafka
-/// backend's defaults, so `--help` reads the same.
-#[cfg(not(feature = "kafka"))]
+/// The defaults of a cluster: three replicas, two in sync for an ack.
 impl Default for KafkaTuning {
     fn default() -> Self {
         KafkaTuning {
             queue_kbytes: 65_536,
             enqueue_timeout: std::time::Duration::from_millis(5_000),
+            replication: 3,
+            min_insync_replicas: 2,
+            accept_topic_config: false,
         }
     }
 }
@@ -269,6 +267,9 @@ pub async fn open_log(
             let config = KafkaConfig {
                 queue_kbytes: tuning.queue_kbytes,
                 enqueue_timeout: tuning.enqueue_timeout,
+                replication: tuning.replication,
+                min_insync_replicas: tuning.min_insync_replicas,
+                accept_topic_config: tuning.accept_topic_config,
                 ..KafkaConfig::new(brokers, topic, partitions)
             };
             Arc::new(
@@ -505,6 +506,16 @@ mod tests {
         let before = names.len();
         names.dedup();
         assert_eq!(before, names.len(), "a metric is declared twice");
+    }
+
+    #[cfg(feature = "kafka")]
+    #[test]
+    fn the_kafka_tuning_defaults_are_the_backends_producer_defaults() {
+        let backend = KafkaConfig::new("", "", 1);
+        let tuning = KafkaTuning::default();
+        assert_eq!(tuning.queue_kbytes, backend.queue_kbytes);
+        assert_eq!(tuning.enqueue_timeout, backend.enqueue_timeout);
+        assert_eq!((tuning.replication, tuning.min_insync_replicas), (3, 2));
     }
 
     #[cfg(feature = "kafka")]

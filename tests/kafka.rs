@@ -234,3 +234,66 @@ async fn a_gateway_reads_only_the_partitions_of_joined_rooms() {
     )
     .await;
 }
+
+/// `chat serve` refuses a `chat.messages` that would delete records (here:
+/// a week's retention, the brokers' default), names what is wrong and the
+/// flag that accepts it, and starts with that flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_a_topic_that_deletes_records_unless_accepted() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+
+    let broker = Broker::start(None);
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.brokers())
+        .create()
+        .unwrap();
+    let week = NewTopic::new(
+        "chat.messages",
+        PARTITIONS as i32,
+        TopicReplication::Fixed(1),
+    )
+    .set("retention.ms", "604800000")
+    .set("retention.bytes", "-1");
+    for created in admin
+        .create_topics([&week], &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        created.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--partitions"])
+        .arg(PARTITIONS.to_string())
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--log", &broker.url()])
+        .args([
+            "--log-replication-factor",
+            "1",
+            "--log-min-insync-replicas",
+            "1",
+        ])
+        .env("NO_COLOR", "1")
+        .kill_on_drop(true)
+        .output();
+    let refused = tokio::time::timeout(Duration::from_secs(60), refused)
+        .await
+        .expect("chat serve gives up on the topic")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(stderr.contains("retention.ms=604800000"), "{stderr}");
+    assert!(stderr.contains("--log-accept-topic-config"), "{stderr}");
+
+    let server = gateway(dir.path(), &broker, &["--log-accept-topic-config"]).await;
+    let mut c = server.connect("alice").await;
+    c.join("general", None).await;
+    c.send_message("general", &id(), "kept a week").await;
+    assert_eq!(c.recv_type("ack").await["type"], "ack");
+    assert!(
+        server.log().contains("topic config accepted as it is"),
+        "the shortfall is warned about"
+    );
+}

@@ -22,6 +22,9 @@ async fn chat(args: &[&str]) -> Output {
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat"))
         .args(args)
         .env("NO_COLOR", "1")
+        // The test broker is a single broker: one replica, one in sync.
+        .env("CHAT_LOG_REPLICATION_FACTOR", "1")
+        .env("CHAT_LOG_MIN_INSYNC_REPLICAS", "1")
         .kill_on_drop(true)
         .output();
     tokio::time::timeout(Duration::from_secs(120), child)

@@ -42,6 +42,9 @@ impl Server {
             .args(extra)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            // The test broker is a single broker: one replica, one in sync.
+            .env("CHAT_LOG_REPLICATION_FACTOR", "1")
+            .env("CHAT_LOG_MIN_INSYNC_REPLICAS", "1")
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()

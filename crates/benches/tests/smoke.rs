@@ -50,6 +50,10 @@ fn compare_with(preset: &str, extra: &[&str], baseline: &str) -> Value {
     let report = dir.path().join("report.json");
     let chart = dir.path().join("chart.svg");
     let out = Command::new(env!("CARGO_BIN_EXE_chat-load"))
+        // The test broker is a single broker: the chat servers chat-load
+        // starts inherit one replica, one in sync.
+        .env("CHAT_LOG_REPLICATION_FACTOR", "1")
+        .env("CHAT_LOG_MIN_INSYNC_REPLICAS", "1")
         .args(["compare", preset, "--tiny", "--no-progress"])
         .args(extra)
         .arg("--chat-bin")
@@ -253,6 +257,10 @@ fn kafka_producer_baseline_then_chat_on_a_real_broker() {
 #[test]
 fn kafka_producer_baseline_needs_a_kafka_log() {
     let out = Command::new(env!("CARGO_BIN_EXE_chat-load"))
+        // The test broker is a single broker: the chat servers chat-load
+        // starts inherit one replica, one in sync.
+        .env("CHAT_LOG_REPLICATION_FACTOR", "1")
+        .env("CHAT_LOG_MIN_INSYNC_REPLICAS", "1")
         .args(["compare", "ingest-max", "--tiny", "--no-progress"])
         .args(["--baseline", "kafka-producer", "--log", "embedded"])
         .output()

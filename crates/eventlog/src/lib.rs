@@ -67,6 +67,12 @@ pub enum LogError {
     Unavailable(String),
     #[error("log has {found} partitions but {wanted} were asked for; rooms would move, refusing")]
     PartitionMismatch { found: u32, wanted: u32 },
+    /// An existing topic would not keep what chat writes to it safely.
+    #[error("topic {topic} is not fit to be the log: {}; fix it, or accept it as it is (--log-accept-topic-config)", problems.join("; "))]
+    TopicConfig {
+        topic: String,
+        problems: Vec<String>,
+    },
     #[error("partition {partition} out of range (log has {partitions})")]
     NoSuchPartition { partition: u32, partitions: u32 },
     #[error("log storage error: {0}")]

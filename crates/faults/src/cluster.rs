@@ -191,7 +191,12 @@ impl Cluster {
         match &broker {
             None => specs.push(("node".into(), Kind::Gateway, common.clone())),
             Some(b) => {
-                let log = vec!["--log".to_owned(), b.url()];
+                // One tansu broker: one replica, one in sync.
+                let log = ["--log", &b.url(), "--log-replication-factor", "1"]
+                    .into_iter()
+                    .chain(["--log-min-insync-replicas", "1"])
+                    .map(String::from)
+                    .collect::<Vec<_>>();
                 for g in ["gw-1", "gw-2"] {
                     let args =
                         [common.clone(), log.clone(), vec!["--node".into(), g.into()]].concat();

@@ -23,7 +23,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::{Client, ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
@@ -41,8 +41,16 @@ pub struct KafkaConfig {
     pub brokers: String,
     pub topic: String,
     pub partitions: u32,
-    /// Replication factor used when the topic is created.
+    /// Replication factor of a topic this creates, and the fewest replicas
+    /// an existing topic's partitions may have.
     pub replication: i32,
+    /// `min.insync.replicas` of a topic this creates: with `acks=all`, how
+    /// many replicas hold a record before it is acknowledged.
+    pub min_insync_replicas: i32,
+    /// Use an existing topic even when it keeps records for a limited time
+    /// or size, or has fewer replicas than [`Self::replication`] (reported
+    /// as warnings instead of refused).
+    pub accept_topic_config: bool,
     /// Deadline of metadata and admin requests.
     pub timeout: Duration,
     /// How long an append waits for room in a full producer queue before
@@ -59,6 +67,8 @@ impl KafkaConfig {
             topic: topic.to_owned(),
             partitions,
             replication: 1,
+            min_insync_replicas: 1,
+            accept_topic_config: false,
             timeout: Duration::from_secs(10),
             enqueue_timeout: Duration::from_secs(5),
             queue_kbytes: 64 * 1024,
@@ -138,13 +148,30 @@ impl KafkaLog {
     /// Connects, creates the topic when missing, checks its partition count
     /// and reads its id (the epoch).
     pub async fn connect(config: KafkaConfig) -> Result<Self, LogError> {
+        if config.replication < 1 || !(1..=config.replication).contains(&config.min_insync_replicas)
+        {
+            return Err(LogError::Storage(format!(
+                "replication factor {} with min.insync.replicas {}: need 1 <= min.insync.replicas <= replication factor",
+                config.replication, config.min_insync_replicas
+            )));
+        }
+        if config.replication == 1 {
+            tracing::warn!(
+                topic = %config.topic,
+                "replication factor 1: losing the one broker that holds a partition loses its acked messages; use 3 on a cluster"
+            );
+        }
         let admin: AdminClient<DefaultClientContext> =
             config.client().create().map_err(unavailable)?;
+        let min_insync = config.min_insync_replicas.to_string();
         let topic = NewTopic::new(
             &config.topic,
             config.partitions as i32,
             TopicReplication::Fixed(config.replication),
-        );
+        )
+        .set("retention.ms", "-1")
+        .set("retention.bytes", "-1")
+        .set("min.insync.replicas", &min_insync);
         let opts = AdminOptions::new().request_timeout(Some(config.timeout));
         let created = admin
             .create_topics([&topic], &opts)
@@ -183,6 +210,7 @@ impl KafkaLog {
                 wanted: config.partitions,
             });
         }
+        check_topic(&admin, &meta, &config).await?;
         let epoch = {
             let (client, topic, timeout) = (admin, config.topic.clone(), config.timeout);
             tokio::task::spawn_blocking(move || topic_id(client.inner(), &topic, timeout))
@@ -202,6 +230,114 @@ impl KafkaLog {
     pub fn topic(&self) -> &str {
         &self.config.topic
     }
+}
+
+/// What an existing topic must be for chat to use it as the source of
+/// truth: records kept forever (by time and by size) and at least
+/// `config.replication` replicas per partition. Each shortfall is named; they
+/// refuse the topic unless `config.accept_topic_config`, which turns them
+/// into warnings. A setting the broker does not report counts as the
+/// broker's default, which is finite on Kafka and Redpanda (7 days).
+async fn check_topic(
+    admin: &AdminClient<DefaultClientContext>,
+    meta: &Arc<BaseConsumer>,
+    config: &KafkaConfig,
+) -> Result<(), LogError> {
+    let opts = AdminOptions::new().request_timeout(Some(config.timeout));
+    let described = admin
+        .describe_configs([&ResourceSpecifier::Topic(&config.topic)], &opts)
+        .await
+        .map_err(unavailable)?;
+    let resource = match described.into_iter().next() {
+        Some(Ok(resource)) => resource,
+        Some(Err(code)) => {
+            return Err(LogError::Unavailable(format!(
+                "describing the configs of topic {}: {code}",
+                config.topic
+            )))
+        }
+        None => {
+            return Err(LogError::Unavailable(format!(
+                "the configs of topic {} were not described",
+                config.topic
+            )))
+        }
+    };
+    let replicas = {
+        let (meta, topic, timeout) = (meta.clone(), config.topic.clone(), config.timeout);
+        tokio::task::spawn_blocking(move || fewest_replicas(&meta, &topic, timeout))
+            .await
+            .map_err(unavailable)??
+    };
+    let value = |name: &str| resource.get(name).and_then(|e| e.value.clone());
+    let problems = topic_problems(
+        value("retention.ms").as_deref(),
+        value("retention.bytes").as_deref(),
+        replicas,
+        config.replication,
+    );
+    if problems.is_empty() {
+        return Ok(());
+    }
+    if config.accept_topic_config {
+        for problem in &problems {
+            tracing::warn!(topic = %config.topic, problem, "topic config accepted as it is");
+        }
+        return Ok(());
+    }
+    Err(LogError::TopicConfig {
+        topic: config.topic.clone(),
+        problems,
+    })
+}
+
+/// The shortfalls of a topic with these settings (`None`: not reported)
+/// whose partitions have `replicas` replicas at the fewest, when
+/// `replication` are asked for.
+fn topic_problems(
+    retention_ms: Option<&str>,
+    retention_bytes: Option<&str>,
+    replicas: usize,
+    replication: i32,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (name, value) in [
+        ("retention.ms", retention_ms),
+        ("retention.bytes", retention_bytes),
+    ] {
+        match value.map(str::trim) {
+            Some("-1") => {}
+            Some(v) => problems.push(format!(
+                "{name}={v}: the log would delete records, and a replay could no longer rebuild the history (want -1)"
+            )),
+            None => problems.push(format!(
+                "{name} is not set: the broker's default applies, finite on Kafka and Redpanda (want -1)"
+            )),
+        }
+    }
+    if (replicas as i64) < i64::from(replication) {
+        problems.push(format!(
+            "{replicas} replicas per partition at the fewest, fewer than the {replication} asked for"
+        ));
+    }
+    problems
+}
+
+/// The fewest replicas any partition of `topic` has.
+fn fewest_replicas(meta: &BaseConsumer, topic: &str, timeout: Duration) -> Result<usize, LogError> {
+    let md = meta
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(unavailable)?;
+    let t = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .ok_or_else(|| LogError::Unavailable(format!("topic {topic} has no metadata")))?;
+    Ok(t.partitions()
+        .iter()
+        .map(|p| p.replicas().len())
+        .min()
+        .unwrap_or(0))
 }
 
 /// The partition count of `topic`, waiting for a just-created topic to show.
@@ -808,6 +944,155 @@ mod tests {
     }
 
     crate::log_conformance_suite!(harness());
+
+    #[test]
+    fn a_topic_is_fit_only_when_it_keeps_everything_on_enough_replicas() {
+        assert!(topic_problems(Some("-1"), Some("-1"), 3, 3).is_empty());
+        assert!(topic_problems(Some("-1"), Some(" -1"), 5, 3).is_empty());
+        let p = topic_problems(Some("604800000"), Some("-1"), 3, 3);
+        assert_eq!(p.len(), 1);
+        assert!(p[0].starts_with("retention.ms=604800000"), "{p:?}");
+        let p = topic_problems(None, Some("1073741824"), 1, 3);
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(p[0].contains("retention.ms is not set"), "{p:?}");
+        assert!(p[1].starts_with("retention.bytes=1073741824"), "{p:?}");
+        assert!(p[2].contains("fewer than the 3"), "{p:?}");
+    }
+
+    /// The configs of `topic` as the broker reports them.
+    async fn configs(
+        broker: &testing::Broker,
+        topic: &str,
+    ) -> std::collections::HashMap<String, String> {
+        let admin: AdminClient<DefaultClientContext> =
+            KafkaConfig::new(&broker.brokers(), topic, 1)
+                .client()
+                .create()
+                .unwrap();
+        let described = admin
+            .describe_configs([&ResourceSpecifier::Topic(topic)], &AdminOptions::new())
+            .await
+            .unwrap();
+        let resource = described.into_iter().next().unwrap().unwrap();
+        resource
+            .entries
+            .into_iter()
+            .filter_map(|e| Some((e.name, e.value?)))
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_created_topic_keeps_records_forever_with_its_min_insync_replicas() {
+        let broker = testing::Broker::start(None);
+        let topic = format!("t-{}", uuid::Uuid::new_v4().simple());
+        let log = KafkaLog::connect(KafkaConfig::new(&broker.brokers(), &topic, 2))
+            .await
+            .unwrap();
+        drop(log);
+        let configs = configs(&broker, &topic).await;
+        assert_eq!(
+            configs.get("retention.ms").map(String::as_str),
+            Some("-1"),
+            "{configs:?}"
+        );
+        assert_eq!(
+            configs.get("retention.bytes").map(String::as_str),
+            Some("-1"),
+            "{configs:?}"
+        );
+        assert_eq!(
+            configs.get("min.insync.replicas").map(String::as_str),
+            Some("1"),
+            "{configs:?}"
+        );
+        // Opened again, the topic chat made passes the check.
+        KafkaLog::connect(KafkaConfig::new(&broker.brokers(), &topic, 2))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_existing_topic_that_deletes_records_is_refused_unless_accepted() {
+        let broker = testing::Broker::start(None);
+        let topic = format!("t-{}", uuid::Uuid::new_v4().simple());
+        let config = KafkaConfig::new(&broker.brokers(), &topic, 2);
+        let admin: AdminClient<DefaultClientContext> = config.client().create().unwrap();
+        let week = NewTopic::new(&topic, 2, TopicReplication::Fixed(1))
+            .set("retention.ms", "604800000")
+            .set("retention.bytes", "-1");
+        for created in admin
+            .create_topics([&week], &AdminOptions::new())
+            .await
+            .unwrap()
+        {
+            created.unwrap();
+        }
+        let refused = KafkaLog::connect(config.clone())
+            .await
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(&refused, LogError::TopicConfig { problems, .. }
+                if problems.len() == 1 && problems[0].starts_with("retention.ms=604800000")),
+            "{refused}"
+        );
+        assert!(!refused.is_retriable());
+        assert!(
+            refused.to_string().contains("--log-accept-topic-config"),
+            "{refused}"
+        );
+        // Nothing was changed on the broker.
+        assert_eq!(
+            configs(&broker, &topic)
+                .await
+                .get("retention.ms")
+                .map(String::as_str),
+            Some("604800000")
+        );
+        KafkaLog::connect(KafkaConfig {
+            accept_topic_config: true,
+            ..config
+        })
+        .await
+        .expect("accepted as it is");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_existing_topic_with_fewer_replicas_than_asked_is_refused() {
+        let broker = testing::Broker::start(None);
+        let topic = format!("t-{}", uuid::Uuid::new_v4().simple());
+        KafkaLog::connect(KafkaConfig::new(&broker.brokers(), &topic, 2))
+            .await
+            .unwrap();
+        let refused = KafkaLog::connect(KafkaConfig {
+            replication: 3,
+            min_insync_replicas: 2,
+            ..KafkaConfig::new(&broker.brokers(), &topic, 2)
+        })
+        .await
+        .err()
+        .expect("refused");
+        assert!(
+            matches!(&refused, LogError::TopicConfig { problems, .. }
+                if problems.len() == 1 && problems[0].contains("fewer than the 3")),
+            "{refused}"
+        );
+    }
+
+    #[tokio::test]
+    async fn min_insync_replicas_above_the_replication_factor_is_refused() {
+        for (replication, min_insync) in [(1, 2), (3, 0), (0, 0)] {
+            let e = KafkaLog::connect(KafkaConfig {
+                replication,
+                min_insync_replicas: min_insync,
+                ..KafkaConfig::new("127.0.0.1:1", "t", 1)
+            })
+            .await
+            .err()
+            .expect("refused before connecting");
+            assert!(e.to_string().contains("min.insync.replicas"), "{e}");
+        }
+    }
 
     #[test]
     fn urls_are_parsed() {

@@ -354,6 +354,25 @@ pub fn log_name(spec: &LogSpec) -> String {
     }
 }
 
+/// The history this node's gateway reads, if it has one it can trust: a
+/// store some projector keeps up to date. That is this node's own when it
+/// projects, or a shared one (Scylla) that a projector group writes. An
+/// embedded store on a node without the projector role is written by
+/// nobody: its pages would be empty or stale while the log moves on, so the
+/// gateway serves no history (`unavailable`) rather than untrue pages.
+fn history_for_reads(
+    config: &ServeConfig,
+    current: CurrentVersion,
+) -> Option<Arc<dyn HistoryStore>> {
+    let written = config.roles.has(Role::Projector) || config.store != StoreSpec::Embedded;
+    if !written && config.roles.has(Role::Ingest) {
+        tracing::warn!(
+            "no projector writes this node's embedded history store: history requests are answered unavailable; give a gateway the shared store (--store scylla://...) or the projector role"
+        );
+    }
+    written.then(|| Arc::new(current) as Arc<dyn HistoryStore>)
+}
+
 /// Runs the configured roles until `shutdown` is cancelled, then drains and
 /// stops each of them.
 pub async fn serve(
@@ -429,7 +448,7 @@ pub async fn serve(
             None
         }
     };
-    let store: Arc<dyn HistoryStore> = Arc::new(current);
+    let store = history_for_reads(&config, current);
 
     let fanout = config
         .roles
@@ -438,7 +457,7 @@ pub async fn serve(
     let gateway = Gateway {
         log,
         fanout: fanout.clone(),
-        store: Some(store),
+        store,
         metrics,
         config: GatewayConfig {
             ingest: config.roles.has(Role::Ingest),

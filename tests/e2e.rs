@@ -503,3 +503,30 @@ async fn a_since_that_cannot_be_honoured_is_never_answered_recovered() {
     ];
     assert_eq!(bodies, [json!("m2"), json!("live")]);
 }
+
+/// A gateway-only node on the embedded store has no projector writing its
+/// history: it answers history requests `unavailable` (503), never an empty
+/// page, while sends and live delivery work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_without_a_projector_serves_no_untrue_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(dir.path(), 2, &["--roles", "ingest,fanout"]).await;
+    let mut alice = server.connect("alice").await;
+    alice.join("general", None).await;
+    alice.send_message("general", &id(), "hello").await;
+    assert_eq!(alice.recv_type("ack").await["type"], "ack");
+    assert_eq!(alice.recv_type("message").await["body"], "hello");
+    let answer = reqwest::get(server.url("/rooms/general/messages"))
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 503);
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(body["type"], "error", "{body}");
+    assert_eq!(body["code"], "unavailable", "{body}");
+    assert!(
+        server
+            .log()
+            .contains("no projector writes this node's embedded history store"),
+        "the operator is told why"
+    );
+}

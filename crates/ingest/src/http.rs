@@ -175,7 +175,25 @@ pub(crate) async fn post_message(
                 body: text,
                 ts: now_ms(),
             };
-            state.append(std::slice::from_ref(&send)).await.remove(0)
+            // The append runs on a task of its own, tracked with the
+            // connections: a client that gives up (the request is dropped)
+            // does not cancel it, so its id is always finished and a retry
+            // gets this attempt's outcome instead of waiting forever.
+            let appending = state.clone();
+            let task = state.connections.spawn(async move {
+                appending
+                    .append(std::slice::from_ref(&send))
+                    .await
+                    .remove(0)
+            });
+            task.await.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "append task failed");
+                Err(FrameError::new(
+                    ErrorCode::Unavailable,
+                    "the append failed; retry with the same id",
+                    Some(id.clone()),
+                ))
+            })
         }
     };
     match outcome {
@@ -212,5 +230,144 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         )
             .into_response(),
         None => (StatusCode::NOT_FOUND, "metrics are not enabled").into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The HTTP send over the embedded log, with its appends held at a gate
+    //! so a test can give up on a request while its append is in flight.
+
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use eventlog::embedded::EmbeddedLog;
+    use eventlog::{Appended, EventLog, LogError, Record, RecordStream};
+    use tokio::sync::{Notify, Semaphore};
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    use super::*;
+    use crate::{dedup, Gateway, GatewayConfig};
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// The embedded log, whose appends each wait for a permit.
+    struct Gated {
+        inner: EmbeddedLog,
+        entered: Notify,
+        open: Semaphore,
+    }
+
+    #[async_trait]
+    impl EventLog for Gated {
+        fn partitions(&self) -> u32 {
+            self.inner.partitions()
+        }
+        fn epoch(&self) -> &str {
+            self.inner.epoch()
+        }
+        async fn append(&self, records: Vec<Record>) -> Result<Vec<Appended>, LogError> {
+            self.entered.notify_one();
+            self.open
+                .acquire()
+                .await
+                .expect("the gate stays open")
+                .forget();
+            self.inner.append(records).await
+        }
+        async fn end_offset(&self, partition: u32) -> Result<u64, LogError> {
+            self.inner.end_offset(partition).await
+        }
+        async fn start_offset(&self, partition: u32) -> Result<u64, LogError> {
+            self.inner.start_offset(partition).await
+        }
+        fn read(&self, partition: u32, from: u64) -> RecordStream {
+            self.inner.read(partition, from)
+        }
+        async fn load_position(
+            &self,
+            group: &str,
+            partition: u32,
+        ) -> Result<Option<u64>, LogError> {
+            self.inner.load_position(group, partition).await
+        }
+        async fn store_position(
+            &self,
+            group: &str,
+            partition: u32,
+            next: u64,
+        ) -> Result<(), LogError> {
+            self.inner.store_position(group, partition, next).await
+        }
+    }
+
+    fn post(
+        state: &Arc<AppState>,
+        id: &str,
+    ) -> impl std::future::Future<Output = Response> + Send + 'static {
+        post_message(
+            State(state.clone()),
+            Path("general".to_owned()),
+            Query(HashMap::from([("user".to_owned(), "alice".to_owned())])),
+            HeaderMap::new(),
+            Ok(Json(PostBody {
+                id: Some(id.to_owned()),
+                body: Some("hi".to_owned()),
+            })),
+        )
+    }
+
+    /// A client that gives up on a POST while its append is in flight
+    /// does not cancel the append: a retry with the same id is answered
+    /// with that append's ack (it used to wait forever), and the log holds
+    /// the message once.
+    #[tokio::test]
+    async fn a_post_abandoned_mid_append_is_finished_and_its_retry_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(Gated {
+            inner: EmbeddedLog::open(dir.path(), "chat.messages", 1).unwrap(),
+            entered: Notify::new(),
+            open: Semaphore::new(0),
+        });
+        let state = Arc::new(AppState {
+            dedup: dedup::Dedup::new(16),
+            gw: Gateway {
+                log: log.clone(),
+                fanout: None,
+                store: None,
+                metrics: None,
+                config: GatewayConfig::default(),
+            },
+            shutdown: CancellationToken::new(),
+            connections: TaskTracker::new(),
+        });
+        let first = tokio::spawn(post(&state, "m1"));
+        tokio::time::timeout(WAIT, log.entered.notified())
+            .await
+            .expect("the first attempt reaches the log");
+        first.abort();
+        assert!(
+            first.await.unwrap_err().is_cancelled(),
+            "the client gave up"
+        );
+        log.open.add_permits(1);
+        let retry = tokio::time::timeout(WAIT, post(&state, "m1"))
+            .await
+            .expect("the retry is answered");
+        assert_eq!(retry.status(), StatusCode::OK);
+        let body = axum::body::to_bytes(retry.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let ack: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            (ack["type"].as_str(), ack["offset"].as_i64()),
+            (Some("ack"), Some(0))
+        );
+        assert_eq!(log.end_offset(0).await.unwrap(), 1, "appended once");
+        state.connections.close();
+        tokio::time::timeout(WAIT, state.connections.wait())
+            .await
+            .expect("the append task is done");
     }
 }

@@ -132,7 +132,25 @@ pub struct KafkaTuning {
     pub accept_topic_config: bool,
 }
 
-/// The defaults of a cluster: three replicas, two in sync for an ack.
+/// The producer defaults of the Kafka backend, and the topics of a cluster:
+/// three replicas, two in sync for an ack.
+#[cfg(feature = "kafka")]
+impl Default for KafkaTuning {
+    fn default() -> Self {
+        let c = KafkaConfig::new("", "", 1);
+        KafkaTuning {
+            queue_kbytes: c.queue_kbytes,
+            enqueue_timeout: c.enqueue_timeout,
+            replication: 3,
+            min_insync_replicas: 2,
+            accept_topic_config: false,
+        }
+    }
+}
+
+/// Without the Kafka log the tuning is never used; the values are the Kafka
+/// backend's defaults, so `--help` reads the same.
+#[cfg(not(feature = "kafka"))]
 impl Default for KafkaTuning {
     fn default() -> Self {
         KafkaTuning {

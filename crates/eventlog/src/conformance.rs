@@ -32,6 +32,8 @@ macro_rules! log_conformance_suite {
             read_returns_records_in_order_with_contents,
             read_from_an_offset_skips_earlier_records,
             read_tails_records_appended_later,
+            reads_that_come_and_go_while_records_arrive_miss_nothing,
+            a_read_that_is_not_consumed_holds_up_no_other_read,
             end_offset_follows_appends,
             start_offset_is_zero_while_every_record_is_held,
             acked_records_survive_reopen,
@@ -147,6 +149,160 @@ pub async fn read_tails_records_appended_later(h: &impl LogHarness) {
         .map(|r| String::from_utf8(r.value.clone()).unwrap())
         .collect();
     assert_eq!(values, ["0", "1", "2", "3", "4"]);
+}
+
+/// A key of each partition of `log`, by partition.
+fn key_per_partition(log: &dyn EventLog) -> Vec<String> {
+    let mut keys: Vec<Option<String>> = vec![None; log.partitions() as usize];
+    for i in 0.. {
+        let key = format!("key-{i}");
+        let slot = &mut keys[log.partition_for(key.as_bytes()) as usize];
+        if slot.is_none() {
+            *slot = Some(key);
+        }
+        if keys.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    keys.into_iter().flatten().collect()
+}
+
+/// Checks that `got` holds the records of `partition` from `from` on,
+/// densely, with the values `expected` (by offset) says.
+fn assert_dense(what: &str, got: &[LogRecord], from: u64, expected: &[Vec<u8>]) {
+    for (i, r) in got.iter().enumerate() {
+        let offset = from + i as u64;
+        assert_eq!(r.offset, offset, "{what}: offsets are dense from {from}");
+        assert_eq!(
+            Some(&r.value),
+            expected.get(offset as usize),
+            "{what}: the record at {offset}"
+        );
+    }
+    assert_eq!(
+        from + got.len() as u64,
+        expected.len() as u64,
+        "{what}: every record up to the end"
+    );
+}
+
+/// Reads start and end while records are appended: reads that each stay
+/// for the whole test, reads that hop (read a few records, end, start again
+/// where they stopped) on partitions that keep another read and on one that
+/// does not (so each hop starts reading it anew), and reads that start at
+/// the end at some point. Every read gets every record from where it
+/// started, in order, none missing (the race a shared reader must not lose
+/// records to).
+pub async fn reads_that_come_and_go_while_records_arrive_miss_nothing(h: &impl LogHarness) {
+    const ROUNDS: usize = 40;
+    const PER_ROUND: usize = 25;
+    let total = (ROUNDS * PER_ROUND) as u64;
+    let (log, _) = h.fresh(3).await;
+    let keys = key_per_partition(&*log);
+    let writer = {
+        let log = log.clone();
+        let keys = keys.clone();
+        tokio::spawn(async move {
+            let mut values: Vec<Vec<Vec<u8>>> = vec![Vec::new(); 3];
+            for round in 0..ROUNDS {
+                let batch: Vec<Record> = (0..PER_ROUND * 3)
+                    .map(|i| rec(&keys[i % 3], &format!("{round}:{i}")))
+                    .collect();
+                let placed = log.append(batch.clone()).await.unwrap();
+                for (r, a) in batch.into_iter().zip(placed) {
+                    let held = &mut values[a.partition as usize];
+                    assert_eq!(a.offset, held.len() as u64);
+                    held.push(r.value);
+                }
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            values
+        })
+    };
+    let followers: Vec<_> = [0u32, 1]
+        .into_iter()
+        .map(|p| {
+            let mut stream = log.read(p, 0);
+            tokio::spawn(async move { (p, take(&mut stream, total as usize).await) })
+        })
+        .collect();
+    let hoppers: Vec<_> = (0u32..3)
+        .map(|p| {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut got: Vec<LogRecord> = Vec::new();
+                let mut hop = 1;
+                while (got.len() as u64) < total {
+                    let next = got.len() as u64;
+                    let mut stream = log.read(p, next);
+                    // Stops within a batch, so the next hop starts below
+                    // what the log has already fetched for the partition.
+                    let want = hop.min((total - next) as usize);
+                    let mut records = take(&mut stream, want).await;
+                    records.truncate(want);
+                    got.extend(records);
+                    hop = hop % 97 + 13;
+                }
+                (p, got)
+            })
+        })
+        .collect();
+    let latecomers: Vec<_> = (0u32..3)
+        .map(|p| {
+            let log = log.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(20 + 15 * u64::from(p))).await;
+                let from = log.end_offset(p).await.unwrap();
+                let mut stream = log.read(p, from);
+                let got = if from < total {
+                    take(&mut stream, (total - from) as usize).await
+                } else {
+                    Vec::new()
+                };
+                (p, from, got)
+            })
+        })
+        .collect();
+    let values = writer.await.unwrap();
+    for f in followers {
+        let (p, got) = f.await.unwrap();
+        assert_dense(&format!("follower of {p}"), &got, 0, &values[p as usize]);
+    }
+    for hopper in hoppers {
+        let (p, got) = hopper.await.unwrap();
+        assert_dense(&format!("hopper of {p}"), &got, 0, &values[p as usize]);
+    }
+    for late in latecomers {
+        let (p, from, got) = late.await.unwrap();
+        assert_dense(
+            &format!("latecomer of {p}"),
+            &got,
+            from,
+            &values[p as usize],
+        );
+    }
+}
+
+/// A read nobody consumes fills its queue; the other reads of its
+/// partition go on getting every record, and the stalled one, once
+/// consumed, gets every record from where it started too.
+pub async fn a_read_that_is_not_consumed_holds_up_no_other_read(h: &impl LogHarness) {
+    const RECORDS: usize = 12_000;
+    let (log, _) = h.fresh(1).await;
+    let mut stalled = log.read(0, 0);
+    let mut reader = log.read(0, 0);
+    let mut values = Vec::new();
+    for chunk in 0..RECORDS / 1000 {
+        let batch: Vec<Record> = (0..1000)
+            .map(|i| rec("k", &format!("{chunk}:{i}")))
+            .collect();
+        values.extend(batch.iter().map(|r| r.value.clone()));
+        log.append(batch).await.unwrap();
+    }
+    let got = take(&mut reader, RECORDS).await;
+    assert_dense("the consumed read", &got, 0, &values);
+    let got = take(&mut stalled, RECORDS).await;
+    assert_dense("the stalled read", &got, 0, &values);
 }
 
 pub async fn end_offset_follows_appends(h: &impl LogHarness) {

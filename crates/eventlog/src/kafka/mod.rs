@@ -8,9 +8,15 @@
 //!   partition count; an existing topic with another count is refused.
 //! - The epoch is the topic's id (DescribeTopics), so a deleted and
 //!   re-created topic is a new epoch.
-//! - A `read` assigns one partition to a consumer of its own (no group) and
-//!   polls it on a thread of its own, handing batches over a bounded channel
-//!   (full: the thread waits). The thread ends when the stream is dropped.
+//! - Reads never make clients: every `read` of the process is a cursor of
+//!   one of two shared readers ([`reader`]), each one consumer with manual
+//!   assignment polled by one thread. `live` serves the reads near where it
+//!   already fetches a partition (so fan-out and a projector that keeps up
+//!   share one fetch); `back` serves the far ones (catch-ups, a projector far
+//!   behind) and the slow ones `live` hands over. The logs of other topics
+//!   of the process ([`KafkaLog::sibling`]) use the same clients, so the
+//!   connections to the brokers are a fixed number: a producer, the two
+//!   readers, the end probe, and a group member per `assignments` stream.
 //! - `assignments` joins a consumer group only to learn which partitions
 //!   this member owns; it fetches nothing (its partitions are paused): the
 //!   owner reads them with `read` from the position its store keeps.
@@ -30,9 +36,13 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
-use crate::{Appended, EventLog, LogError, LogRecord, Record, RecordStream};
+use crate::{Appended, EventLog, LogError, Record, RecordStream};
+
+mod reader;
+
+use reader::{Reader, TopicPartition};
 
 /// How to reach the brokers and which topic to use.
 #[derive(Debug, Clone)]
@@ -79,6 +89,9 @@ impl KafkaConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
             .set("socket.keepalive.enable", "true")
+            // Every client connects to every broker at once, so the
+            // connections a process holds do not change with what it does.
+            .set("enable.sparse.connections", "false")
             .set("log_level", "4");
         c
     }
@@ -101,6 +114,12 @@ impl KafkaConfig {
             // the brokers instead; the queue bound above stops intake.
             .set("message.timeout.ms", "0");
         c
+    }
+
+    /// A consumer for manual assignment (librdkafka wants a group id for
+    /// it; the group is never joined and nothing is committed).
+    fn reader(&self) -> ClientConfig {
+        self.consumer("chat-reader")
     }
 
     fn consumer(&self, group: &str) -> ClientConfig {
@@ -133,15 +152,73 @@ fn unavailable(e: impl std::fmt::Display) -> LogError {
     LogError::Unavailable(e.to_string())
 }
 
-/// Kafka/Redpanda log backend.
+/// Kafka/Redpanda log backend: one topic, on clients it may share with the
+/// other topics of this process ([`KafkaLog::sibling`]).
 pub struct KafkaLog {
     config: KafkaConfig,
-    producer: FutureProducer,
-    /// For watermarks and metadata.
-    meta: Arc<BaseConsumer>,
-    /// Reads the last batch to find the exact end (see [`exact_end`]).
-    probe: Arc<std::sync::Mutex<BaseConsumer>>,
+    topic: Arc<str>,
+    clients: Arc<Clients>,
     epoch: String,
+}
+
+/// The broker clients of a process, shared by its topics: a fixed set, so
+/// the connections to the brokers do not grow with reads.
+struct Clients {
+    producer: FutureProducer,
+    /// Serves the reads near where it already fetches (fan-out's
+    /// dispatchers, a projector that keeps up), and metadata queries.
+    live: Reader,
+    /// Serves the reads far from where `live` fetches (catch-ups, a
+    /// projector far behind) and the reads `live` hands over because their
+    /// queue is full, pausing a partition for a slow read.
+    back: Reader,
+    /// Reads the last batch to find the exact end (see [`exact_end`]).
+    probe: std::sync::Mutex<BaseConsumer>,
+    /// Bounds the blocking metadata calls in flight, each of which holds
+    /// one of the runtime's blocking threads.
+    blocking: tokio::sync::Semaphore,
+}
+
+/// A read starting this close to `live`'s fetch position of its partition
+/// shares that fetch; a farther one goes to `back`.
+const NEAR: u64 = 8192;
+
+/// Blocking metadata calls in flight at most.
+const BLOCKING_CALLS: usize = 4;
+
+impl Clients {
+    fn new(config: &KafkaConfig) -> Result<Self, LogError> {
+        let producer: FutureProducer = config.producer().create().map_err(unavailable)?;
+        let back = Reader::start(
+            "kafka-read-back",
+            config.reader().create().map_err(unavailable)?,
+            None,
+        )?;
+        let live = Reader::start(
+            "kafka-read",
+            config.reader().create().map_err(unavailable)?,
+            Some(back.overflow()),
+        )?;
+        let probe = config.reader().create().map_err(unavailable)?;
+        Ok(Clients {
+            producer,
+            live,
+            back,
+            probe: std::sync::Mutex::new(probe),
+            blocking: tokio::sync::Semaphore::new(BLOCKING_CALLS),
+        })
+    }
+
+    /// Runs the blocking `call`, at most [`BLOCKING_CALLS`] at once.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        call: impl FnOnce() -> Result<T, LogError> + Send + 'static,
+    ) -> Result<T, LogError> {
+        let _permit = self.blocking.acquire().await.map_err(unavailable)?;
+        tokio::task::spawn_blocking(call)
+            .await
+            .map_err(unavailable)?
+    }
 }
 
 impl KafkaLog {
@@ -161,6 +238,24 @@ impl KafkaLog {
                 "replication factor 1: losing the one broker that holds a partition loses its acked messages; use 3 on a cluster"
             );
         }
+        let clients = Arc::new(Clients::new(&config)?);
+        Self::open(clients, config).await
+    }
+
+    /// The log of another topic, on this log's clients (no new connections):
+    /// created when missing with this log's settings and checked like it.
+    pub async fn sibling(&self, topic: &str, partitions: u32) -> Result<Self, LogError> {
+        let config = KafkaConfig {
+            topic: topic.to_owned(),
+            partitions,
+            ..self.config.clone()
+        };
+        Self::open(self.clients.clone(), config).await
+    }
+
+    async fn open(clients: Arc<Clients>, config: KafkaConfig) -> Result<Self, LogError> {
+        // A short-lived client: its connections close once the topic is
+        // checked.
         let admin: AdminClient<DefaultClientContext> =
             config.client().create().map_err(unavailable)?;
         let min_insync = config.min_insync_replicas.to_string();
@@ -190,19 +285,12 @@ impl KafkaLog {
                 }
             }
         }
-        let producer: FutureProducer = config.producer().create().map_err(unavailable)?;
-        let meta: BaseConsumer = config.consumer("chat-meta").create().map_err(unavailable)?;
-        let meta = Arc::new(meta);
-        let probe: BaseConsumer = config
-            .consumer("chat-probe")
-            .create()
-            .map_err(unavailable)?;
-        let probe = Arc::new(std::sync::Mutex::new(probe));
+        let meta = clients.live.consumer().clone();
         let found = {
             let (meta, topic, timeout) = (meta.clone(), config.topic.clone(), config.timeout);
-            tokio::task::spawn_blocking(move || partition_count(&meta, &topic, timeout))
-                .await
-                .map_err(unavailable)??
+            clients
+                .blocking(move || partition_count(&meta, &topic, timeout))
+                .await?
         };
         if found != config.partitions {
             return Err(LogError::PartitionMismatch {
@@ -213,22 +301,28 @@ impl KafkaLog {
         check_topic(&admin, &meta, &config).await?;
         let epoch = {
             let (client, topic, timeout) = (admin, config.topic.clone(), config.timeout);
-            tokio::task::spawn_blocking(move || topic_id(client.inner(), &topic, timeout))
-                .await
-                .map_err(unavailable)??
+            clients
+                .blocking(move || topic_id(client.inner(), &topic, timeout))
+                .await?
         };
         tracing::info!(topic = %config.topic, epoch, partitions = found, "kafka log ready");
         Ok(KafkaLog {
+            topic: Arc::from(config.topic.as_str()),
             config,
-            producer,
-            meta,
-            probe,
+            clients,
             epoch,
         })
     }
 
     pub fn topic(&self) -> &str {
         &self.config.topic
+    }
+
+    fn tp(&self, partition: u32) -> TopicPartition {
+        TopicPartition {
+            topic: self.topic.clone(),
+            partition,
+        }
     }
 }
 
@@ -451,6 +545,28 @@ fn topic_id<C: ClientContext>(
     }
 }
 
+/// The watermarks (low, high) the brokers sent with the last fetch of a
+/// partition this consumer reads, without a round trip; `None` when it has
+/// none. The rdkafka crate does not wrap this call.
+#[allow(unsafe_code)]
+fn cached_watermarks(consumer: &BaseConsumer, topic: &str, partition: u32) -> Option<(i64, i64)> {
+    use rdkafka::bindings as rd;
+    let name = CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the handle is the consumer's own and outlives the call; `name`
+    // outlives it too; `low` and `high` are valid for writes.
+    let err = unsafe {
+        rd::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            name.as_ptr(),
+            partition as i32,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR).then_some((low, high))
+}
+
 /// The offset after the last record of a partition whose high watermark
 /// the broker reports as `high`.
 ///
@@ -497,19 +613,6 @@ fn exact_end(
     Ok(end)
 }
 
-fn to_record(m: &rdkafka::message::BorrowedMessage<'_>) -> LogRecord {
-    LogRecord {
-        partition: m.partition() as u32,
-        offset: m.offset() as u64,
-        key: m.key().unwrap_or_default().to_vec(),
-        value: m.payload().unwrap_or_default().to_vec(),
-        ts: m.timestamp().to_millis().unwrap_or(0),
-    }
-}
-
-/// Most records handed over in one batch.
-const READ_BATCH: usize = 1024;
-
 #[async_trait]
 impl EventLog for KafkaLog {
     fn partitions(&self) -> u32 {
@@ -530,7 +633,7 @@ impl EventLog for KafkaLog {
                     .key(&r.key)
                     .payload(&r.value)
                     .timestamp(r.ts);
-                match self.producer.send_result(record) {
+                match self.clients.producer.send_result(record) {
                     Ok(delivery) => {
                         deliveries.push(delivery);
                         break;
@@ -581,61 +684,64 @@ impl EventLog for KafkaLog {
 
     async fn end_offset(&self, partition: u32) -> Result<u64, LogError> {
         self.check(partition)?;
-        let (meta, probe) = (self.meta.clone(), self.probe.clone());
+        let clients = self.clients.clone();
         let (topic, timeout) = (self.config.topic.clone(), self.config.timeout);
-        tokio::task::spawn_blocking(move || {
-            let (_, high) = meta
-                .fetch_watermarks(&topic, partition as i32, timeout)
-                .map_err(unavailable)?;
-            let probe = probe.lock().unwrap_or_else(|p| p.into_inner());
-            exact_end(&probe, &topic, partition, high.max(0) as u64, timeout)
-        })
-        .await
-        .map_err(unavailable)?
+        self.clients
+            .blocking(move || {
+                let (_, high) = clients
+                    .live
+                    .consumer()
+                    .fetch_watermarks(&topic, partition as i32, timeout)
+                    .map_err(unavailable)?;
+                let probe = clients.probe.lock().unwrap_or_else(|p| p.into_inner());
+                exact_end(&probe, &topic, partition, high.max(0) as u64, timeout)
+            })
+            .await
     }
 
     async fn start_offset(&self, partition: u32) -> Result<u64, LogError> {
         self.check(partition)?;
-        let meta = self.meta.clone();
+        // The low watermark the brokers sent with the last fetch of a
+        // partition a reader follows: no round trip.
+        for reader in [&self.clients.live, &self.clients.back] {
+            if reader.position(&self.tp(partition)).is_none() {
+                continue;
+            }
+            if let Some((low, _)) =
+                cached_watermarks(reader.consumer(), &self.config.topic, partition)
+            {
+                if low >= 0 {
+                    return Ok(low as u64);
+                }
+            }
+        }
+        let meta = self.clients.live.consumer().clone();
         let (topic, timeout) = (self.config.topic.clone(), self.config.timeout);
-        tokio::task::spawn_blocking(move || {
-            let (low, _) = meta
-                .fetch_watermarks(&topic, partition as i32, timeout)
-                .map_err(unavailable)?;
-            Ok(low.max(0) as u64)
-        })
-        .await
-        .map_err(unavailable)?
+        self.clients
+            .blocking(move || {
+                let (low, _) = meta
+                    .fetch_watermarks(&topic, partition as i32, timeout)
+                    .map_err(unavailable)?;
+                Ok(low.max(0) as u64)
+            })
+            .await
     }
 
     fn read(&self, partition: u32, from: u64) -> RecordStream {
         if let Err(e) = self.check(partition) {
             return futures::stream::once(async move { Err(e) }).boxed();
         }
-        let consumer: BaseConsumer = match self.config.consumer("chat-reader").create() {
-            Ok(c) => c,
-            Err(e) => return futures::stream::once(async move { Err(unavailable(e)) }).boxed(),
-        };
-        let mut tpl = TopicPartitionList::new();
-        if let Err(e) = tpl
-            .add_partition_offset(
-                &self.config.topic,
-                partition as i32,
-                Offset::Offset(from as i64),
-            )
-            .and_then(|()| consumer.assign(&tpl))
-        {
-            return futures::stream::once(async move { Err(unavailable(e)) }).boxed();
+        let tp = self.tp(partition);
+        let near = self
+            .clients
+            .live
+            .position(&tp)
+            .is_none_or(|at| from.abs_diff(at) <= NEAR);
+        if near {
+            self.clients.live.read(tp, from)
+        } else {
+            self.clients.back.read(tp, from)
         }
-        let (tx, rx) = mpsc::channel(4);
-        let topic = self.config.topic.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("kafka-read-{partition}"))
-            .spawn(move || poll_partition(consumer, &topic, partition, from, tx));
-        if let Err(e) = spawned {
-            return futures::stream::once(async move { Err(unavailable(e)) }).boxed();
-        }
-        tokio_stream_from(rx)
     }
 
     async fn load_position(&self, group: &str, partition: u32) -> Result<Option<u64>, LogError> {
@@ -772,125 +878,6 @@ impl ConsumerContext for GroupContext {
     }
 }
 
-/// Polls an assigned consumer, handing batches to `tx` until it closes.
-///
-/// Offsets are dense here (no transactions, no compaction), so a record
-/// past the next expected offset means the fetch skipped some: tansu, the
-/// test broker, has been seen to return a fetch that starts past a record
-/// appended at the same moment, and a reader that took it would lose that
-/// record for good (from a projector's history, from fan-out). The reader
-/// seeks back and reads again; a gap that is still there on the second
-/// read is taken as real (a compacted or truncated log) and logged.
-fn poll_partition(
-    consumer: BaseConsumer,
-    topic: &str,
-    partition: u32,
-    from: u64,
-    tx: mpsc::Sender<Result<Vec<LogRecord>, LogError>>,
-) {
-    let mut reader = DenseReader::new(from);
-    while !tx.is_closed() {
-        let mut batch = Vec::new();
-        let first = match consumer.poll(Duration::from_millis(100)) {
-            None => continue,
-            Some(Err(e)) => {
-                tracing::debug!(error = %e, "kafka read error (retried by librdkafka)");
-                continue;
-            }
-            Some(Ok(m)) => to_record(&m),
-        };
-        let mut next = Some(first);
-        while let Some(record) = next.take() {
-            match reader.offer(record.offset) {
-                Take::Record => batch.push(record),
-                Take::Skip => {}
-                Take::SeekBack(to) => {
-                    metrics::counter!(crate::metrics::READ_GAPS_TOTAL, "outcome" => "read_again")
-                        .increment(1);
-                    tracing::debug!(
-                        partition,
-                        expected = to,
-                        got = record.offset,
-                        "fetch skipped records: reading again"
-                    );
-                    let seek = consumer.seek(
-                        topic,
-                        partition as i32,
-                        Offset::Offset(to as i64),
-                        Duration::from_secs(10),
-                    );
-                    if let Err(e) = seek {
-                        tracing::warn!(partition, error = %e, "seek back failed");
-                    }
-                    break;
-                }
-            }
-            if batch.len() < READ_BATCH {
-                if let Some(Ok(m)) = consumer.poll(Duration::ZERO) {
-                    next = Some(to_record(&m));
-                }
-            }
-        }
-        if batch.is_empty() {
-            continue;
-        }
-        if tx.blocking_send(Ok(batch)).is_err() {
-            break;
-        }
-    }
-}
-
-/// What a reader does with the record at an offset.
-#[derive(Debug, PartialEq, Eq)]
-enum Take {
-    Record,
-    /// Already handed over (a fetch from before a seek): dropped.
-    Skip,
-    /// Offsets are missing before this one: read again from there.
-    SeekBack(u64),
-}
-
-/// The next offset a partition's reader expects, and the gap it has
-/// already read again once.
-struct DenseReader {
-    next: u64,
-    retried: Option<u64>,
-}
-
-impl DenseReader {
-    fn new(from: u64) -> Self {
-        DenseReader {
-            next: from,
-            retried: None,
-        }
-    }
-
-    fn offer(&mut self, offset: u64) -> Take {
-        if offset < self.next {
-            return Take::Skip;
-        }
-        if offset > self.next && self.retried != Some(self.next) {
-            self.retried = Some(self.next);
-            return Take::SeekBack(self.next);
-        }
-        if offset > self.next {
-            metrics::counter!(crate::metrics::READ_GAPS_TOTAL, "outcome" => "accepted")
-                .increment(1);
-            tracing::warn!(
-                expected = self.next,
-                got = offset,
-                "the log has no records between these offsets (read twice)"
-            );
-        }
-        self.next = offset + 1;
-        Take::Record
-    }
-}
-
-fn tokio_stream_from(rx: mpsc::Receiver<Result<Vec<LogRecord>, LogError>>) -> RecordStream {
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) }).boxed()
-}
-
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
@@ -898,20 +885,6 @@ pub mod testing;
 mod tests {
     use super::*;
     use crate::conformance::LogHarness;
-
-    #[test]
-    fn a_reader_reads_a_gap_again_once_then_takes_it() {
-        let mut r = DenseReader::new(5);
-        assert_eq!(r.offer(5), Take::Record);
-        assert_eq!(r.offer(6), Take::Record);
-        assert_eq!(r.offer(6), Take::Skip, "handed over already");
-        assert_eq!(r.offer(9), Take::SeekBack(7), "7 and 8 missing: read again");
-        assert_eq!(r.offer(7), Take::Record, "the second read has them");
-        assert_eq!(r.offer(8), Take::Record);
-        assert_eq!(r.offer(12), Take::SeekBack(9), "another gap, read again");
-        assert_eq!(r.offer(12), Take::Record, "still missing: taken as real");
-        assert_eq!(r.offer(13), Take::Record);
-    }
 
     struct Harness {
         broker: testing::Broker,

@@ -99,6 +99,8 @@ pub struct Fanout {
     log: Arc<dyn EventLog>,
     config: FanoutConfig,
     slots: Mutex<HashMap<u32, Slot>>,
+    /// Per partition: held by the one join that starts its dispatcher.
+    starting: Vec<tokio::sync::Mutex<()>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -111,6 +113,9 @@ pub fn message_frame(m: &MessageView) -> Frame {
 impl Fanout {
     pub fn new(log: Arc<dyn EventLog>, config: FanoutConfig) -> Arc<Self> {
         Arc::new(Fanout {
+            starting: (0..log.partitions())
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
             log,
             config,
             slots: Mutex::new(HashMap::new()),

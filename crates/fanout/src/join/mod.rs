@@ -28,7 +28,7 @@ use crate::member::Member;
 use crate::partition::PartitionState;
 use crate::{Fanout, FanoutError};
 
-use plan::{first_wanted, joined_frame, needs_start, plan, resumable, Plan};
+use plan::{beyond, first_wanted, joined_frame, needs_start, plan, resumable, Plan};
 
 /// What [`Fanout::hand_over`] did.
 #[derive(Debug, PartialEq, Eq)]
@@ -56,10 +56,16 @@ impl Fanout {
         since: Option<&Position>,
     ) -> Result<(), FanoutError> {
         let partition = self.log.partition_for(room.as_bytes());
-        let end = self.log.end_offset(partition).await?;
         let resume = since.filter(|s| s.epoch == self.log.epoch());
+        let end = self.end_for_join(partition, resume).await?;
         let start = match resume {
-            Some(s) if needs_start(s, end) => self.log.start_offset(partition).await?,
+            Some(s) if needs_start(s, end) => match self.log.start_offset(partition).await {
+                Ok(start) => start,
+                Err(e) => {
+                    self.release(partition);
+                    return Err(e.into());
+                }
+            },
             _ => 0,
         };
         let resume = resume.filter(|s| resumable(s, start, end));
@@ -91,6 +97,45 @@ impl Fanout {
             return Err(FanoutError::Slow);
         }
         Ok(())
+    }
+
+    /// The partition's end as a join sees it, starting the partition's
+    /// dispatcher when it has none.
+    ///
+    /// With a dispatcher, its read position: a lower bound of the log's end,
+    /// behind it by the records in flight at most, known without asking the
+    /// log, so a storm of joins asks the log nothing. Only a `since` at or
+    /// past that position asks the log for its end, which may be further.
+    /// Without a dispatcher, one join of the partition at a time asks the log
+    /// and starts the dispatcher at the end; the joins waiting meanwhile then
+    /// use its position.
+    async fn end_for_join(
+        &self,
+        partition: u32,
+        resume: Option<&Position>,
+    ) -> Result<u64, FanoutError> {
+        let known = |next: u64| !resume.is_some_and(|s| beyond(s, next));
+        if let Some(next) = self.read_position(partition) {
+            return Ok(if known(next) {
+                next
+            } else {
+                self.log.end_offset(partition).await?
+            });
+        }
+        let _one_at_a_time = self.starting[partition as usize].lock().await;
+        if let Some(next) = self.read_position(partition) {
+            if known(next) {
+                return Ok(next);
+            }
+        }
+        let end = self.log.end_offset(partition).await?;
+        self.slot(partition, end);
+        Ok(end)
+    }
+
+    /// The read position of the partition's dispatcher, if it has one.
+    fn read_position(&self, partition: u32) -> Option<u64> {
+        self.state_of(partition).map(|st| st.lock().unwrap().next)
     }
 
     /// One hand-over attempt, entirely under the slots and partition locks

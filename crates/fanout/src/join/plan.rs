@@ -42,6 +42,12 @@ pub(crate) fn needs_start(since: &Position, end: u64) -> bool {
     since.offset.saturating_add(1) < i64::try_from(end).unwrap_or(i64::MAX)
 }
 
+/// Whether `since` names an offset at or past `next`: one a dispatcher that
+/// reads from `next` on has not read yet.
+pub(crate) fn beyond(since: &Position, next: u64) -> bool {
+    since.offset >= i64::try_from(next).unwrap_or(i64::MAX)
+}
+
 /// The `joined` frame: the partition's head (its last offset, -1 when
 /// empty) given its `end`.
 pub(crate) fn joined_frame(room: &str, end: u64, epoch: &str, recovered: bool) -> Frame {
@@ -151,6 +157,13 @@ mod tests {
         assert!(!needs_start(&at(i64::MAX), 10));
         assert!(needs_start(&at(-1), 1));
         assert!(!needs_start(&at(-1), 0));
+        // A since the dispatcher has not read up to is checked with the log.
+        assert!(beyond(&at(10), 10));
+        assert!(beyond(&at(i64::MAX), 10));
+        assert!(!beyond(&at(9), 10));
+        assert!(!beyond(&at(-1), 0));
+        assert!(beyond(&at(0), 0));
+        assert!(!beyond(&at(0), u64::MAX));
     }
 
     #[test]

@@ -148,6 +148,21 @@ impl Default for KafkaTuning {
     }
 }
 
+#[cfg(feature = "kafka")]
+impl KafkaTuning {
+    /// The Kafka backend's config of `topic` with these settings.
+    fn config(&self, brokers: &str, topic: &str, partitions: u32) -> KafkaConfig {
+        KafkaConfig {
+            queue_kbytes: self.queue_kbytes,
+            enqueue_timeout: self.enqueue_timeout,
+            replication: self.replication,
+            min_insync_replicas: self.min_insync_replicas,
+            accept_topic_config: self.accept_topic_config,
+            ..KafkaConfig::new(brokers, topic, partitions)
+        }
+    }
+}
+
 /// Without the Kafka log the tuning is never used; the values are the Kafka
 /// backend's defaults, so `--help` reads the same.
 #[cfg(not(feature = "kafka"))]
@@ -282,14 +297,7 @@ pub async fn open_log(
         }
         #[cfg(feature = "kafka")]
         LogSpec::Kafka(brokers) => {
-            let config = KafkaConfig {
-                queue_kbytes: tuning.queue_kbytes,
-                enqueue_timeout: tuning.enqueue_timeout,
-                replication: tuning.replication,
-                min_insync_replicas: tuning.min_insync_replicas,
-                accept_topic_config: tuning.accept_topic_config,
-                ..KafkaConfig::new(brokers, topic, partitions)
-            };
+            let config = tuning.config(brokers, topic, partitions);
             Arc::new(
                 KafkaLog::connect(config)
                     .await
@@ -302,6 +310,30 @@ pub async fn open_log(
             anyhow::bail!("this chat was built without the Kafka log (cargo feature `kafka`)")
         }
     })
+}
+
+/// Opens the messages log and its dead-letter log; on Kafka the second
+/// shares the first one's clients, so it adds no connection to the brokers.
+pub async fn open_logs(
+    spec: &LogSpec,
+    data_dir: &std::path::Path,
+    partitions: u32,
+    tuning: &KafkaTuning,
+) -> anyhow::Result<(Arc<dyn EventLog>, Arc<dyn EventLog>)> {
+    #[cfg(feature = "kafka")]
+    if let LogSpec::Kafka(brokers) = spec {
+        let log = KafkaLog::connect(tuning.config(brokers, MESSAGES_TOPIC, partitions))
+            .await
+            .with_context(|| format!("opening topic {MESSAGES_TOPIC} on {brokers}"))?;
+        let dlq = log
+            .sibling(DLQ_TOPIC, 1)
+            .await
+            .with_context(|| format!("opening topic {DLQ_TOPIC} on {brokers}"))?;
+        return Ok((Arc::new(log), Arc::new(dlq)));
+    }
+    let log = open_log(spec, data_dir, MESSAGES_TOPIC, partitions, tuning).await?;
+    let dlq = open_log(spec, data_dir, DLQ_TOPIC, 1, tuning).await?;
+    Ok((log, dlq))
 }
 
 /// Opens the history store and names its projector group.
@@ -399,10 +431,9 @@ pub async fn serve(
     metrics: Option<PrometheusHandle>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let log = open_log(
+    let (log, dlq) = open_logs(
         &config.log,
         &config.data_dir,
-        MESSAGES_TOPIC,
         config.partitions,
         &config.kafka,
     )
@@ -418,7 +449,6 @@ pub async fn serve(
         version = &*current.active().name,
         "log open"
     );
-    let dlq = open_log(&config.log, &config.data_dir, DLQ_TOPIC, 1, &config.kafka).await?;
 
     let projector_stop = CancellationToken::new();
     let projector_task = if config.roles.has(Role::Projector) {

@@ -297,3 +297,223 @@ async fn serve_refuses_a_topic_that_deletes_records_unless_accepted() {
         "the shortfall is warned about"
     );
 }
+
+/// Established TCP connections from process `pid` to `port`, from /proc.
+fn connections_to(pid: u32, port: u16) -> usize {
+    let sockets: HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter_map(|link| {
+                    let link = link.to_string_lossy().into_owned();
+                    Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut count = 0;
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(remote), Some(state), Some(inode)) =
+                (fields.get(2), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            let remote_port = remote
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if *state == "01" && remote_port == Some(port) && sockets.contains(*inode) {
+                count += 1;
+            }
+        }
+    }
+    count
+}
+
+/// Threads of process `pid`.
+fn threads_of(pid: u32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The most connections to the broker and threads of `pid` seen until
+/// `stop` is set, sampled every few milliseconds.
+fn sample_peaks(
+    pid: u32,
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(usize, usize)> {
+    std::thread::spawn(move || {
+        let (mut connections, mut threads) = (0, 0);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            connections = connections.max(connections_to(pid, port));
+            threads = threads.max(threads_of(pid));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (connections, threads)
+    })
+}
+
+/// The broker clients of a gateway (all roles) are a fixed set: the TCP
+/// connections it holds to the broker are the same number at idle, after
+/// traffic in 1,000 rooms over every partition, and while 500 clients each
+/// resume 2 rooms from old offsets, and its thread count stays flat. In
+/// that storm every client gets exactly the messages it missed, in order,
+/// then a live one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateways_connections_to_the_broker_do_not_grow_with_reads() {
+    const PARTITIONS: u32 = 16;
+    const ROOMS: usize = 1000;
+    const PER_ROOM: usize = 3;
+    const CLIENTS: usize = 500;
+    let broker = Broker::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let url = broker.url();
+    let gw = Server::start_with(dir.path(), PARTITIONS, &["--log", url.as_str()]).await;
+    let pid = gw.pid();
+    eventually(
+        Duration::from_secs(30),
+        "the projector to own every partition",
+        || async { gauge(&gw, "projector_partitions_owned").await == f64::from(PARTITIONS) },
+    )
+    .await;
+    // The epoch, from a room nobody else uses (left at once).
+    let mut scout = gw.connect("scout").await;
+    let joined = scout.join("scout-room", None).await;
+    let epoch = joined["position"]["epoch"].as_str().unwrap().to_owned();
+    scout.close().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = (connections_to(pid, broker.port), threads_of(pid));
+
+    // Traffic: PER_ROOM messages in each of ROOMS rooms (every partition).
+    let rooms: Vec<String> = (0..ROOMS).map(|i| format!("storm-{i}")).collect();
+    let mut sender = gw.connect("sender").await;
+    let mut sent: HashMap<String, Vec<(String, i64)>> = HashMap::new();
+    for chunk in rooms.chunks(100) {
+        let batch: Vec<String> = chunk
+            .iter()
+            .flat_map(|r| std::iter::repeat_n(r.clone(), PER_ROOM))
+            .collect();
+        for (room, id, offset) in send_acked(&mut sender, &batch, batch.len()).await {
+            sent.entry(room).or_default().push((id, offset));
+        }
+    }
+    for messages in sent.values_mut() {
+        messages.sort_by_key(|(_, offset)| *offset);
+    }
+    eventually(
+        Duration::from_secs(60),
+        "the history to hold every message",
+        || async {
+            let last = &rooms[ROOMS - 1];
+            gw.history_with(last, PER_ROOM).await.len() == PER_ROOM
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after_traffic = (connections_to(pid, broker.port), threads_of(pid));
+
+    // The storm: each client resumes its 2 rooms from their first message,
+    // so it lacks the others, which are read back from the log.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = sample_peaks(pid, broker.port, stop.clone());
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        clients.push(gw.connect(&format!("u{c}")).await);
+    }
+    let began = std::time::Instant::now();
+    let last_joined = std::sync::Mutex::new(began);
+    let storm = clients.into_iter().enumerate().map(|(c, mut client)| {
+        let last_joined = &last_joined;
+        let mine = [rooms[2 * c].clone(), rooms[2 * c + 1].clone()];
+        let sent = &sent;
+        let epoch = epoch.as_str();
+        async move {
+            for room in &mine {
+                let since = sent[room][0].1;
+                client
+                    .send_json(serde_json::json!({"type": "join", "room": room,
+                        "since": {"offset": since, "epoch": epoch}}))
+                    .await;
+            }
+            let mut got: HashMap<String, Vec<String>> = HashMap::new();
+            let mut joined = 0;
+            let missed = 2 * (PER_ROOM - 1);
+            while joined < 2 || got.values().map(Vec::len).sum::<usize>() < missed {
+                let f = client.recv().await;
+                match f["type"].as_str() {
+                    Some("joined") => {
+                        assert_eq!(f["recovered"], true, "{f}");
+                        joined += 1;
+                        let mut last = last_joined.lock().unwrap();
+                        *last = (*last).max(std::time::Instant::now());
+                    }
+                    Some("message") => got
+                        .entry(f["room"].as_str().unwrap().to_owned())
+                        .or_default()
+                        .push(f["id"].as_str().unwrap().to_owned()),
+                    _ => panic!("unexpected {f}"),
+                }
+            }
+            for room in &mine {
+                let expected: Vec<String> =
+                    sent[room][1..].iter().map(|(id, _)| id.clone()).collect();
+                assert_eq!(
+                    got[room], expected,
+                    "{room}: what was missed, in order, once"
+                );
+            }
+            (client, mine)
+        }
+    });
+    let resumed = futures::future::join_all(storm).await;
+    let joins_took = last_joined.lock().unwrap().duration_since(began);
+    let caught_up = gauge(&gw, "fanout_catch_up_messages_total").await;
+    // Then live ones.
+    let live: HashMap<String, String> = rooms.iter().map(|r| (r.clone(), id())).collect();
+    for chunk in rooms.chunks(100) {
+        for room in chunk {
+            sender.send_message(room, &live[room], "live").await;
+        }
+        for _ in chunk {
+            sender.recv_type("ack").await;
+        }
+    }
+    let checks = resumed.into_iter().map(|(mut client, mine)| {
+        let live = &live;
+        async move {
+            let mut got = HashSet::new();
+            while got.len() < 2 {
+                let f = client.recv_type("message").await;
+                assert!(mine.iter().any(|r| f["room"] == r.as_str()), "{f}");
+                assert_eq!(f["id"], live[f["room"].as_str().unwrap()].as_str(), "{f}");
+                got.insert(f["room"].as_str().unwrap().to_owned());
+            }
+        }
+    });
+    futures::future::join_all(checks).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let storm_peak = sampler.join().unwrap();
+    eprintln!(
+        "connections to the broker / threads: idle {idle:?}, after traffic {after_traffic:?}, storm peak {storm_peak:?}; {} joins in {joins_took:?}",
+        2 * CLIENTS
+    );
+    // No dispatcher ran before the storm, so its rings were empty: every
+    // missed message was read back from the log.
+    assert_eq!(caught_up, (2 * CLIENTS * (PER_ROOM - 1)) as f64);
+    assert_eq!(idle.0, after_traffic.0, "connections after traffic");
+    assert_eq!(idle.0, storm_peak.0, "connections in the storm");
+    assert!(idle.0 < 10, "{} connections to one broker", idle.0);
+    assert!(
+        storm_peak.1 <= idle.1 + 4,
+        "threads grew from {} to {}",
+        idle.1,
+        storm_peak.1
+    );
+}

@@ -501,7 +501,7 @@ pub async fn serve(
     let fanout = config
         .roles
         .has(Role::Fanout)
-        .then(|| Fanout::new(log.clone(), FanoutConfig::default()));
+        .then(|| Fanout::with_history(log.clone(), store.clone(), FanoutConfig::default()));
     let gateway = Gateway {
         log,
         fanout: fanout.clone(),

@@ -140,15 +140,37 @@ impl Server {
 
     /// The value of an unlabelled metric in `/metrics`, 0 when absent.
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = reqwest::get(self.url("/metrics"))
+        self.metrics_text()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// The sum of every series of metric `name` in `/metrics`, whatever its
+    /// labels; 0 when absent.
+    pub async fn metric_sum(&self, name: &str) -> f64 {
+        self.metrics_text()
+            .await
+            .lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(name)?;
+                let value = match rest.strip_prefix('{') {
+                    Some(labelled) => labelled.split_once("} ")?.1,
+                    None => rest.strip_prefix(' ')?,
+                };
+                value.trim().parse::<f64>().ok()
+            })
+            .sum()
+    }
+
+    async fn metrics_text(&self) -> String {
+        reqwest::get(self.url("/metrics"))
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-            .unwrap_or(0.0)
+            .unwrap()
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -8,9 +8,11 @@
 //! Promises:
 //! - a member gets its rooms' messages in offset order, each once;
 //! - `join` with `since` gives every message after `since`, with no gap and
-//!   no duplicate, then live ones: older messages are read back from the log
-//!   by the joining client (catch-up), the newest from the dispatcher's ring
-//!   of recent messages, and the hand-over happens under the partition lock;
+//!   no duplicate, then live ones: older messages are read back for the
+//!   joining client (catch-up: from the history store, by room, as far as
+//!   the store covers, then from the log), the newest from the dispatcher's
+//!   ring of recent messages, and the hand-over happens under the partition
+//!   lock;
 //! - every member queue is bounded; a member whose queue is full is a slow
 //!   consumer: it is kicked (its `kick` token is cancelled, the gateway closes
 //!   it with 4008) and it resumes with `since`. Ephemeral frames (typing) are
@@ -21,8 +23,10 @@
 //! the slow-consumer policy; `partition` one partition's shared state and
 //! the routing of messages to members; `seen` the identities behind
 //! duplicate suppression; `dispatcher` the task that tails a partition;
-//! `join` joining a room (`join::plan` its pure decisions, `join::catch_up`
-//! the read back from the log, the hand-over in `join` itself); `retry` the
+//! `join` joining a room (`join::plan` its pure decisions,
+//! `join::from_store` the read back from the history store,
+//! `join::catch_up` the read back from the log, the hand-over in `join`
+//! itself); `retry` the
 //! backoff after log errors; [`metrics`] the metric names. The tests that
 //! drive the whole over the embedded log are in `tests`.
 
@@ -43,6 +47,7 @@ use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use eventlog::EventLog;
+use history::HistoryStore;
 use schemas::protocol::{MessageView, ServerFrame};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -97,6 +102,8 @@ struct Slot {
 /// neither is held across an `.await`.
 pub struct Fanout {
     log: Arc<dyn EventLog>,
+    /// Where a catch-up reads a room's older messages first, when given.
+    history: Option<Arc<dyn HistoryStore>>,
     config: FanoutConfig,
     slots: Mutex<HashMap<u32, Slot>>,
     /// Per partition: held by the one join that starts its dispatcher.
@@ -112,7 +119,19 @@ pub fn message_frame(m: &MessageView) -> Frame {
 
 impl Fanout {
     pub fn new(log: Arc<dyn EventLog>, config: FanoutConfig) -> Arc<Self> {
+        Self::with_history(log, None, config)
+    }
+
+    /// A fan-out whose catch-ups read what `history` (the store a projector
+    /// of this log writes) holds from it, by room, and the rest from the
+    /// log.
+    pub fn with_history(
+        log: Arc<dyn EventLog>,
+        history: Option<Arc<dyn HistoryStore>>,
+        config: FanoutConfig,
+    ) -> Arc<Self> {
         Arc::new(Fanout {
+            history,
             starting: (0..log.partitions())
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),

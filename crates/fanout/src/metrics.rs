@@ -29,7 +29,7 @@ pub const CATALOGUE: &[(&str, &str, &str)] = &[
     (
         CATCH_UP_MESSAGES_TOTAL,
         "counter",
-        "messages joining members read back from the log",
+        "messages a join's catch-up sent, by source: store (the history store, by room) or log (the partition read back)",
     ),
     (
         DUPLICATES_DROPPED_TOTAL,

@@ -121,7 +121,8 @@ impl Fanout {
                 let (verdict, done) = catch_up.admit(&record, seen_before);
                 if let Verdict::Send(e) = verdict {
                     member.send_paced(e.frame).await?;
-                    ::metrics::counter!(crate::metrics::CATCH_UP_MESSAGES_TOTAL).increment(1);
+                    ::metrics::counter!(crate::metrics::CATCH_UP_MESSAGES_TOTAL, "source" => "log")
+                        .increment(1);
                 }
                 if done {
                     return Ok(());

@@ -8,9 +8,11 @@
 //!   now (the ring's messages from `want` on are queued, then the member is
 //!   subscribed from `want`, all under the lock, so the dispatcher delivers
 //!   exactly what follows) or must first catch up to some offset;
-//! - [`Fanout::catch_up`], without any lock: reads the room's messages in
-//!   `[want, until)` back from the log, at the member's pace
-//!   ([`catch_up::CatchUp`] says which records to send), then `want = until`.
+//! - without any lock, the catch-up of `[want, until)` at the member's pace:
+//!   [`Fanout::catch_up_from_store`] sends what the history store covers of
+//!   it, read by room, and [`Fanout::catch_up`] reads the rest back from the
+//!   log ([`catch_up::CatchUp`] says which records to send); then
+//!   `want = until`.
 //!
 //! Promises: the member gets every message of the room from `want` on, in
 //! offset order, with no gap and no duplicate (within the identities
@@ -18,6 +20,7 @@
 //! or the join ends); no std mutex is held across an `.await`.
 
 mod catch_up;
+pub(crate) mod from_store;
 mod plan;
 
 use std::sync::{Arc, Mutex};
@@ -83,7 +86,15 @@ impl Fanout {
             match self.hand_over(partition, &mut state, room, member, want, reached) {
                 HandOver::Done => break,
                 HandOver::CatchUp { until } => {
-                    if let Err(e) = self.catch_up(partition, room, member, want, until).await {
+                    let caught_up = match self
+                        .catch_up_from_store(partition, room, member, want, until)
+                        .await
+                    {
+                        Ok(upto) if upto >= until => Ok(()),
+                        Ok(upto) => self.catch_up(partition, room, member, upto, until).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = caught_up {
                         self.release(partition);
                         return Err(e);
                     }

@@ -4,6 +4,7 @@
 //! submodule one promise of the crate.
 
 mod duplicates;
+mod from_store;
 mod log_errors;
 mod members;
 mod resume;

@@ -5,6 +5,7 @@
 //! chat-load run --preset mixed --connections 500 --rate 1000 --url ws://127.0.0.1:8080
 //! chat-load compare ingest-max --report r.json --chart r.svg     # bare-server, then chat
 //! chat-load compare ingest-max --baseline kafka-producer --log kafka://127.0.0.1:9092   # raw producer, then chat
+//! chat-load compare ingest-max --baseline kafka-producer,kafka-fetch --log kafka://127.0.0.1:9092   # both, then chat
 //! ```
 
 use std::path::PathBuf;
@@ -84,8 +85,10 @@ struct ServerArgs {
     /// The `bare-server` binary; default: next to this one.
     #[arg(long)]
     bare_bin: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "bare")]
-    baseline: Baseline,
+    /// What chat is compared with; several, comma-separated, run one after
+    /// the other before chat, and chat's ratios to each are reported.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "bare")]
+    baseline: Vec<Baseline>,
     /// `--log` for `chat serve`: `embedded`, or kafka://HOST:PORT.
     #[arg(long, default_value = "embedded")]
     log: String,
@@ -293,7 +296,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<bool> {
                 bare_bin: servers
                     .bare_bin
                     .unwrap_or_else(|| sibling_binary("bare-server")),
-                baseline: servers.baseline,
+                baselines: servers.baseline,
                 log: servers.log,
                 partitions: servers.partitions,
                 producer_topic: servers.producer_topic,

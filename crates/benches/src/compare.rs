@@ -3,9 +3,11 @@
 //! by side with ratios to the baseline. Measuring both in one invocation is
 //! what makes the ratio mean something on a shared, noisy machine.
 //!
-//! The baseline is `bare-server` (WebSocket and JSON, no log), or a raw
-//! Kafka producer to the brokers of `--log kafka://...` ([`crate::kafka`]),
-//! which starts no server. Each server is started on a free port of
+//! A baseline is `bare-server` (WebSocket and JSON, no log), a raw Kafka
+//! producer to the brokers of `--log kafka://...` ([`crate::kafka`]), which
+//! starts no server, or that producer with raw consumers fetching every
+//! partition meanwhile. Several baselines run one after the other, then
+//! chat; chat's ratios are given to each. Each server is started on a free port of
 //! 127.0.0.1 and stopped by its PID after its run; `chat serve` gets a fresh
 //! temporary data dir and `--log` (embedded, or `kafka://...`).
 
@@ -29,6 +31,10 @@ pub enum Baseline {
     /// `--log kafka://...`, for the Kafka-mode target (chat at least 80% of
     /// its msgs/s); see `crate::kafka`.
     KafkaProducer,
+    /// The raw producer while raw consumers fetch every partition of its
+    /// topic: the fetch load a gateway with fan-out and a projector puts on
+    /// the brokers, without chat; see `crate::kafka`.
+    KafkaFetch,
 }
 
 /// How to start the servers.
@@ -36,7 +42,8 @@ pub enum Baseline {
 pub struct CompareOptions {
     pub chat_bin: PathBuf,
     pub bare_bin: PathBuf,
-    pub baseline: Baseline,
+    /// Run in this order before chat; ratios are given to each.
+    pub baselines: Vec<Baseline>,
     /// `--log` of `chat serve` (`embedded` or `kafka://HOST:PORT`).
     pub log: String,
     pub partitions: u32,
@@ -160,30 +167,40 @@ pub fn sibling_binary(name: &str) -> PathBuf {
 pub async fn compare(scenario: &Scenario, options: &CompareOptions) -> anyhow::Result<Comparison> {
     scenario.validate()?;
     let mut runs: Vec<Report> = Vec::new();
-    let mut servers: Vec<(&str, PathBuf, Vec<String>)> = Vec::new();
-    match options.baseline {
-        Baseline::Bare => servers.push((
-            "bare",
-            options.bare_bin.clone(),
-            vec!["--listen".into(), "127.0.0.1:0".into()],
-        )),
-        Baseline::KafkaProducer => {
-            let producer = ProducerOptions {
-                brokers: crate::kafka::brokers(&options.log)?,
-                topic: options.producer_topic.clone(),
-                partitions: options.partitions,
-                command: options.command.clone(),
-                nofile_limit: options.nofile_limit,
-            };
-            tracing::info!(brokers = %producer.brokers, topic = %producer.topic, "raw producer baseline");
-            let report = produce(scenario, &producer)
-                .await
-                .with_context(|| format!("running the {} baseline", crate::kafka::LABEL))?;
-            if !report.ok {
-                tracing::warn!(label = %report.label, "run failed checks");
+    for baseline in &options.baselines {
+        let fetchers = match baseline {
+            Baseline::Bare => {
+                runs.push(
+                    run_server(
+                        scenario,
+                        options,
+                        "bare",
+                        &options.bare_bin,
+                        &["--listen".into(), "127.0.0.1:0".into()],
+                    )
+                    .await?,
+                );
+                continue;
             }
-            runs.push(report);
+            Baseline::KafkaProducer => 0,
+            Baseline::KafkaFetch => crate::kafka::FETCHERS,
+        };
+        let producer = ProducerOptions {
+            brokers: crate::kafka::brokers(&options.log)?,
+            topic: options.producer_topic.clone(),
+            partitions: options.partitions,
+            fetchers,
+            command: options.command.clone(),
+            nofile_limit: options.nofile_limit,
+        };
+        tracing::info!(brokers = %producer.brokers, topic = %producer.topic, fetchers, "raw producer baseline");
+        let report = produce(scenario, &producer)
+            .await
+            .with_context(|| format!("running the {} baseline", producer.label()))?;
+        if !report.ok {
+            tracing::warn!(label = %report.label, "run failed checks");
         }
+        runs.push(report);
     }
     let mut chat_args: Vec<String> = [
         "serve",
@@ -200,35 +217,45 @@ pub async fn compare(scenario: &Scenario, options: &CompareOptions) -> anyhow::R
     .map(|s| s.to_string())
     .collect();
     chat_args.extend(options.chat_args.iter().cloned());
-    servers.push(("chat", options.chat_bin.clone(), chat_args));
-    for (label, program, args) in servers {
-        let server = Server::start(&program, &args).await?;
-        tracing::info!(label, pid = server.pid(), addr = %server.addr, "server started");
-        let run_options = RunOptions {
-            url: format!("ws://{}/ws", server.addr),
-            label: label.to_owned(),
-            server_pid: Some(server.pid()),
-            progress: options.progress,
-            command: options.command.clone(),
-            nofile_limit: options.nofile_limit,
-        };
-        let report = run(scenario, &run_options).await;
-        if report.as_ref().map_or(true, |r| !r.ok) {
-            // Keep the server's side of the story.
-            let log = server.log();
-            let tail: Vec<&str> = log.lines().rev().take(20).collect();
-            tracing::warn!(
-                label,
-                "run failed checks; server log tail:\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
-        }
-        server.stop(Duration::from_secs(15)).await?;
-        runs.push(report.with_context(|| format!("running against {label}"))?);
-    }
+    runs.push(run_server(scenario, options, "chat", &options.chat_bin, &chat_args).await?);
     Ok(Comparison::new(
         options.command.clone(),
         scenario.preset,
+        options.baselines.len(),
         runs,
     ))
+}
+
+/// Starts `program` with `args`, runs `scenario` against it as `label`,
+/// and stops it.
+async fn run_server(
+    scenario: &Scenario,
+    options: &CompareOptions,
+    label: &str,
+    program: &Path,
+    args: &[String],
+) -> anyhow::Result<Report> {
+    let server = Server::start(program, args).await?;
+    tracing::info!(label, pid = server.pid(), addr = %server.addr, "server started");
+    let run_options = RunOptions {
+        url: format!("ws://{}/ws", server.addr),
+        label: label.to_owned(),
+        server_pid: Some(server.pid()),
+        progress: options.progress,
+        command: options.command.clone(),
+        nofile_limit: options.nofile_limit,
+    };
+    let report = run(scenario, &run_options).await;
+    if report.as_ref().map_or(true, |r| !r.ok) {
+        // Keep the server's side of the story.
+        let log = server.log();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        tracing::warn!(
+            label,
+            "run failed checks; server log tail:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    server.stop(Duration::from_secs(15)).await?;
+    report.with_context(|| format!("running against {label}"))
 }

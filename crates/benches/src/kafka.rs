@@ -71,6 +71,15 @@ use crate::sys::{Machine, NofileLimit};
 /// What the report and the ratios call this baseline.
 pub const LABEL: &str = "kafka-producer";
 
+/// What they call it with fetchers ([`FETCHERS`]).
+pub const FETCH_LABEL: &str = "kafka-fetch";
+
+/// Raw consumers of `--baseline kafka-fetch`, each fetching every partition
+/// from its end for the whole run: one for fan-out and one for the
+/// projector, the readers a gateway had before it shared one fetch between
+/// them, so the broker's fetch cost is not undercounted.
+pub const FETCHERS: usize = 2;
+
 /// The baseline's topic, apart from chat's `chat.messages`.
 pub const DEFAULT_TOPIC: &str = "bench.producer";
 
@@ -91,9 +100,82 @@ pub struct ProducerOptions {
     pub topic: String,
     /// Partitions of the topic (those of the chat run).
     pub partitions: u32,
+    /// Raw consumers tailing every partition of the topic meanwhile.
+    pub fetchers: usize,
     /// The command line, for the report.
     pub command: String,
     pub nofile_limit: Option<NofileLimit>,
+}
+
+impl ProducerOptions {
+    /// What the report calls this run.
+    pub fn label(&self) -> &'static str {
+        if self.fetchers == 0 {
+            LABEL
+        } else {
+            FETCH_LABEL
+        }
+    }
+}
+
+/// Consumers that tail every partition of `topic` from its end, as a
+/// gateway's readers do, until dropped: records fetched are counted and
+/// thrown away. The fetch settings are the log's readers' (a 10 ms
+/// `fetch.wait.max.ms`).
+struct Fetchers {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<u64>>,
+}
+
+impl Fetchers {
+    fn start(o: &ProducerOptions) -> anyhow::Result<Fetchers> {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for i in 0..o.fetchers {
+            let consumer = consumer(&o.brokers)?;
+            let mut tpl = TopicPartitionList::new();
+            for p in 0..o.partitions {
+                tpl.add_partition_offset(&o.topic, p as i32, Offset::End)
+                    .context("listing the partitions to fetch")?;
+            }
+            consumer
+                .assign(&tpl)
+                .context("assigning the partitions to fetch")?;
+            let stop = stop.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("fetcher-{i}"))
+                .spawn(move || {
+                    let mut fetched = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Some(Ok(_)) = consumer.poll(Duration::from_millis(100)) {
+                            fetched += 1;
+                        }
+                    }
+                    fetched
+                })
+                .context("starting a fetcher thread")?;
+            threads.push(thread);
+        }
+        Ok(Fetchers { stop, threads })
+    }
+
+    /// Stops the fetchers; returns the records each fetched.
+    fn stop(mut self) -> Vec<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        std::mem::take(&mut self.threads)
+            .into_iter()
+            .map(|t| t.join().unwrap_or(0))
+            .collect()
+    }
+}
+
+impl Drop for Fetchers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// The brokers of `--log kafka://HOST:PORT[,HOST:PORT...]`.
@@ -239,7 +321,8 @@ pub async fn produce(scenario: &Scenario, options: &ProducerOptions) -> anyhow::
     )
     .await
     .context("the brokers did not acknowledge the warm-up records in time")??;
-    tracing::info!(brokers = %options.brokers, topic = %options.topic, run, "producer baseline ready");
+    let fetchers = Fetchers::start(options)?;
+    tracing::info!(brokers = %options.brokers, topic = %options.topic, run, fetchers = options.fetchers, "producer baseline ready");
 
     let stop = CancellationToken::new();
     let aborted = CancellationToken::new();
@@ -290,6 +373,11 @@ pub async fn produce(scenario: &Scenario, options: &ProducerOptions) -> anyhow::
     // the runtime, since it blocks.
     let Producer { producer, .. } = producer;
     let _dropped = tokio::task::spawn_blocking(move || drop(producer)).await;
+    if let Ok(fetched) = tokio::task::spawn_blocking(move || fetchers.stop()).await {
+        if !fetched.is_empty() {
+            tracing::info!(?fetched, "records the fetchers read");
+        }
+    }
 
     let aborted = aborted.is_cancelled();
     let ok = !aborted
@@ -304,7 +392,7 @@ pub async fn produce(scenario: &Scenario, options: &ProducerOptions) -> anyhow::
         tool: tool(),
         date: crate::sys::utc_now(),
         machine: Machine::detect(),
-        label: LABEL.to_owned(),
+        label: options.label().to_owned(),
         target: format!("kafka://{}/{}", options.brokers, options.topic),
         command: options.command.clone(),
         scenario: scenario.clone(),

@@ -70,11 +70,15 @@ pub struct Comparison {
     pub machine: Machine,
     pub command: String,
     pub preset: Preset,
-    /// Name of the run every ratio divides by.
+    /// Name of the first baseline: the one the plain ratios divide by.
     pub baseline: String,
+    /// Names of every baseline, in run order (the first runs).
+    #[serde(default)]
+    pub baselines: Vec<String>,
     pub runs: Vec<Report>,
-    /// Per run (other than the baseline), its figure divided by the
-    /// baseline's: `chat.acked_per_s` and so on.
+    /// Per run (other than the baselines), its figure divided by each
+    /// baseline's: `chat.acked_per_s` by the first one's,
+    /// `chat/kafka-fetch.acked_per_s` by another one's, and so on.
     pub ratios: BTreeMap<String, f64>,
     pub ok: bool,
 }
@@ -84,10 +88,13 @@ fn ratio(a: f64, b: f64) -> Option<f64> {
 }
 
 impl Comparison {
-    pub fn new(command: String, preset: Preset, runs: Vec<Report>) -> Comparison {
-        let baseline = runs.first().map(|r| r.label.clone()).unwrap_or_default();
+    /// The comparison of `runs`, whose first `baselines` runs are the
+    /// baselines (at least one).
+    pub fn new(command: String, preset: Preset, baselines: usize, runs: Vec<Report>) -> Comparison {
+        let baselines = baselines.max(1).min(runs.len());
+        let (bases, others) = runs.split_at(baselines);
         let mut ratios = BTreeMap::new();
-        if let Some((base, others)) = runs.split_first() {
+        for (i, base) in bases.iter().enumerate() {
             let b = &base.summary;
             for run in others {
                 let s = &run.summary;
@@ -107,13 +114,19 @@ impl Comparison {
                         b.rss_per_connection_bytes.unwrap_or(0.0),
                     ),
                 ];
+                let name_of = |figure: &str| match i {
+                    0 => format!("{}.{figure}", run.label),
+                    _ => format!("{}/{}.{figure}", run.label, base.label),
+                };
                 for (name, ours, theirs) in figures {
                     if let Some(r) = ratio(ours, theirs) {
-                        ratios.insert(format!("{}.{name}", run.label), r);
+                        ratios.insert(name_of(name), r);
                     }
                 }
             }
         }
+        let baseline = bases.first().map(|r| r.label.clone()).unwrap_or_default();
+        let baselines = bases.iter().map(|r| r.label.clone()).collect();
         Comparison {
             tool: tool(),
             date: crate::sys::utc_now(),
@@ -122,6 +135,7 @@ impl Comparison {
             preset,
             ok: runs.iter().all(|r| r.ok),
             baseline,
+            baselines,
             runs,
             ratios,
         }
@@ -133,7 +147,7 @@ impl Comparison {
             out.push_str(&run.text());
             out.push('\n');
         }
-        let _ = writeln!(out, "ratios to {}:", self.baseline);
+        let _ = writeln!(out, "ratios to {}:", self.baselines.join(", then to "));
         for (name, r) in &self.ratios {
             let _ = writeln!(out, "  {name:<36} {r:>8.3}");
         }
@@ -279,6 +293,7 @@ mod tests {
         let c = Comparison::new(
             "chat-load compare".into(),
             Preset::IngestMax,
+            1,
             vec![report("bare", 1000.0, 2.0), report("chat", 600.0, 5.0)],
         );
         assert_eq!(c.baseline, "bare");
@@ -292,5 +307,31 @@ mod tests {
         let json = serde_json::to_string(&c).unwrap();
         let back: Comparison = serde_json::from_str(&json).unwrap();
         assert_eq!(back.runs.len(), 2);
+    }
+
+    #[test]
+    fn with_two_baselines_chat_gets_ratios_to_each() {
+        let c = Comparison::new(
+            "chat-load compare".into(),
+            Preset::IngestMax,
+            2,
+            vec![
+                report("kafka-producer", 1000.0, 2.0),
+                report("kafka-fetch", 500.0, 4.0),
+                report("chat", 400.0, 5.0),
+            ],
+        );
+        assert_eq!(c.baseline, "kafka-producer");
+        assert_eq!(c.baselines, ["kafka-producer", "kafka-fetch"]);
+        assert!((c.ratios["chat.max_sustained_rate"] - 0.4).abs() < 1e-9);
+        assert!((c.ratios["chat/kafka-fetch.max_sustained_rate"] - 0.8).abs() < 1e-9);
+        assert!(
+            !c.ratios.keys().any(|k| k.starts_with("kafka-fetch")),
+            "a baseline gets no ratio: {:?}",
+            c.ratios
+        );
+        assert!(c
+            .text()
+            .contains("ratios to kafka-producer, then to kafka-fetch"));
     }
 }

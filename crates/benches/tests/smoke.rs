@@ -85,13 +85,14 @@ fn compare_with(preset: &str, extra: &[&str], baseline: &str) -> Value {
 
 /// Every run's checks, phase by phase; returns the runs by label.
 fn check_runs(c: &Value, preset: &str) -> Vec<(String, Value)> {
-    check_runs_of(c, preset, ["bare", "chat"])
+    check_runs_of(c, preset, &["bare", "chat"])
 }
 
 /// [`check_runs`] of a comparison of the runs `labels`. The raw producer
-/// (`kafka-producer`) has senders instead of connections, and the log as
-/// the one member each acked record must reach (read back from the topic).
-fn check_runs_of(c: &Value, preset: &str, labels: [&str; 2]) -> Vec<(String, Value)> {
+/// (`kafka-producer`, `kafka-fetch`) has senders instead of connections,
+/// and the log as the one member each acked record must reach (read back
+/// from the topic).
+fn check_runs_of(c: &Value, preset: &str, labels: &[&str]) -> Vec<(String, Value)> {
     assert_eq!(c["preset"], preset);
     assert_eq!(c["ok"], true, "{c:#}");
     assert_eq!(c["baseline"], labels[0]);
@@ -101,7 +102,7 @@ fn check_runs_of(c: &Value, preset: &str, labels: [&str; 2]) -> Vec<(String, Val
     for run in runs {
         let label = &run["label"];
         let scenario = &run["scenario"];
-        let producer = label == "kafka-producer";
+        let producer = label == "kafka-producer" || label == "kafka-fetch";
         assert_eq!(run["ok"], true, "{label}");
         assert_eq!(
             run["connected"],
@@ -211,8 +212,9 @@ fn mixed_runs_against_both_servers() {
     assert!(c["ratios"]["chat.delivered_per_s"].is_number());
 }
 
-/// Kafka mode: the raw rdkafka producer baseline, then `chat serve --log
-/// kafka://...`, against one real broker. The p99 bound is generous and a
+/// Kafka mode: the raw rdkafka producer baseline, the same with raw
+/// consumers fetching every partition, then `chat serve --log kafka://...`,
+/// against one real broker. The p99 bound is generous and a
 /// third step is allowed: a step passes on correctness here, not on the
 /// speed of a shared machine.
 #[test]
@@ -223,7 +225,7 @@ fn kafka_producer_baseline_then_chat_on_a_real_broker() {
         "ingest-max",
         &[
             "--baseline",
-            "kafka-producer",
+            "kafka-producer,kafka-fetch",
             "--log",
             &url,
             "--partitions",
@@ -235,19 +237,26 @@ fn kafka_producer_baseline_then_chat_on_a_real_broker() {
         ],
         "kafka-producer",
     );
-    let runs = check_runs_of(&c, "ingest-max", ["kafka-producer", "chat"]);
-    let producer = &runs[0].1;
+    let runs = check_runs_of(&c, "ingest-max", &["kafka-producer", "kafka-fetch", "chat"]);
     assert_eq!(
-        producer["target"],
-        format!("kafka://{}/bench.producer", broker.brokers())
+        c["baselines"],
+        serde_json::json!(["kafka-producer", "kafka-fetch"])
     );
-    for step in producer["phases"].as_array().unwrap() {
-        assert_eq!(step["senders"], producer["scenario"]["senders"]);
+    for (_, producer) in &runs[..2] {
+        assert_eq!(
+            producer["target"],
+            format!("kafka://{}/bench.producer", broker.brokers())
+        );
+        for step in producer["phases"].as_array().unwrap() {
+            assert_eq!(step["senders"], producer["scenario"]["senders"]);
+        }
     }
     for ratio in [
         "chat.acked_per_s",
         "chat.ack_p99",
         "chat.max_sustained_rate",
+        "chat/kafka-fetch.acked_per_s",
+        "chat/kafka-fetch.max_sustained_rate",
     ] {
         assert!(c["ratios"][ratio].is_number(), "{ratio}: {}", c["ratios"]);
     }

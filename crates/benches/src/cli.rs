@@ -95,7 +95,8 @@ struct ServerArgs {
     /// Partitions of chat's topic, and of the kafka-producer baseline's.
     #[arg(long, default_value_t = 16)]
     partitions: u32,
-    /// Topic of `--baseline kafka-producer` (created when missing).
+    /// Topic of `--baseline kafka-producer` (created when missing);
+    /// `kafka-fetch` uses this name with `.fetch` appended.
     #[arg(long, default_value = crate::kafka::DEFAULT_TOPIC)]
     producer_topic: String,
     /// One more argument for `chat serve` (repeat for several).

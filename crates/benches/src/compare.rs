@@ -185,9 +185,16 @@ pub async fn compare(scenario: &Scenario, options: &CompareOptions) -> anyhow::R
             Baseline::KafkaProducer => 0,
             Baseline::KafkaFetch => crate::kafka::FETCHERS,
         };
+        // Each baseline produces to a topic of its own, so neither fetches
+        // from a partition the other one filled (the test broker's fetches
+        // slow down as a partition grows).
+        let topic = match fetchers {
+            0 => options.producer_topic.clone(),
+            _ => format!("{}.fetch", options.producer_topic),
+        };
         let producer = ProducerOptions {
             brokers: crate::kafka::brokers(&options.log)?,
-            topic: options.producer_topic.clone(),
+            topic,
             partitions: options.partitions,
             fetchers,
             command: options.command.clone(),

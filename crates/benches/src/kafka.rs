@@ -75,10 +75,10 @@ pub const LABEL: &str = "kafka-producer";
 pub const FETCH_LABEL: &str = "kafka-fetch";
 
 /// Raw consumers of `--baseline kafka-fetch`, each fetching every partition
-/// from its end for the whole run: one for fan-out and one for the
-/// projector, the readers a gateway had before it shared one fetch between
-/// them, so the broker's fetch cost is not undercounted.
-pub const FETCHERS: usize = 2;
+/// from its end for the whole run: as many as a gateway with fan-out and a
+/// projector keeps fetching, its one shared `live` reader (the `back`
+/// reader fetches only for catch-ups and reads that fall behind).
+pub const FETCHERS: usize = 1;
 
 /// The baseline's topic, apart from chat's `chat.messages`.
 pub const DEFAULT_TOPIC: &str = "bench.producer";

@@ -242,10 +242,13 @@ fn kafka_producer_baseline_then_chat_on_a_real_broker() {
         c["baselines"],
         serde_json::json!(["kafka-producer", "kafka-fetch"])
     );
-    for (_, producer) in &runs[..2] {
+    for ((_, producer), topic) in runs[..2]
+        .iter()
+        .zip(["bench.producer", "bench.producer.fetch"])
+    {
         assert_eq!(
             producer["target"],
-            format!("kafka://{}/bench.producer", broker.brokers())
+            format!("kafka://{}/{topic}", broker.brokers())
         );
         for step in producer["phases"].as_array().unwrap() {
             assert_eq!(step["senders"], producer["scenario"]["senders"]);

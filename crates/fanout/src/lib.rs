@@ -69,6 +69,11 @@ pub struct FanoutConfig {
     pub retry: Duration,
     /// Message identities remembered per partition to drop duplicates.
     pub seen_ids: usize,
+    /// Catch-ups reading the log at once, at most; more wait for one to end.
+    pub catch_up_reads: usize,
+    /// How long a catch-up waits for room in a member's queue before the
+    /// member is kicked as a slow consumer.
+    pub catch_up_stall: Duration,
 }
 
 impl Default for FanoutConfig {
@@ -77,6 +82,8 @@ impl Default for FanoutConfig {
             ring: 4096,
             retry: Duration::from_millis(200),
             seen_ids: 65_536,
+            catch_up_reads: 256,
+            catch_up_stall: Duration::from_secs(10),
         }
     }
 }
@@ -108,6 +115,8 @@ pub struct Fanout {
     slots: Mutex<HashMap<u32, Slot>>,
     /// Per partition: held by the one join that starts its dispatcher.
     starting: Vec<tokio::sync::Mutex<()>>,
+    /// A permit per catch-up reading the log ([`FanoutConfig::catch_up_reads`]).
+    catch_up_reads: tokio::sync::Semaphore,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -135,6 +144,7 @@ impl Fanout {
             starting: (0..log.partitions())
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
+            catch_up_reads: tokio::sync::Semaphore::new(config.catch_up_reads.max(1)),
             log,
             config,
             slots: Mutex::new(HashMap::new()),

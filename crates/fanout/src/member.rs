@@ -6,11 +6,14 @@
 //!   queue) kicks the member (cancels its `kick` token, counts one slow
 //!   consumer); a kicked member is offered nothing more;
 //! - [`Member::send_paced`] is the one path that waits for room in the queue
-//!   (a catch-up goes at the client's pace, never kicks);
+//!   (a catch-up goes at the client's pace), up to a stall: a client whose
+//!   queue stays full that long is kicked too, so a client that stops
+//!   reading holds no catch-up for ever;
 //! - every member gets an id no other member of this process has.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -64,10 +67,29 @@ impl Member {
         let _dropped_when_full = self.tx.try_send(frame);
     }
 
-    /// Queues a frame, waiting for room in the queue (the catch-up's pace);
-    /// [`FanoutError::Slow`] when the queue is closed.
-    pub(crate) async fn send_paced(&self, frame: Frame) -> Result<(), FanoutError> {
-        self.tx.send(frame).await.map_err(|_| FanoutError::Slow)
+    /// Queues a frame, waiting for room in the queue (the catch-up's pace)
+    /// for up to `stall`; a queue still full then kicks the member.
+    /// [`FanoutError::Slow`] when the queue is closed or the member is
+    /// kicked (meanwhile, or for this stall).
+    pub(crate) async fn send_paced(
+        &self,
+        frame: Frame,
+        stall: Duration,
+    ) -> Result<(), FanoutError> {
+        let frame = match self.tx.try_send(frame) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(FanoutError::Slow),
+            Err(mpsc::error::TrySendError::Full(frame)) => frame,
+        };
+        tokio::select! {
+            sent = self.tx.send(frame) => sent.map_err(|_| FanoutError::Slow),
+            _ = self.kick.cancelled() => Err(FanoutError::Slow),
+            _ = tokio::time::sleep(stall) => {
+                ::metrics::counter!(crate::metrics::SLOW_CONSUMERS_TOTAL).increment(1);
+                self.kick.cancel();
+                Err(FanoutError::Slow)
+            }
+        }
     }
 
     /// Frames the queue can take now without waiting.
@@ -109,6 +131,31 @@ mod tests {
         assert!(!kick.is_cancelled());
         assert_eq!(rx.try_recv().unwrap().as_str(), "a");
         assert!(rx.try_recv().is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_paced_send_waits_for_room_then_kicks_a_member_that_stalls() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let kick = CancellationToken::new();
+        let m = Member::new("u", tx, kick.clone());
+        let stall = Duration::from_secs(10);
+        m.send_paced(Frame::from("a"), stall).await.unwrap();
+        // The queue is full: the send waits until the client reads.
+        let (sent, read) = tokio::join!(m.send_paced(Frame::from("b"), stall), async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            rx.recv().await
+        });
+        sent.unwrap();
+        assert_eq!(read.unwrap().as_str(), "a");
+        assert!(!kick.is_cancelled(), "it read within the stall");
+        // Nobody reads any more: the send gives up after the stall, kicked.
+        assert!(matches!(
+            m.send_paced(Frame::from("c"), stall).await,
+            Err(FanoutError::Slow)
+        ));
+        assert!(kick.is_cancelled());
+        assert_eq!(rx.try_recv().unwrap().as_str(), "b");
+        assert!(rx.try_recv().is_err(), "c was not queued");
     }
 
     #[test]

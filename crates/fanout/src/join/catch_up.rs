@@ -8,8 +8,10 @@
 //! but for copies of a message it has (within [`LOOKBACK`] before `from`),
 //! was just sent, or the dispatcher saw first at a lower offset; the
 //! catch-up ends at the first record at or after `until - 1`, whatever its
-//! room; it waits for room in the member's queue and never kicks; it holds
-//! no lock across an await.
+//! room; it waits for room in the member's queue, up to the stall that
+//! kicks a member ([`crate::FanoutConfig::catch_up_stall`]); at most
+//! [`crate::FanoutConfig::catch_up_reads`] of them read the log at once; it
+//! holds no lock across an await.
 
 use eventlog::LogRecord;
 use futures::StreamExt;
@@ -114,13 +116,17 @@ impl Fanout {
                 .as_ref()
                 .is_some_and(|st| st.lock().unwrap().seen.seen_before(key, offset))
         };
+        // The semaphore is never closed.
+        let _reading = self.catch_up_reads.acquire().await.ok();
         let mut catch_up = CatchUp::new(room, from, until);
         let mut stream = self.log.read(partition, catch_up.read_from());
         while let Some(batch) = stream.next().await {
             for record in batch? {
                 let (verdict, done) = catch_up.admit(&record, seen_before);
                 if let Verdict::Send(e) = verdict {
-                    member.send_paced(e.frame).await?;
+                    member
+                        .send_paced(e.frame, self.config.catch_up_stall)
+                        .await?;
                     ::metrics::counter!(crate::metrics::CATCH_UP_MESSAGES_TOTAL, "source" => "log")
                         .increment(1);
                 }

@@ -53,7 +53,9 @@ impl Fanout {
             return Ok(from);
         };
         for m in &messages {
-            member.send_paced(message_frame(m)).await?;
+            member
+                .send_paced(message_frame(m), self.config.catch_up_stall)
+                .await?;
         }
         ::metrics::counter!(crate::metrics::CATCH_UP_MESSAGES_TOTAL, "source" => "store")
             .increment(messages.len() as u64);

@@ -258,3 +258,36 @@ async fn a_since_older_than_the_first_retained_offset_is_not_recovered() {
     );
     h.fanout.shutdown().await;
 }
+
+/// With one catch-up allowed to read the log at a time, a member that stops
+/// reading holds it only until the stall kicks it as a slow consumer; the
+/// other resume gets everything either way.
+#[tokio::test]
+async fn a_stalled_catch_up_is_kicked_and_frees_its_read() {
+    let config = FanoutConfig {
+        ring: 4,
+        catch_up_reads: 1,
+        catch_up_stall: Duration::from_millis(200),
+        ..FanoutConfig::default()
+    };
+    let h = Harness::new(1, config);
+    let records: Vec<Record> = (0..40)
+        .map(|i| record("a", &format!("m{i}"), "hi"))
+        .collect();
+    h.append(&records).await;
+    // Room for the `joined` frame and one message, and nobody reads.
+    let (stalled, _unread, kick) = h.member(2);
+    let (reader, mut rx, _) = h.member(64);
+    let (first, second) = tokio::join!(
+        h.join("a", &stalled, Some(-1)),
+        h.join("a", &reader, Some(-1))
+    );
+    assert!(matches!(first, Err(FanoutError::Slow)), "{first:?}");
+    assert!(kick.is_cancelled());
+    second.unwrap();
+    expect_joined(&mut rx).await;
+    let got = messages_until(&mut rx, "m39").await;
+    assert_eq!(ids(&got), expected(&records, &["a"]));
+    h.fanout.leave("a", &stalled);
+    h.fanout.shutdown().await;
+}

@@ -13,6 +13,13 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    // The blocking pool serves short calls only (store and log reads,
+    // metadata requests); a cap keeps a storm of them from growing threads.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads((4 * cores).max(8))
+        .build()
+        .context("starting the runtime")?;
     runtime.block_on(chat::cli::run(cli))
 }

@@ -298,7 +298,9 @@ async fn serve_refuses_a_topic_that_deletes_records_unless_accepted() {
     );
 }
 
-/// Established TCP connections from process `pid` to `port`, from /proc.
+/// Established TCP connections from process `pid` to `port`, from /proc,
+/// counted by socket inode: a read of `/proc/PID/net/tcp` while sockets
+/// come and go (the storm's clients) can list a line twice.
 fn connections_to(pid: u32, port: u16) -> usize {
     let sockets: HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|dir| {
@@ -310,7 +312,7 @@ fn connections_to(pid: u32, port: u16) -> usize {
                 .collect()
         })
         .unwrap_or_default();
-    let mut count = 0;
+    let mut found = HashSet::new();
     for table in ["tcp", "tcp6"] {
         let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
         for line in text.lines().skip(1) {
@@ -325,11 +327,11 @@ fn connections_to(pid: u32, port: u16) -> usize {
                 .next()
                 .and_then(|p| u16::from_str_radix(p, 16).ok());
             if *state == "01" && remote_port == Some(port) && sockets.contains(*inode) {
-                count += 1;
+                found.insert(inode.to_string());
             }
         }
     }
-    count
+    found.len()
 }
 
 /// Threads of process `pid`.
@@ -352,7 +354,8 @@ fn sample_peaks(
     std::thread::spawn(move || {
         let (mut connections, mut threads) = (0, 0);
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            connections = connections.max(connections_to(pid, port));
+            let now = connections_to(pid, port);
+            connections = connections.max(now);
             threads = threads.max(threads_of(pid));
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -363,7 +366,8 @@ fn sample_peaks(
 /// The broker clients of a gateway (all roles) are a fixed set: the TCP
 /// connections it holds to the broker are the same number at idle, after
 /// traffic in 1,000 rooms over every partition, and while 500 clients each
-/// resume 2 rooms from old offsets, and its thread count stays flat. In
+/// resume 2 rooms from old offsets, and its thread count does not grow with
+/// the clients (bounded pools only). In
 /// that storm every client gets exactly the messages it missed, in order,
 /// then a live one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -511,8 +515,12 @@ async fn a_gateways_connections_to_the_broker_do_not_grow_with_reads() {
     assert_eq!(idle.0, after_traffic.0, "connections after traffic");
     assert_eq!(idle.0, storm_peak.0, "connections in the storm");
     assert!(idle.0 < 10, "{} connections to one broker", idle.0);
+    // Threads do not grow with clients: the only ones a storm may add are
+    // the runtime's blocking threads (for the Kafka log's metadata calls
+    // and the embedded store's reads), a pool `chat` caps at 8 on 2 cores.
+    let blocking_cap = 4 * std::thread::available_parallelism().map_or(2, |n| n.get());
     assert!(
-        storm_peak.1 <= idle.1 + 4,
+        storm_peak.1 <= idle.1 + blocking_cap.max(8),
         "threads grew from {} to {}",
         idle.1,
         storm_peak.1

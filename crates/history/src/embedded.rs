@@ -73,7 +73,14 @@ pub struct EmbeddedStore {
     tables: Arc<Tables>,
     id: Arc<str>,
     committer: Arc<Committer>,
+    /// Bounds the reads in flight on the file, each of which holds one of
+    /// the runtime's blocking threads: a storm of reads (resumes reading
+    /// their catch-up from here) queues instead of growing threads.
+    reads: Arc<tokio::sync::Semaphore>,
 }
+
+/// Reads of one store file in flight at most.
+const READS: usize = 4;
 
 impl EmbeddedStore {
     /// Opens (or creates) `history.redb` in `dir`, using projection version
@@ -81,12 +88,13 @@ impl EmbeddedStore {
     pub fn open(dir: &Path, namespace: &str) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(storage)?;
         let db = Database::create(dir.join("history.redb")).map_err(storage)?;
-        Self::with_database(Arc::new(db), namespace)
+        let reads = Arc::new(tokio::sync::Semaphore::new(READS));
+        Self::with_database(Arc::new(db), namespace, reads)
     }
 
     /// Another projection version in the same database.
     pub fn namespace(&self, namespace: &str) -> Result<Self, StoreError> {
-        Self::with_database(self.db.clone(), namespace)
+        Self::with_database(self.db.clone(), namespace, self.reads.clone())
     }
 
     /// A name unique to this store's file and projection version, made at
@@ -101,10 +109,15 @@ impl EmbeddedStore {
         EmbeddedVersions {
             db: self.db.clone(),
             default: default.into(),
+            reads: self.reads.clone(),
         }
     }
 
-    fn with_database(db: Arc<Database>, namespace: &str) -> Result<Self, StoreError> {
+    fn with_database(
+        db: Arc<Database>,
+        namespace: &str,
+        reads: Arc<tokio::sync::Semaphore>,
+    ) -> Result<Self, StoreError> {
         let tables = Tables::new(namespace);
         let txn = db.begin_write().map_err(storage)?;
         txn.open_table(tables.messages()).map_err(storage)?;
@@ -132,6 +145,7 @@ impl EmbeddedStore {
             db,
             tables,
             id: format!("{id}-{namespace}").into(),
+            reads,
         })
     }
 
@@ -140,6 +154,7 @@ impl EmbeddedStore {
         T: Send + 'static,
         F: FnOnce(&Database, &Tables) -> Result<T, StoreError> + Send + 'static,
     {
+        let _reading = self.reads.acquire().await.map_err(storage)?;
         let db = self.db.clone();
         let tables = self.tables.clone();
         tokio::task::spawn_blocking(move || f(&db, &tables))
@@ -440,6 +455,8 @@ struct VersionMeta {
 pub struct EmbeddedVersions {
     db: Arc<Database>,
     default: Arc<str>,
+    /// Shared by every store of the file ([`EmbeddedStore::reads`]).
+    reads: Arc<tokio::sync::Semaphore>,
 }
 
 fn version_exists(txn: &redb::ReadTransaction, name: &str) -> Result<bool, StoreError> {
@@ -481,6 +498,7 @@ impl EmbeddedVersions {
         let versions = EmbeddedVersions {
             db: Arc::new(db),
             default: default.into(),
+            reads: Arc::new(tokio::sync::Semaphore::new(READS)),
         };
         let txn = versions.db.begin_write().map_err(storage)?;
         let pointed = {
@@ -501,7 +519,7 @@ impl EmbeddedVersions {
 
     /// The store of version `name`, created when missing.
     pub fn store(&self, name: &str) -> Result<EmbeddedStore, StoreError> {
-        EmbeddedStore::with_database(self.db.clone(), name)
+        EmbeddedStore::with_database(self.db.clone(), name, self.reads.clone())
     }
 
     fn current_blocking(db: &Database, default: &str) -> Result<String, StoreError> {

@@ -392,7 +392,12 @@ async fn a_gateways_connections_to_the_broker_do_not_grow_with_reads() {
     let joined = scout.join("scout-room", None).await;
     let epoch = joined["position"]["epoch"].as_str().unwrap().to_owned();
     scout.close().await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    eventually(
+        Duration::from_secs(30),
+        "the scout's partition to be dropped",
+        || async { gauge(&gw, "fanout_partitions").await == 0.0 },
+    )
+    .await;
     let idle = (connections_to(pid, broker.port), threads_of(pid));
 
     // Traffic: PER_ROOM messages in each of ROOMS rooms (every partition).
@@ -420,7 +425,6 @@ async fn a_gateways_connections_to_the_broker_do_not_grow_with_reads() {
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let after_traffic = (connections_to(pid, broker.port), threads_of(pid));
 
     // The storm: each client resumes its 2 rooms from their first message,

@@ -24,7 +24,7 @@ pub enum Command {
     /// Run a chat node. With no flags: every role (ingest, fanout, projector)
     /// in one process on the embedded log and history store, with the web
     /// page at `/`.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Rebuild the history from the log into a new projection version while
     /// the current one keeps serving reads. When a `chat serve` holds the
     /// data dir, the replay runs inside it (through its control socket);
@@ -35,6 +35,72 @@ pub enum Command {
         #[command(subcommand)]
         action: VersionsAction,
     },
+    /// Mint an HS256 token with the configured secret (CHAT_JWT_SECRET or
+    /// --jwt-secret-file), for development and tests; prints it.
+    Token(TokenArgs),
+}
+
+/// The keys and claim rules tokens are checked with, for `serve` (and the
+/// secret, issuer and audience `token` mints with).
+#[derive(clap::Args)]
+pub struct KeyArgs {
+    /// HMAC secret of HS256/384/512 tokens. From the environment only, so
+    /// it never shows in a process list.
+    #[arg(
+        long = "jwt-secret-from-env",
+        env = "CHAT_JWT_SECRET",
+        hide = true,
+        hide_env_values = true
+    )]
+    jwt_secret: Option<String>,
+    /// File holding the HMAC secret of HS256/384/512 tokens (a trailing
+    /// newline is not part of it).
+    #[arg(long, env = "CHAT_JWT_SECRET_FILE")]
+    jwt_secret_file: Option<PathBuf>,
+    /// Required `iss` of every token, when set.
+    #[arg(long, env = "CHAT_JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+    /// Required `aud` of every token, when set.
+    #[arg(long, env = "CHAT_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
+}
+
+impl KeyArgs {
+    /// The HMAC secret, if one is configured.
+    fn secret(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        if self.jwt_secret.is_some() && self.jwt_secret_file.is_some() {
+            anyhow::bail!("give the JWT secret once: CHAT_JWT_SECRET or --jwt-secret-file");
+        }
+        if let Some(secret) = &self.jwt_secret {
+            return Ok(Some(secret.as_bytes().to_vec()));
+        }
+        let Some(path) = &self.jwt_secret_file else {
+            return Ok(None);
+        };
+        let mut secret = std::fs::read(path)
+            .with_context(|| format!("reading the JWT secret file {}", path.display()))?;
+        while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            secret.pop();
+        }
+        Ok(Some(secret))
+    }
+}
+
+#[derive(clap::Args)]
+pub struct TokenArgs {
+    /// The user the token names (`sub`).
+    #[arg(long)]
+    user: String,
+    /// How long the token is valid: 90s, 30m, 1h, 7d...
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: std::time::Duration,
+    /// Rooms the token grants (the `rooms` claim): names and prefix
+    /// patterns such as team-a.* or dm:*, comma-separated. Default: no
+    /// claim (every public room and the user's direct messages).
+    #[arg(long, value_delimiter = ',')]
+    rooms: Option<Vec<String>>,
+    #[command(flatten)]
+    keys: KeyArgs,
 }
 
 /// Where the log and the history are, for `replay` and `versions`.
@@ -189,6 +255,63 @@ pub struct ServeArgs {
     /// (close code 4008).
     #[arg(long, default_value_t = 4096)]
     client_queue: usize,
+    #[command(flatten)]
+    keys: KeyArgs,
+    /// PEM public key of RS256/384/512, PS*, ES256/384 or EdDSA tokens;
+    /// may be given several times.
+    #[arg(long, env = "CHAT_JWT_KEY", value_delimiter = ',')]
+    jwt_key: Vec<PathBuf>,
+    /// A JWKS (file, or http(s) URL) whose keys check tokens by `kid`; a
+    /// URL is fetched again every --jwks-refresh and on an unknown kid.
+    #[arg(long, env = "CHAT_JWKS")]
+    jwks: Option<String>,
+    /// How often a JWKS URL is fetched again: 5m, 1h...
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    jwks_refresh: std::time::Duration,
+    /// Run in open dev mode (clients name themselves with ?user=) even on
+    /// a non-loopback address. Without a key and without this flag, a
+    /// server only starts on a loopback address.
+    #[arg(long, env = "CHAT_DEV_AUTH")]
+    dev_auth: bool,
+}
+
+impl ServeArgs {
+    /// How the gateway identifies users, from the key flags.
+    async fn auth(&self) -> anyhow::Result<ingest::auth::Auth> {
+        use ingest::auth::{jwks, Auth, Verifier};
+        let mut verifier = Verifier::new()
+            .with_issuer(self.keys.jwt_issuer.clone())
+            .with_audience(self.keys.jwt_audience.clone());
+        if let Some(secret) = self.keys.secret()? {
+            verifier = verifier.with_secret(&secret)?;
+        }
+        for path in &self.jwt_key {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("reading the JWT key {}", path.display()))?;
+            verifier = verifier.with_public_pem(&pem, &path.display().to_string())?;
+        }
+        if let Some(source) = &self.jwks {
+            let set = jwks::Jwks::load(jwks::JwksSource::parse(source)).await?;
+            verifier = verifier.with_jwks(set);
+        }
+        if !verifier.is_empty() {
+            if self.dev_auth {
+                anyhow::bail!("--dev-auth and a JWT key exclude each other");
+            }
+            tracing::info!(
+                "tokens required: clients sign in with a JWT (?token= or Authorization: Bearer)"
+            );
+            return Ok(Auth::Tokens(std::sync::Arc::new(verifier)));
+        }
+        if !self.dev_auth && !self.listen.ip().is_loopback() {
+            anyhow::bail!(
+                "no JWT key is configured and {} is not a loopback address: give CHAT_JWT_SECRET, --jwt-secret-file, --jwt-key or --jwks, or --dev-auth to run open to anyone",
+                self.listen
+            );
+        }
+        tracing::warn!("open dev mode: no JWT key, clients name themselves with ?user=<name>");
+        Ok(Auth::Dev)
+    }
 }
 
 impl Cli {
@@ -205,10 +328,36 @@ impl Cli {
 /// Runs the parsed command to its end.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Replay(args) => replay(args).await,
         Command::Versions { action } => versions(action).await,
+        Command::Token(args) => token(args),
     }
+}
+
+fn token(args: TokenArgs) -> anyhow::Result<()> {
+    let secret = args
+        .keys
+        .secret()?
+        .context("no JWT secret: set CHAT_JWT_SECRET or --jwt-secret-file")?;
+    if !schemas::protocol::valid_user(&args.user) {
+        anyhow::bail!("user names match ^[A-Za-z0-9_.-]{{1,64}}$");
+    }
+    if let Some(rooms) = &args.rooms {
+        ingest::auth::RoomGrant::parse(rooms).map_err(anyhow::Error::msg)?;
+    }
+    let token = ingest::auth::mint(
+        &secret,
+        &ingest::auth::Mint {
+            user: args.user,
+            ttl: args.ttl,
+            rooms: args.rooms,
+            issuer: args.keys.jwt_issuer,
+            audience: args.keys.jwt_audience,
+        },
+    )?;
+    println!("{token}");
+    Ok(())
 }
 
 /// Opens the log of `data` for a command running without a server.
@@ -425,11 +574,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .install_recorder()
         .context("installing the metrics recorder")?;
     crate::describe_metrics();
+    // Before binding: a server refused for its auth never listens.
+    let auth = args.auth().await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
-    tracing::warn!("open dev mode: no JWT secret, clients name themselves with ?user=<name>");
     tracing::info!(%addr, "listening; web page at http://{addr}/");
     let shutdown = CancellationToken::new();
     tokio::spawn(on_signal(shutdown.clone()));
@@ -448,8 +598,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         gateway: ingest::GatewayConfig {
             node: args.node,
             client_queue: args.client_queue,
+            jwks_refresh: args.jwks_refresh,
             ..Default::default()
         },
+        auth,
     };
     crate::serve(listener, config, Some(metrics), shutdown).await
 }

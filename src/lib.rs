@@ -277,6 +277,8 @@ pub struct ServeConfig {
     /// Consumer group of the projector; defaults to one named after the store.
     pub group: Option<String>,
     pub gateway: GatewayConfig,
+    /// How the gateway identifies users.
+    pub auth: ingest::auth::Auth,
 }
 
 /// Opens the log of `topic`, creating it when missing.
@@ -504,6 +506,7 @@ pub async fn serve(
         .then(|| Fanout::with_history(log.clone(), store.clone(), FanoutConfig::default()));
     let gateway = Gateway {
         log,
+        auth: config.auth,
         fanout: fanout.clone(),
         store,
         metrics,
@@ -642,6 +645,7 @@ mod tests {
             roles: Roles::all(),
             group: None,
             gateway: GatewayConfig::default(),
+            auth: ingest::auth::Auth::Dev,
         };
         let served = tokio::time::timeout(
             std::time::Duration::from_secs(60),

@@ -31,6 +31,16 @@ impl Server {
     }
 
     pub async fn start_with(data_dir: &Path, partitions: u32, extra: &[&str]) -> Server {
+        Self::start_env(data_dir, partitions, extra, &[]).await
+    }
+
+    /// Starts `chat serve` with `extra` flags and `env` variables.
+    pub async fn start_env(
+        data_dir: &Path,
+        partitions: u32,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         std::fs::create_dir_all(data_dir).unwrap();
         let log_file = data_dir.join(format!("server-{}.log", uuid::Uuid::new_v4().simple()));
         let stderr = std::fs::File::create(&log_file).unwrap();
@@ -45,6 +55,7 @@ impl Server {
             // The test broker is a single broker: one replica, one in sync.
             .env("CHAT_LOG_REPLICATION_FACTOR", "1")
             .env("CHAT_LOG_MIN_INSYNC_REPLICAS", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
@@ -181,6 +192,46 @@ impl Server {
         Client::connect(&self.addr, user).await
     }
 
+    /// Connects with `?token=`; the `welcome` must name `user`.
+    pub async fn connect_token(&self, token: &str, user: &str) -> Client {
+        match Client::open(&self.addr, &format!("token={token}"), None).await {
+            Ok(c) => c.welcomed(user).await,
+            Err(status) => panic!("upgrade refused with {status}"),
+        }
+    }
+
+    /// `GET path` with an optional bearer token: the status and the JSON
+    /// body (null when the body is not JSON).
+    pub async fn get_as(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        let mut request = reqwest::Client::new().get(self.url(path));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `POST /rooms/{room}/messages` of `{id, body}` with an optional bearer
+    /// token: the status and the JSON body.
+    pub async fn post_as(
+        &self,
+        room: &str,
+        id: &str,
+        body: &str,
+        token: Option<&str>,
+    ) -> (u16, Value) {
+        let mut request = reqwest::Client::new()
+            .post(self.url(&format!("/rooms/{room}/messages")))
+            .json(&json!({"id": id, "body": body}));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
     /// Every message of `room` in history, walking pages of `limit` back with
     /// `before` cursors; returns them oldest first.
     pub async fn history(&self, room: &str, limit: usize) -> Vec<Value> {
@@ -234,17 +285,43 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(addr: &str, user: &str) -> Client {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?user={user}"))
-            .await
-            .expect("websocket connects");
-        let mut c = Client {
-            ws,
-            user: user.to_owned(),
-        };
-        let welcome = c.recv().await;
+        match Client::open(addr, &format!("user={user}"), None).await {
+            Ok(c) => c.welcomed(user).await,
+            Err(status) => panic!("upgrade refused with {status}"),
+        }
+    }
+
+    /// Upgrades `/ws?{query}`, with an `Authorization: Bearer` header when
+    /// `bearer` is given; `Err(status)` when the server refuses the upgrade.
+    pub async fn open(addr: &str, query: &str, bearer: Option<&str>) -> Result<Client, u16> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = format!("ws://{addr}/ws?{query}")
+            .into_client_request()
+            .unwrap();
+        if let Some(token) = bearer {
+            request
+                .headers_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((ws, _)) => Ok(Client {
+                ws,
+                user: String::new(),
+            }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                Err(response.status().as_u16())
+            }
+            Err(e) => panic!("websocket connect: {e}"),
+        }
+    }
+
+    /// Reads the `welcome`, which must name `user`.
+    pub async fn welcomed(mut self, user: &str) -> Client {
+        let welcome = self.recv().await;
         assert_eq!(welcome["type"], "welcome", "{welcome}");
         assert_eq!(welcome["user"], user);
-        c
+        self.user = user.to_owned();
+        self
     }
 
     pub async fn send_text(&mut self, text: &str) {

@@ -25,7 +25,7 @@ use axum::Router;
 use futures::stream::SplitSink;
 use futures::{SinkExt, StreamExt};
 use schemas::protocol::{
-    parse_client_frame, valid_room, ClientFrame, ErrorCode, FrameError, MessageView, Position,
+    parse_client_frame, valid_user, ClientFrame, ErrorCode, FrameError, MessageView, Position,
     ServerFrame, PROTOCOL_VERSION,
 };
 use tokio::net::TcpListener;
@@ -131,7 +131,7 @@ async fn upgrade(
     Query(query): Query<HashMap<String, String>>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let user = query.get("user").filter(|u| valid_room(u)).cloned();
+    let user = query.get("user").filter(|u| valid_user(u)).cloned();
     ws.read_buffer_size(state.config.read_buffer)
         .max_message_size(64 * 1024)
         .on_upgrade(move |socket| {

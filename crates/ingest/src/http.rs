@@ -8,10 +8,11 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
-use schemas::protocol::{check_body, check_id, valid_room, ErrorCode, FrameError};
+use schemas::protocol::{check_body, check_id, dm_members, valid_room, ErrorCode, FrameError};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::auth::{access, AuthError, Identity};
 use crate::dedup::{self, Claim};
 use crate::{now_ms, AppState, PendingSend};
 
@@ -43,12 +44,29 @@ fn error_response(e: &FrameError) -> Response {
         .into_response()
 }
 
+/// The 401 answer to a request that did not identify its user.
+pub(crate) fn unauthorized(e: &AuthError) -> Response {
+    let mut response = error_response(&e.to_frame_error());
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    response
+}
+
 fn bad_room() -> FrameError {
-    FrameError::new(
-        ErrorCode::BadRoom,
-        "room names match ^[A-Za-z0-9_.-]{1,64}$",
-        None,
-    )
+    FrameError::new(ErrorCode::BadRoom, schemas::protocol::ROOM_RULE, None)
+}
+
+/// `GET /auth`: how this gateway identifies users, for the web page:
+/// `{"mode":"token"}` or `{"mode":"dev"}`.
+pub(crate) async fn auth_mode(State(state): State<Arc<AppState>>) -> Response {
+    let mode = if state.gw.auth.is_dev() {
+        "dev"
+    } else {
+        "token"
+    };
+    Json(json!({ "mode": mode })).into_response()
 }
 
 #[derive(Deserialize)]
@@ -60,13 +78,27 @@ pub(crate) struct HistoryQuery {
 /// `GET /rooms/{room}/messages`: the newest `limit` messages before
 /// `before`, oldest first; `before` in the answer is the cursor of the next
 /// older page, or null when there is none.
+///
+/// With tokens, the request must carry one that may use the room. In dev
+/// mode public rooms are open to all; a direct-message room needs `?user=`
+/// (or `X-User`) naming one of its two users.
 pub(crate) async fn history(
     State(state): State<Arc<AppState>>,
     Path(room): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
     query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     if !valid_room(&room) {
         return error_response(&bad_room());
+    }
+    let identity = match state.gw.auth.identify_http(&params, &headers).await {
+        Ok(identity) => Some(identity),
+        Err(AuthError::NoDevUser) if dm_members(&room).is_none() => None,
+        Err(e) => return unauthorized(&e),
+    };
+    if identity.as_ref().is_some_and(|i| !i.may_use(&room)) {
+        return forbidden(&room, None);
     }
     let Ok(Query(query)) = query else {
         return error_response(&FrameError::new(
@@ -110,13 +142,11 @@ pub(crate) struct PostBody {
     body: Option<String>,
 }
 
-/// The user of an HTTP request in open dev mode: `?user=` or `X-User`.
-pub(crate) fn dev_user(query: &HashMap<String, String>, headers: &HeaderMap) -> Option<String> {
-    let user = query
-        .get("user")
-        .cloned()
-        .or_else(|| headers.get("x-user")?.to_str().ok().map(str::to_owned))?;
-    crate::ws::valid_user(&user).then_some(user)
+/// The `forbidden` answer (403) to a request for `room`.
+fn forbidden(room: &str, id: Option<String>) -> Response {
+    ::metrics::counter!(crate::metrics::BAD_FRAMES_TOTAL, "code" => ErrorCode::Forbidden.as_str())
+        .increment(1);
+    error_response(&access::forbidden(room, id))
 }
 
 /// `POST /rooms/{room}/messages`: the same as a `send`.
@@ -127,12 +157,9 @@ pub(crate) async fn post_message(
     headers: HeaderMap,
     body: Result<Json<PostBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Some(user) = dev_user(&query, &headers) else {
-        return error_response(&FrameError::new(
-            ErrorCode::Unauthorized,
-            "name the user with ?user= or X-User",
-            None,
-        ));
+    let identity: Identity = match state.gw.auth.identify_http(&query, &headers).await {
+        Ok(identity) => identity,
+        Err(e) => return unauthorized(&e),
     };
     let Ok(Json(body)) = body else {
         return error_response(&FrameError::new(
@@ -163,6 +190,10 @@ pub(crate) async fn post_message(
     if let Err(e) = check_body(&text, Some(&id)) {
         return error_response(&e);
     }
+    if !identity.may_use(&room) {
+        return forbidden(&room, Some(id));
+    }
+    let user = identity.user;
     let outcome = match state.dedup.claim(&room, &id, &user) {
         Err(e) => Err(e),
         Ok(Claim::Done(ack)) => Ok(ack),
@@ -334,6 +365,7 @@ mod tests {
             dedup: dedup::Dedup::new(16),
             gw: Gateway {
                 log: log.clone(),
+                auth: crate::auth::Auth::Dev,
                 fanout: None,
                 store: None,
                 metrics: None,

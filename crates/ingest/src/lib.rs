@@ -8,6 +8,7 @@
 //! (full queue policy: stop reading the socket). Fan-out (joins, live
 //! messages) is delegated to the `fanout` crate; history to the store.
 
+pub mod auth;
 mod dedup;
 mod http;
 pub mod metrics;
@@ -50,6 +51,8 @@ pub struct GatewayConfig {
     /// Look each new send id up in the history before appending, so a retry
     /// through another node is not appended twice.
     pub check_history: bool,
+    /// How often a JWKS from a URL is fetched again.
+    pub jwks_refresh: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -62,6 +65,7 @@ impl Default for GatewayConfig {
             drain_timeout: Duration::from_secs(10),
             ingest: true,
             check_history: true,
+            jwks_refresh: Duration::from_secs(300),
         }
     }
 }
@@ -70,6 +74,8 @@ impl Default for GatewayConfig {
 /// gateway without them answers joins and history with `unavailable`.
 pub struct Gateway {
     pub log: Arc<dyn EventLog>,
+    /// How users are identified: tokens, or open dev mode.
+    pub auth: auth::Auth,
     pub fanout: Option<Arc<Fanout>>,
     pub store: Option<Arc<dyn HistoryStore>>,
     pub metrics: Option<PrometheusHandle>,
@@ -233,6 +239,7 @@ fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(http::index))
         .route("/ws", get(ws::upgrade))
+        .route("/auth", get(http::auth_mode))
         .route(
             "/rooms/{room}/messages",
             get(http::history).post(http::post_message),
@@ -241,6 +248,24 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(http::readyz))
         .route("/metrics", get(http::metrics))
         .with_state(state)
+}
+
+impl AppState {
+    fn new(gateway: Gateway, shutdown: CancellationToken) -> Arc<Self> {
+        Arc::new(AppState {
+            dedup: dedup::Dedup::new(gateway.config.dedup_capacity),
+            gw: gateway,
+            shutdown,
+            connections: TaskTracker::new(),
+        })
+    }
+}
+
+/// The gateway's routes as a `Router`, for driving it in-process (the fuzz
+/// targets send it requests without a socket). Its WebSocket connections
+/// are not drained at shutdown: [`serve`] does that.
+pub fn app(gateway: Gateway, shutdown: CancellationToken) -> Router {
+    router(AppState::new(gateway, shutdown))
 }
 
 /// Serves the gateway on `listener` until `shutdown` is cancelled, then
@@ -255,12 +280,13 @@ pub async fn serve(
         tracing::info!("no history store on this node: history requests answer unavailable");
     }
     let drain_timeout = gateway.config.drain_timeout;
-    let state = Arc::new(AppState {
-        dedup: dedup::Dedup::new(gateway.config.dedup_capacity),
-        gw: gateway,
-        shutdown: shutdown.clone(),
-        connections: TaskTracker::new(),
+    let refresher = gateway.auth.jwks().map(|jwks| {
+        tokio::spawn(
+            jwks.clone()
+                .refresh_every(gateway.config.jwks_refresh, shutdown.clone()),
+        )
     });
+    let state = AppState::new(gateway, shutdown.clone());
     let app = router(state.clone());
     // Frames are small and written one by one: without TCP_NODELAY a frame
     // written while the previous one is unacknowledged waits for the
@@ -279,6 +305,11 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("connections did not drain in time");
+    }
+    if let Some(refresher) = refresher {
+        if let Err(e) = refresher.await {
+            tracing::error!(error = %e, "the JWKS refresh task failed");
+        }
     }
     Ok(())
 }

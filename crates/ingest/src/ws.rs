@@ -3,8 +3,11 @@
 //!
 //! Tasks: the connection task reads and handles frames; a writer task owned
 //! by it drains the queue into the socket and sends the close frame. A bad
-//! frame is answered with an `error` and nothing else happens. Close codes:
-//! 4001 unauthorized, 4008 slow consumer (its queue filled up), 1001 server
+//! frame is answered with an `error` and nothing else happens. Who the
+//! client is was settled at the upgrade ([`crate::auth`]); every join and
+//! send is checked against the rooms that identity may use. Close codes:
+//! 4001 unauthorized (no user in dev mode, or the token expired), 4008 slow
+//! consumer (its queue filled up), 1001 server
 //! going away (shutdown, after in-flight appends are acked). However a
 //! connection ends, the sends it accepted are appended (acked when the
 //! client can still take the ack), so a retry of their ids gets the outcome.
@@ -19,6 +22,7 @@ use std::sync::Arc;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use fanout::{Frame, Member};
 use futures::future::BoxFuture;
@@ -31,6 +35,7 @@ use schemas::protocol::{
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{access, AuthError, Identity};
 use crate::dedup::{self, AckInfo, Claim, Outcome};
 use crate::{now_ms, AppState, PendingSend};
 
@@ -55,22 +60,25 @@ const READ_BUFFER_BYTES: usize = 4 * 1024;
 /// Most frames written to the socket before one flush.
 const MAX_WRITE_BURST: usize = 64;
 
-/// User names follow the room-name rule.
-pub(crate) fn valid_user(user: &str) -> bool {
-    schemas::protocol::valid_room(user)
-}
-
+/// `GET /ws`: identifies the client, then upgrades. A token that does not
+/// verify is answered 401 before the upgrade; in dev mode a missing user
+/// is told after it (an `unauthorized` error, then close 4001), as v1 does.
 pub(crate) async fn upgrade(
     State(state): State<Arc<AppState>>,
     Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let user = query.get("user").filter(|u| valid_user(u)).cloned();
+    let identity = match state.gw.auth.identify_ws(&query, &headers).await {
+        Ok(identity) => Some(identity),
+        Err(AuthError::NoDevUser) => None,
+        Err(e) => return crate::http::unauthorized(&e),
+    };
     ws.max_message_size(MAX_FRAME_BYTES)
         .read_buffer_size(READ_BUFFER_BYTES)
         .on_upgrade(move |socket| {
             let tracker = state.connections.clone();
-            tracker.track_future(connection(socket, state, user))
+            tracker.track_future(connection(socket, state, identity))
         })
 }
 
@@ -170,6 +178,7 @@ type RetryFuture = BoxFuture<'static, (String, String, Outcome)>;
 struct Connection {
     state: Arc<AppState>,
     user: String,
+    identity: Identity,
     member: Arc<Member>,
     tx: mpsc::Sender<Frame>,
     kick: CancellationToken,
@@ -184,29 +193,29 @@ struct Connection {
 }
 
 /// Serves an upgraded socket (the production path).
-async fn connection(socket: WebSocket, state: Arc<AppState>, user: Option<String>) {
+async fn connection(socket: WebSocket, state: Arc<AppState>, identity: Option<Identity>) {
     let (sink, stream) = socket.split();
-    session(sink, stream, state, user).await;
+    session(sink, stream, state, identity).await;
 }
 
 /// Serves one connection over the halves of its socket: `welcome` (or, when
-/// `user` is `None`, the `unauthorized` error and close), then the client's
-/// frames, then the close. Returns when the writer is done, at most
+/// `identity` is `None`, the `unauthorized` error and close), then the
+/// client's frames, then the close. Returns when the writer is done, at most
 /// [`CLOSE_GRACE`] after the connection stopped handling frames.
-async fn session<Si, St, E>(sink: Si, mut stream: St, state: Arc<AppState>, user: Option<String>)
-where
+async fn session<Si, St, E>(
+    sink: Si,
+    mut stream: St,
+    state: Arc<AppState>,
+    identity: Option<Identity>,
+) where
     Si: Sink<Message> + Unpin + Send + 'static,
     St: Stream<Item = Result<Message, E>> + Unpin,
 {
     let (tx, rx) = mpsc::channel(state.gw.config.client_queue);
     let (close_tx, close_rx) = oneshot::channel();
     let mut writer = tokio::spawn(writer(sink, rx, close_rx));
-    let Some(user) = user else {
-        let e = FrameError::new(
-            ErrorCode::Unauthorized,
-            "connect with ?user=<name> (names match ^[A-Za-z0-9_.-]{1,64}$)",
-            None,
-        );
+    let Some(identity) = identity else {
+        let e = AuthError::NoDevUser.to_frame_error();
         let _queued = tx.try_send(error_frame(&e));
         drop(tx);
         // Let the error go out before the close.
@@ -220,7 +229,7 @@ where
         return;
     };
     metrics::gauge!(crate::metrics::CONNECTIONS).increment(1.0);
-    let mut conn = Connection::new(state.clone(), user, tx);
+    let mut conn = Connection::new(state.clone(), identity, tx);
     let node = state.gw.config.node.clone();
     conn.push(Frame::from(
         ServerFrame::Welcome {
@@ -262,14 +271,15 @@ where
 }
 
 impl Connection {
-    /// A connection of `user` whose frames for the client go to `tx` (the
-    /// queue the writer drains); it has joined no room yet.
-    fn new(state: Arc<AppState>, user: String, tx: mpsc::Sender<Frame>) -> Self {
+    /// A connection of `identity` whose frames for the client go to `tx`
+    /// (the queue the writer drains); it has joined no room yet.
+    fn new(state: Arc<AppState>, identity: Identity, tx: mpsc::Sender<Frame>) -> Self {
         let kick = CancellationToken::new();
-        let member = Member::new(&user, tx.clone(), kick.clone());
+        let member = Member::new(&identity.user, tx.clone(), kick.clone());
         Connection {
             state,
-            user,
+            user: identity.user.clone(),
+            identity,
             member,
             tx,
             kick,
@@ -306,6 +316,8 @@ impl Connection {
         let shutdown = self.state.shutdown.clone();
         let kick = self.kick.clone();
         let max_pending = self.state.gw.config.max_pending_sends;
+        let expired = expiry(self.identity.expires_at);
+        tokio::pin!(expired);
         loop {
             let can_read = self.queued.len() + self.retries.len() < max_pending;
             tokio::select! {
@@ -320,16 +332,15 @@ impl Connection {
                 }
                 _ = shutdown.cancelled() => {
                     // Drain: finish the appends already accepted, ack them.
-                    while !self.inflight.is_empty() || !self.queued.is_empty() {
-                        if let Some((batch, outcomes)) = self.inflight.next().await {
-                            self.answer(batch, outcomes);
-                        }
-                        self.start_batch();
-                    }
-                    while let Some((id, room, outcome)) = self.retries.next().await {
-                        self.answer_one(&id, &room, outcome);
-                    }
+                    self.drain_accepted().await;
                     return Some(GOING_AWAY);
+                }
+                () = &mut expired => {
+                    // The token ran out: what was accepted is still
+                    // appended and acked, then the client is told why.
+                    self.drain_accepted().await;
+                    self.push(error_frame(&AuthError::Expired.to_frame_error()));
+                    return Some(UNAUTHORIZED);
                 }
                 Some((batch, outcomes)) = self.inflight.next(), if !self.inflight.is_empty() => {
                     self.answer(batch, outcomes);
@@ -353,6 +364,20 @@ impl Connection {
                     Some(Ok(_)) => {} // ping/pong are answered by the library
                 },
             }
+        }
+    }
+
+    /// Completes every accepted send, queued ones and retries included, and
+    /// answers each.
+    async fn drain_accepted(&mut self) {
+        while !self.inflight.is_empty() || !self.queued.is_empty() {
+            if let Some((batch, outcomes)) = self.inflight.next().await {
+                self.answer(batch, outcomes);
+            }
+            self.start_batch();
+        }
+        while let Some((id, room, outcome)) = self.retries.next().await {
+            self.answer_one(&id, &room, outcome);
         }
     }
 
@@ -431,7 +456,22 @@ impl Connection {
         }
     }
 
+    /// Refuses a request for a room this user may not use: `forbidden`,
+    /// and nothing else happens.
+    fn refuse_room(&self, room: &str, id: Option<String>) -> bool {
+        if self.identity.may_use(room) {
+            return false;
+        }
+        metrics::counter!(crate::metrics::BAD_FRAMES_TOTAL, "code" => ErrorCode::Forbidden.as_str())
+            .increment(1);
+        self.push(error_frame(&access::forbidden(room, id)));
+        true
+    }
+
     fn send(&mut self, room: String, id: String, body: String) {
+        if self.refuse_room(&room, Some(id.clone())) {
+            return;
+        }
         match self.state.dedup.claim(&room, &id, &self.user) {
             Err(e) => self.push(error_frame(&e)),
             Ok(Claim::Done(ack)) => self.push(ack_frame(&id, &room, ack)),
@@ -456,6 +496,9 @@ impl Connection {
     }
 
     async fn join(&mut self, room: String, since: Option<Position>) {
+        if self.refuse_room(&room, None) {
+            return;
+        }
         let Some(fanout) = self.state.gw.fanout.clone() else {
             return self.push(error_frame(&FrameError::new(
                 ErrorCode::Unavailable,
@@ -489,6 +532,19 @@ impl Connection {
             }
         }
     }
+}
+
+/// Resolves when a token expiring at `expires_at` (Unix seconds) has
+/// expired past the leeway; never for `None` (dev mode).
+async fn expiry(expires_at: Option<u64>) {
+    let Some(exp) = expires_at else {
+        return std::future::pending().await;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let end = std::time::Duration::from_secs(exp) + crate::auth::token::LEEWAY;
+    tokio::time::sleep(end.saturating_sub(now)).await;
 }
 
 fn not_joined(room: &str) -> Frame {

@@ -140,13 +140,50 @@ impl FrameError {
     }
 }
 
-/// True when `room` matches `^[A-Za-z0-9_.-]{1,64}$`.
+/// What a bad room name is told; the rule [`valid_room`] checks.
+pub const ROOM_RULE: &str =
+    "room names match ^[A-Za-z0-9_.-]{1,64}$, or dm:A:B for the direct messages of users A and B (sorted)";
+
+/// The prefix of direct-message rooms.
+pub const DM_PREFIX: &str = "dm:";
+
+/// True when `room` is a public room name (`^[A-Za-z0-9_.-]{1,64}$`) or a
+/// direct-message room ([`dm_members`]).
 pub fn valid_room(room: &str) -> bool {
-    !room.is_empty()
-        && room.len() <= MAX_ROOM_LEN
-        && room
+    valid_name(room) || dm_members(room).is_some()
+}
+
+/// True when `user` is a valid user name: the public room-name rule,
+/// `^[A-Za-z0-9_.-]{1,64}$`. A user name never holds a colon, so the two
+/// users of a direct-message room can be told apart.
+pub fn valid_user(user: &str) -> bool {
+    valid_name(user)
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_ROOM_LEN
+        && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// The direct-message room of users `a` and `b`: `dm:A:B` with the two
+/// names sorted, whichever of them asks. `None` when a name is invalid or
+/// both are the same user.
+pub fn dm_room(a: &str, b: &str) -> Option<String> {
+    if !valid_user(a) || !valid_user(b) || a == b {
+        return None;
+    }
+    let (first, second) = if a < b { (a, b) } else { (b, a) };
+    Some(format!("{DM_PREFIX}{first}:{second}"))
+}
+
+/// The two users of a direct-message room `dm:A:B` (A sorted before B, both
+/// valid user names, A and B different); `None` for any other name.
+pub fn dm_members(room: &str) -> Option<(&str, &str)> {
+    let (a, b) = room.strip_prefix(DM_PREFIX)?.split_once(':')?;
+    (valid_user(a) && valid_user(b) && a < b).then_some((a, b))
 }
 
 /// Checks a message body against the protocol limits.
@@ -181,11 +218,7 @@ fn check_room(room: Option<&str>, id: Option<&str>) -> Result<String, FrameError
     let id = id.map(str::to_owned);
     match room {
         None => Err(FrameError::new(ErrorCode::BadFrame, "missing room", id)),
-        Some(r) if !valid_room(r) => Err(FrameError::new(
-            ErrorCode::BadRoom,
-            "room names match ^[A-Za-z0-9_.-]{1,64}$",
-            id,
-        )),
+        Some(r) if !valid_room(r) => Err(FrameError::new(ErrorCode::BadRoom, ROOM_RULE, id)),
         Some(r) => Ok(r.to_owned()),
     }
 }
@@ -335,6 +368,34 @@ mod tests {
     fn code(text: &str) -> (ErrorCode, Option<String>) {
         let e = parse_client_frame(text).unwrap_err();
         (e.code, e.id)
+    }
+
+    #[test]
+    fn a_direct_message_room_names_its_two_users_sorted() {
+        assert_eq!(dm_room("bob", "alice").as_deref(), Some("dm:alice:bob"));
+        assert_eq!(dm_room("alice", "bob").as_deref(), Some("dm:alice:bob"));
+        assert_eq!(dm_room("alice", "alice"), None);
+        assert_eq!(dm_room("alice", "b:c"), None);
+        assert_eq!(dm_members("dm:alice:bob"), Some(("alice", "bob")));
+        assert!(valid_room("dm:alice:bob"));
+        for bad in [
+            "dm:bob:alice",
+            "dm:alice:alice",
+            "dm:alice",
+            "dm:alice:bob:carol",
+            "dm::bob",
+            "dm:alice:",
+            "dm:al ice:bob",
+            "DM:alice:bob",
+            "x:alice:bob",
+        ] {
+            assert!(!valid_room(bad), "{bad}");
+            assert_eq!(dm_members(bad), None, "{bad}");
+        }
+        let long = "a".repeat(MAX_ROOM_LEN);
+        let longer = "b".repeat(MAX_ROOM_LEN);
+        assert!(valid_room(&dm_room(&long, &longer).unwrap()));
+        assert!(!valid_user("dm:alice:bob"));
     }
 
     #[test]

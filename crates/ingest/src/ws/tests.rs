@@ -61,6 +61,7 @@ impl Node {
             Arc::new(EmbeddedStore::open(&dir.path().join("history"), "v1").expect("store"));
         let gw = Gateway {
             log: log.clone(),
+            auth: crate::auth::Auth::Dev,
             fanout: fanout.then(|| Fanout::new(log.clone(), FanoutConfig::default())),
             store: Some(store.clone() as Arc<dyn HistoryStore>),
             metrics: None,
@@ -128,17 +129,18 @@ impl Client {
         client
     }
 
-    /// Starts a session as the upgrade does, `user` being what the query
-    /// named (`None`: no valid user).
+    /// Starts a session as the upgrade does in dev mode, `user` being what
+    /// the query named (`None`: no valid user).
     fn open(node: &Node, user: Option<&str>) -> Client {
+        Client::open_as(node, user.map(Identity::dev))
+    }
+
+    /// Starts a session of `identity`, as the upgrade does once it has
+    /// identified the client (`None`: dev mode without a user).
+    fn open_as(node: &Node, identity: Option<Identity>) -> Client {
         let (to_server, stream) = socket::unbounded();
         let (sink, from_server) = socket::unbounded();
-        tokio::spawn(session(
-            sink,
-            stream,
-            node.state.clone(),
-            user.map(str::to_owned),
-        ));
+        tokio::spawn(session(sink, stream, node.state.clone(), identity));
         Client {
             to_server,
             from_server,
@@ -312,6 +314,76 @@ async fn bad_room_names_get_bad_room() {
     for partition in 0..PARTITIONS {
         assert_eq!(node.log.end_offset(partition).await.unwrap(), 0);
     }
+}
+
+#[tokio::test]
+async fn a_direct_message_room_is_only_for_its_two_users() {
+    const DM: &str = "dm:alice:bob";
+    let node = Node::new();
+    let mut carol = Client::connect(&node, "carol").await;
+    carol.send(json!({"type": "join", "room": DM}));
+    carol.expect_error("forbidden").await;
+    carol.send(json!({"type": "send", "room": DM, "id": "c1", "body": "psst"}));
+    assert_eq!(carol.expect_error("forbidden").await["id"], "c1");
+    // Not joined, so no typing either.
+    carol.send(json!({"type": "typing", "room": DM}));
+    carol.expect_error("not_joined").await;
+    assert_eq!(node.end(DM).await, 0, "nothing of carol's was appended");
+
+    let mut alice = Client::connect(&node, "alice").await;
+    let mut bob = Client::connect(&node, "bob").await;
+    alice.join(DM, None).await;
+    bob.join(DM, None).await;
+    alice.send(json!({"type": "send", "room": DM, "id": "a1", "body": "hi bob"}));
+    let got = bob.recv().await;
+    assert_eq!(
+        (got["user"].as_str(), got["body"].as_str()),
+        (Some("alice"), Some("hi bob"))
+    );
+    assert_eq!(node.end(DM).await, 1, "alice's message only");
+    // Carol's refused id was not claimed: the same id is still free.
+    carol.send(json!({"type": "send", "room": ROOM, "id": "c1", "body": "public"}));
+    assert_eq!(carol.recv().await["type"], "ack");
+}
+
+#[tokio::test]
+async fn a_rooms_claim_limits_the_rooms_a_connection_may_use() {
+    let node = Node::new();
+    let identity = Identity {
+        rooms: Some(crate::auth::RoomGrant::parse(&["team-a.*"]).unwrap()),
+        ..Identity::dev("alice")
+    };
+    let mut alice = Client::open_as(&node, Some(identity));
+    assert_eq!(alice.recv().await["type"], "welcome");
+    alice.join("team-a.ops", None).await;
+    alice.send(json!({"type": "join", "room": ROOM}));
+    alice.expect_error("forbidden").await;
+    alice.send(json!({"type": "send", "room": ROOM, "id": "x", "body": "hi"}));
+    assert_eq!(alice.expect_error("forbidden").await["id"], "x");
+    assert_eq!(node.end(ROOM).await, 0, "nothing was appended");
+}
+
+#[tokio::test]
+async fn an_expired_token_ends_the_connection_with_4001() {
+    let node = Node::new();
+    let past = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - crate::auth::token::LEEWAY.as_secs()
+        - 1;
+    let identity = Identity {
+        expires_at: Some(past),
+        ..Identity::dev("alice")
+    };
+    let mut alice = Client::open_as(&node, Some(identity));
+    assert_eq!(alice.recv().await["type"], "welcome");
+    let error = alice.expect_error("unauthorized").await;
+    assert!(
+        error["message"].as_str().unwrap().contains("expired"),
+        "{error}"
+    );
+    assert_eq!(alice.closed().await.0, CLOSE_UNAUTHORIZED);
 }
 
 #[tokio::test]
@@ -571,7 +643,7 @@ fn silent() -> futures::stream::Pending<Result<Message, axum::Error>> {
 async fn shutdown_acks_the_accepted_sends_first() {
     let node = Node::new();
     let (tx, mut rx) = mpsc::channel(16);
-    let mut conn = Connection::new(node.state.clone(), "alice".to_owned(), tx);
+    let mut conn = Connection::new(node.state.clone(), Identity::dev("alice"), tx);
     conn.handle(r#"{"type":"send","room":"general","id":"m1","body":"hi"}"#)
         .await;
     conn.handle(r#"{"type":"send","room":"general","id":"m2","body":"hi"}"#)
@@ -597,7 +669,7 @@ async fn shutdown_acks_the_accepted_sends_first() {
 async fn the_client_leaving_still_completes_the_appends_in_flight() {
     let node = Node::new();
     let (tx, mut rx) = mpsc::channel(16);
-    let mut conn = Connection::new(node.state.clone(), "alice".to_owned(), tx);
+    let mut conn = Connection::new(node.state.clone(), Identity::dev("alice"), tx);
     conn.handle(r#"{"type":"send","room":"general","id":"m1","body":"hi"}"#)
         .await;
     let mut gone = futures::stream::empty::<Result<Message, axum::Error>>();
@@ -615,7 +687,7 @@ async fn a_full_queue_makes_a_slow_consumer() {
     let node = Node::new();
     // Room for one frame, and nobody drains it.
     let (tx, _rx) = mpsc::channel(1);
-    let mut conn = Connection::new(node.state.clone(), "alice".to_owned(), tx);
+    let mut conn = Connection::new(node.state.clone(), Identity::dev("alice"), tx);
     conn.handle("nope").await;
     assert!(!conn.kick.is_cancelled());
     conn.handle("nope").await;
@@ -673,7 +745,7 @@ async fn a_retry_after_a_slow_consumer_close_is_answered() {
     let node = Node::new();
     // Room for one frame, and nobody drains it.
     let (tx, _rx) = mpsc::channel(1);
-    let mut conn = Connection::new(node.state.clone(), "alice".to_owned(), tx);
+    let mut conn = Connection::new(node.state.clone(), Identity::dev("alice"), tx);
     conn.handle("nope").await;
     // Accepted: one batch for the log, one send waiting behind it.
     conn.handle(r#"{"type":"send","room":"general","id":"m1","body":"hi"}"#)

@@ -354,6 +354,20 @@ async fn chat_token_mints_a_token_the_server_accepts() {
         &env,
     )
     .unwrap();
+    // GET /auth tells the page the mode, and checks a token when given one.
+    assert_eq!(
+        server.get_as("/auth", None).await,
+        (200, json!({"mode": "token"}))
+    );
+    assert_eq!(
+        server.get_as("/auth", Some(&token)).await,
+        (200, json!({"mode": "token", "user": "dana"}))
+    );
+    let (status, refused) = server.get_as("/auth", Some(&format!("{token}x"))).await;
+    assert_eq!(
+        (status, refused["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
     let mut dana = server.connect_token(&token, "dana").await;
     dana.join("general", None).await;
     dana.join("dm:dana:erin", None).await;

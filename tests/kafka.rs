@@ -530,3 +530,148 @@ async fn a_gateways_connections_to_the_broker_do_not_grow_with_reads() {
         storm_peak.1
     );
 }
+
+/// Every record of the topic, partition by partition, up to the end each
+/// partition had when asked: (key, decoded event).
+async fn whole_topic(broker: &Broker) -> Vec<(String, schemas::ChatEvent)> {
+    use eventlog::EventLog;
+    use futures::StreamExt;
+    let log = eventlog::kafka::KafkaLog::connect(eventlog::kafka::KafkaConfig::new(
+        &broker.brokers(),
+        "chat.messages",
+        PARTITIONS,
+    ))
+    .await
+    .unwrap();
+    let mut all = Vec::new();
+    for partition in 0..PARTITIONS {
+        let end = log.end_offset(partition).await.unwrap();
+        let mut read = log.read(partition, 0);
+        let mut next = 0;
+        while next < end {
+            let batch = tokio::time::timeout(common::WAIT, read.next())
+                .await
+                .expect("records before the deadline")
+                .expect("the read goes on")
+                .expect("the read succeeds");
+            for record in batch {
+                next = record.offset + 1;
+                let key = String::from_utf8(record.key).unwrap();
+                all.push((key, schemas::decode(&record.value).unwrap()));
+            }
+        }
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_message_reaches_its_two_users_across_gateways_and_no_one_else() {
+    use ingest::auth::testing::{claims, sign};
+    const SECRET: &str = "two gateways share this secret";
+    const DM: &str = "dm:alice:bob";
+    let token = |user: &str| {
+        sign(
+            jsonwebtoken::Algorithm::HS256,
+            SECRET.as_bytes(),
+            None,
+            &claims(user, Duration::from_secs(3600)),
+        )
+    };
+    let broker = Broker::start(None);
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let url = broker.url();
+    let env = [("CHAT_JWT_SECRET", SECRET)];
+    let a = Server::start_env(
+        da.path(),
+        PARTITIONS,
+        &["--log", &url, "--node", "gw-a"],
+        &env,
+    )
+    .await;
+    let b = Server::start_env(
+        db.path(),
+        PARTITIONS,
+        &["--log", &url, "--node", "gw-b"],
+        &env,
+    )
+    .await;
+    let (ta, tb, tc) = (token("alice"), token("bob"), token("carol"));
+    let mut alice = a.connect_token(&ta, "alice").await;
+    let mut bob = b.connect_token(&tb, "bob").await;
+    let mut carol = b.connect_token(&tc, "carol").await;
+    alice.join(DM, None).await;
+    bob.join(DM, None).await;
+
+    // Carol, on bob's gateway: her join, send and history read are each
+    // forbidden, over the WebSocket and over HTTP.
+    carol
+        .send_json(serde_json::json!({"type": "join", "room": DM}))
+        .await;
+    assert_eq!(carol.recv().await["code"], "forbidden");
+    let sneaky = id();
+    carol.send_message(DM, &sneaky, "carol was here").await;
+    let e = carol.recv().await;
+    assert_eq!(
+        (e["code"].as_str(), e["id"].as_str()),
+        (Some("forbidden"), Some(sneaky.as_str()))
+    );
+    for server in [&a, &b] {
+        let (status, _) = server.post_as(DM, &id(), "carol again", Some(&tc)).await;
+        assert_eq!(status, 403);
+        let (status, _) = server
+            .get_as(&format!("/rooms/{DM}/messages"), Some(&tc))
+            .await;
+        assert_eq!(status, 403);
+    }
+
+    // Alice and bob talk, live, each on their own gateway; each message
+    // reaches both of them (the sender too), once, in order.
+    let mut sent = Vec::new();
+    let mut seen: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+    async fn message_ids(c: &mut Client, into: &mut Vec<String>, until: &str) {
+        while into.last().map(String::as_str) != Some(until) {
+            let m = c.recv_type("message").await;
+            into.push(m["id"].as_str().unwrap().to_owned());
+        }
+    }
+    for i in 0..5 {
+        let mid = id();
+        let from = if i % 2 == 0 { &mut alice } else { &mut bob };
+        from.send_message(DM, &mid, &format!("dm {i}")).await;
+        sent.push(mid.clone());
+        message_ids(&mut alice, &mut seen[0], &mid).await;
+        message_ids(&mut bob, &mut seen[1], &mid).await;
+    }
+    assert_eq!(seen[0], sent, "alice got every message once, in order");
+    assert_eq!(seen[1], sent, "bob got every message once, in order");
+    // In history on both gateways, read with either user's token.
+    for (server, token) in [(&a, &ta), (&b, &tb)] {
+        let deadline = tokio::time::Instant::now() + common::WAIT;
+        let ids = loop {
+            let (status, page) = server
+                .get_as(&format!("/rooms/{DM}/messages"), Some(token))
+                .await;
+            assert_eq!(status, 200, "{page}");
+            let ids: Vec<String> = page["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["id"].as_str().unwrap().to_owned())
+                .collect();
+            if ids.len() >= sent.len() || tokio::time::Instant::now() > deadline {
+                break ids;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(ids, sent, "history of {DM} on {}", server.addr);
+    }
+    // Carol got nothing of the DM, and the log holds nothing of hers.
+    assert_eq!(carol.try_recv(Duration::from_millis(200)).await, None);
+    let topic = whole_topic(&broker).await;
+    assert_eq!(topic.len(), sent.len(), "{topic:?}");
+    for (key, event) in &topic {
+        let schemas::ChatEvent::MessagePosted(m) = event;
+        assert_eq!(key, DM);
+        assert_ne!(m.user, "carol");
+    }
+}

@@ -59,14 +59,20 @@ fn bad_room() -> FrameError {
 }
 
 /// `GET /auth`: how this gateway identifies users, for the web page:
-/// `{"mode":"token"}` or `{"mode":"dev"}`.
-pub(crate) async fn auth_mode(State(state): State<Arc<AppState>>) -> Response {
-    let mode = if state.gw.auth.is_dev() {
-        "dev"
-    } else {
-        "token"
-    };
-    Json(json!({ "mode": mode })).into_response()
+/// `{"mode":"dev"}` or `{"mode":"token"}`. With tokens and an
+/// `Authorization: Bearer` header, the token is checked: `{"mode":"token",
+/// "user":…}`, or the 401 a refused token gets everywhere else.
+pub(crate) async fn auth_mode(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if state.gw.auth.is_dev() {
+        return Json(json!({ "mode": "dev" })).into_response();
+    }
+    if !headers.contains_key(header::AUTHORIZATION) {
+        return Json(json!({ "mode": "token" })).into_response();
+    }
+    match state.gw.auth.identify_http(&HashMap::new(), &headers).await {
+        Ok(identity) => Json(json!({ "mode": "token", "user": identity.user })).into_response(),
+        Err(e) => unauthorized(&e),
+    }
 }
 
 #[derive(Deserialize)]

@@ -1,0 +1,201 @@
+// What the browser tests share: a `chat` server on a free loopback port with
+// a fresh data dir, headless system Chromium through playwright-core, and the
+// page's stable hooks (listed at the top of crates/ingest/src/web/index.html).
+//
+// Every wait is a condition with a deadline, never a fixed sleep.
+
+import { spawn, spawnSync } from 'node:child_process';
+import { once } from 'node:events';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { chromium } from 'playwright-core';
+
+export const WAIT_MS = 15_000;        // one UI expectation
+const STARTUP_MS = 30_000;            // server up and healthy
+
+export function chatBin() {
+  const bin = process.env.CHAT_BIN;
+  if (!bin) {
+    throw new Error('CHAT_BIN is not set: point it at the chat binary, '
+      + 'e.g. CHAT_BIN=target/debug/chat node --test tests/browser/');
+  }
+  fs.accessSync(bin, fs.constants.X_OK);
+  return bin;
+}
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.unref();
+    srv.on('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+function exited(child) {
+  return child.exitCode !== null || child.signalCode !== null;
+}
+
+// `chat serve` with its own data dir and the given extra environment; resolves
+// once /healthz answers 200. `stop()` kills it by PID and removes the dir.
+export async function startChat(env = {}) {
+  const bin = chatBin();
+  const port = await freePort();
+  const url = `http://127.0.0.1:${port}`;
+  const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'chat-browser-'));
+  const server = spawn(bin, [
+    'serve', '--listen', `127.0.0.1:${port}`, '--data-dir', dataDir, '--partitions', '4',
+  ], { stdio: ['ignore', 'pipe', 'pipe'], env: { RUST_LOG: 'info', ...process.env, ...env } });
+  let output = '';
+  server.stdout.on('data', (d) => { output += d; });
+  server.stderr.on('data', (d) => { output += d; });
+  const chat = {
+    url,
+    output: () => output,
+    async stop() {
+      if (!exited(server)) {
+        const gone = once(server, 'exit');
+        try { process.kill(server.pid, 'SIGKILL'); } catch { /* already gone */ }
+        await gone;
+      }
+      fs.rmSync(dataDir, { recursive: true, force: true });
+    },
+  };
+  try {
+    const spawned = once(server, 'spawn');
+    const spawnError = once(server, 'error').then(([e]) => { throw e; });
+    await Promise.race([spawned, spawnError]);
+    spawnError.catch(() => {});
+    await waitHealthy(server, `${url}/healthz`);
+  } catch (e) {
+    await chat.stop();
+    e.message += `\n----- chat server output -----\n${output}`;
+    throw e;
+  }
+  return chat;
+}
+
+async function waitHealthy(server, url) {
+  const deadline = Date.now() + STARTUP_MS;
+  let last = 'no answer yet';
+  while (Date.now() < deadline) {
+    if (exited(server)) {
+      throw new Error(`chat exited before it was healthy (code ${server.exitCode}, signal ${server.signalCode})`);
+    }
+    try {
+      const res = await fetch(url, { signal: AbortSignal.timeout(1_000) });
+      if (res.status === 200) return;
+      last = `status ${res.status}`;
+    } catch (e) {
+      last = e.cause?.code ?? e.message;
+    }
+    await new Promise((r) => setTimeout(r, 100)); // poll interval
+  }
+  throw new Error(`${url} did not answer 200 within ${STARTUP_MS} ms (last: ${last})`);
+}
+
+// A token for `user`, minted by `chat token` with the given environment
+// (CHAT_JWT_SECRET).
+export function mintToken(env, user) {
+  const out = spawnSync(chatBin(), ['token', '--user', user, '--ttl', '1h'],
+    { env: { ...process.env, ...env }, encoding: 'utf8' });
+  if (out.status !== 0) throw new Error(`chat token failed (${out.status}): ${out.stderr}`);
+  return out.stdout.trim();
+}
+
+export function launchBrowser() {
+  return chromium.launch({
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    headless: true,
+    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+  });
+}
+
+// A page in its own browser context (own storage) at `url`; browser-side
+// errors go to `log`.
+export async function newPage(browser, url, label, log) {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  page.setDefaultTimeout(WAIT_MS);
+  page.on('pageerror', (e) => log.push(`[${label}] page error: ${e.message}`));
+  page.on('console', (m) => {
+    if (m.type() === 'error' || m.type() === 'warning') log.push(`[${label}] console.${m.type()}: ${m.text()}`);
+  });
+  await page.goto(url);
+  return page;
+}
+
+export async function waitConnected(page) {
+  await page.waitForFunction(() => document.querySelector('#status')?.dataset.state === 'connected',
+    null, { timeout: WAIT_MS });
+}
+
+export async function joinRoom(page, room) {
+  await page.fill('#room', room);
+  await page.click('#join');
+  // Listed, and confirmed by the server's `joined` frame.
+  await page.locator(`#rooms li[data-room="${room}"][data-state="joined"]`).waitFor({ timeout: WAIT_MS });
+}
+
+export async function sendMessage(page, body, { viaEnter = false } = {}) {
+  await page.fill('#text', body);
+  if (viaEnter) await page.press('#text', 'Enter');
+  else await page.click('#send');
+  await page.waitForFunction(() => document.querySelector('#text').value === '', null, { timeout: WAIT_MS });
+}
+
+// Waits until a message with exactly this user and body text is shown.
+export async function waitForMessage(page, user, body) {
+  await page.waitForFunction(([u, b]) =>
+    [...document.querySelectorAll('#messages .msg')].some((m) =>
+      m.querySelector('.user')?.textContent === u && m.querySelector('.body')?.textContent === b),
+  [user, body], { timeout: WAIT_MS });
+}
+
+// The messages shown in #messages, in page order, with their offsets.
+export function shownMessages(page) {
+  return page.$$eval('#messages .msg', (els) => els.map((m) => ({
+    offset: Number(m.dataset.offset),
+    user: m.querySelector('.user')?.textContent,
+    body: m.querySelector('.body')?.textContent,
+  })));
+}
+
+// `test` that remembers a failure, so a suite's `after` can print the
+// server's output and the browser log only when something failed.
+export function failureTracker(test) {
+  const tracker = {
+    failed: false,
+    step(name, fn) {
+      test(name, async () => {
+        try {
+          await fn();
+        } catch (e) {
+          tracker.failed = true;
+          throw e;
+        }
+      });
+    },
+    // Runs `fn` (a `before`), marking the suite failed if it throws.
+    async guard(fn) {
+      try {
+        await fn();
+      } catch (e) {
+        tracker.failed = true;
+        throw e;
+      }
+    },
+    report(chat, pageLog) {
+      if (!tracker.failed) return;
+      if (chat) process.stderr.write(`\n----- chat server output (stdout + stderr) -----\n${chat.output()}\n`);
+      if (pageLog.length) process.stderr.write(`----- browser log -----\n${pageLog.join('\n')}\n`);
+    },
+  };
+  return tracker;
+}

@@ -12,12 +12,11 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{AlgorithmFamily, DecodingKey};
-use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -92,17 +91,24 @@ impl Jwks {
         if let Some(key) = self.held(kid) {
             return Some(key);
         }
-        {
-            let mut last = self.last_miss_reload.lock().await;
-            // Another miss may have reloaded while this one waited.
-            if let Some(key) = self.held(kid) {
-                return Some(key);
-            }
-            if last.is_none_or(|t| t.elapsed() >= UNKNOWN_KID_RELOAD) {
+        // Claims the reload under the lock, and reloads after letting go of
+        // it: a miss that comes while another reload runs, or within
+        // UNKNOWN_KID_RELOAD of it, finds no key (the token is refused and
+        // its client may retry).
+        let due = {
+            let mut last = self
+                .last_miss_reload
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let due = last.is_none_or(|t| t.elapsed() >= UNKNOWN_KID_RELOAD);
+            if due {
                 *last = Some(Instant::now());
-                if let Err(e) = self.reload().await {
-                    tracing::warn!(error = %e, "reloading the JWKS for an unknown kid failed");
-                }
+            }
+            due
+        };
+        if due {
+            if let Err(e) = self.reload().await {
+                tracing::warn!(error = %e, "reloading the JWKS for an unknown kid failed");
             }
         }
         self.held(kid)

@@ -273,6 +273,95 @@ pub struct ServeArgs {
     /// server only starts on a loopback address.
     #[arg(long, env = "CHAT_DEV_AUTH")]
     dev_auth: bool,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+fn limit_defaults() -> ingest::limits::Limits {
+    ingest::limits::Limits::default()
+}
+
+/// The abuse limits (docs/protocol.md, Limits). Rates are per second; 0
+/// turns a rate or a count off.
+#[derive(clap::Args, Debug)]
+#[command(next_help_heading = "Abuse limits")]
+struct LimitArgs {
+    /// Sends (and typing frames) per second of one connection; over it,
+    /// `rate_limited` with `retry_after_ms`.
+    #[arg(long, default_value_t = limit_defaults().send_rate.per_second, env = "CHAT_SEND_RATE")]
+    send_rate: u32,
+    /// Sends one connection may make at once before --send-rate applies.
+    #[arg(long, default_value_t = limit_defaults().send_rate.burst)]
+    send_burst: u32,
+    /// Sends per second of one user over all its connections and posts on
+    /// this node.
+    #[arg(long, default_value_t = limit_defaults().user_send_rate.per_second, env = "CHAT_USER_SEND_RATE")]
+    user_send_rate: u32,
+    /// Sends one user may make at once before --user-send-rate applies.
+    #[arg(long, default_value_t = limit_defaults().user_send_rate.burst)]
+    user_send_burst: u32,
+    /// Open WebSocket connections from one IP address (429 beyond).
+    #[arg(long, default_value_t = limit_defaults().connections_per_ip, env = "CHAT_MAX_CONNECTIONS_PER_IP")]
+    max_connections_per_ip: usize,
+    /// Open WebSocket connections of one user on this node (429 beyond).
+    #[arg(long, default_value_t = limit_defaults().connections_per_user, env = "CHAT_MAX_CONNECTIONS_PER_USER")]
+    max_connections_per_user: usize,
+    /// Rooms one connection may have joined at once.
+    #[arg(long, default_value_t = limit_defaults().rooms_per_connection)]
+    max_rooms_per_connection: usize,
+    /// Largest WebSocket frame; a larger one closes the connection with
+    /// 1009, refused at its header.
+    #[arg(long, default_value_t = limit_defaults().max_frame_bytes)]
+    max_frame_bytes: usize,
+    /// Largest HTTP request body (413 `too_large` beyond).
+    #[arg(long, default_value_t = limit_defaults().max_body_bytes)]
+    max_body_bytes: usize,
+    /// How often the server pings each connection (0s: never).
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    ping_every: std::time::Duration,
+    /// How long a connection may send nothing, not even a pong, before it
+    /// is closed with 4002 (0s: forever).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    idle_timeout: std::time::Duration,
+    /// A web origin (`https://chat.example.com`) whose pages may open a
+    /// WebSocket; repeatable; `*` for any. Default: pages of the same host
+    /// only. Requests without an Origin (not from a browser) always may.
+    #[arg(long, env = "CHAT_ALLOWED_ORIGIN", value_delimiter = ',')]
+    allowed_origin: Vec<String>,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> anyhow::Result<ingest::limits::Limits> {
+        use ingest::limits::{Limits, Origins, Rate};
+        if self.max_frame_bytes == 0 || self.max_body_bytes == 0 {
+            anyhow::bail!("--max-frame-bytes and --max-body-bytes must be above 0");
+        }
+        if !self.idle_timeout.is_zero()
+            && (self.ping_every.is_zero() || self.idle_timeout <= self.ping_every)
+        {
+            anyhow::bail!(
+                "--idle-timeout must be longer than --ping-every (a quiet client only shows it is alive by answering pings)"
+            );
+        }
+        Ok(Limits {
+            send_rate: Rate {
+                per_second: self.send_rate,
+                burst: self.send_burst,
+            },
+            user_send_rate: Rate {
+                per_second: self.user_send_rate,
+                burst: self.user_send_burst,
+            },
+            connections_per_ip: self.max_connections_per_ip,
+            connections_per_user: self.max_connections_per_user,
+            rooms_per_connection: self.max_rooms_per_connection,
+            max_frame_bytes: self.max_frame_bytes,
+            max_body_bytes: self.max_body_bytes,
+            ping_every: self.ping_every,
+            idle_timeout: self.idle_timeout,
+            origins: Origins::from_flags(&self.allowed_origin),
+        })
+    }
 }
 
 impl ServeArgs {
@@ -576,6 +665,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     crate::describe_metrics();
     // Before binding: a server refused for its auth never listens.
     let auth = args.auth().await?;
+    let limits = args.limits.limits()?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -599,6 +689,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             node: args.node,
             client_queue: args.client_queue,
             jwks_refresh: args.jwks_refresh,
+            limits,
             ..Default::default()
         },
         auth,

@@ -15,6 +15,14 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub const WAIT: Duration = Duration::from_secs(30);
 
+/// The environment that turns the rate and connection-count limits off.
+pub const UNLIMITED: [(&str, &str); 4] = [
+    ("CHAT_SEND_RATE", "0"),
+    ("CHAT_USER_SEND_RATE", "0"),
+    ("CHAT_MAX_CONNECTIONS_PER_IP", "0"),
+    ("CHAT_MAX_CONNECTIONS_PER_USER", "0"),
+];
+
 /// A `chat serve` process, killed with SIGKILL when dropped.
 pub struct Server {
     child: Child,
@@ -34,7 +42,8 @@ impl Server {
         Self::start_env(data_dir, partitions, extra, &[]).await
     }
 
-    /// Starts `chat serve` with `extra` flags and `env` variables.
+    /// Starts `chat serve` with `extra` flags and `env` variables, without
+    /// rate and connection-count limits unless a flag sets them.
     pub async fn start_env(
         data_dir: &Path,
         partitions: u32,
@@ -55,6 +64,9 @@ impl Server {
             // The test broker is a single broker: one replica, one in sync.
             .env("CHAT_LOG_REPLICATION_FACTOR", "1")
             .env("CHAT_LOG_MIN_INSYNC_REPLICAS", "1")
+            // Tests send as fast as they can from one user and one address;
+            // the tests of the limits set their own with flags.
+            .envs(UNLIMITED)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -294,14 +306,33 @@ impl Client {
     /// Upgrades `/ws?{query}`, with an `Authorization: Bearer` header when
     /// `bearer` is given; `Err(status)` when the server refuses the upgrade.
     pub async fn open(addr: &str, query: &str, bearer: Option<&str>) -> Result<Client, u16> {
+        let authorization = bearer.map(|token| format!("Bearer {token}"));
+        let headers: Vec<(&str, &str)> = authorization
+            .iter()
+            .map(|value| ("authorization", value.as_str()))
+            .collect();
+        Client::open_with(addr, query, &headers)
+            .await
+            .map_err(|(status, _)| status)
+    }
+
+    /// Upgrades `/ws?{query}` with extra request `headers`; `Err((status,
+    /// body))` when the server refuses the upgrade.
+    pub async fn open_with(
+        addr: &str,
+        query: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Client, (u16, Value)> {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let mut request = format!("ws://{addr}/ws?{query}")
             .into_client_request()
             .unwrap();
-        if let Some(token) = bearer {
-            request
-                .headers_mut()
-                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        for (name, value) in headers {
+            request.headers_mut().insert(
+                tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes())
+                    .unwrap(),
+                value.parse().unwrap(),
+            );
         }
         match tokio_tungstenite::connect_async(request).await {
             Ok((ws, _)) => Ok(Client {
@@ -309,7 +340,12 @@ impl Client {
                 user: String::new(),
             }),
             Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-                Err(response.status().as_u16())
+                let body = response
+                    .body()
+                    .as_deref()
+                    .and_then(|b| serde_json::from_slice(b).ok())
+                    .unwrap_or(Value::Null);
+                Err((response.status().as_u16(), body))
             }
             Err(e) => panic!("websocket connect: {e}"),
         }
@@ -326,6 +362,12 @@ impl Client {
 
     pub async fn send_text(&mut self, text: &str) {
         self.ws.send(Message::text(text)).await.unwrap();
+    }
+
+    /// Sends a text frame; false when the server had closed the connection
+    /// before it was all written.
+    pub async fn try_send_text(&mut self, text: &str) -> bool {
+        self.ws.send(Message::text(text)).await.is_ok()
     }
 
     pub async fn send_json(&mut self, v: Value) {

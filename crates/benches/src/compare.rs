@@ -223,6 +223,23 @@ pub async fn compare(scenario: &Scenario, options: &CompareOptions) -> anyhow::R
     .iter()
     .map(|s| s.to_string())
     .collect();
+    // The ingest tier's cost, not the abuse limits': one address opens every
+    // connection, each sending as fast as the scenario says. A limit given
+    // in --chat-arg stays on.
+    for flag in [
+        "--send-rate",
+        "--user-send-rate",
+        "--max-connections-per-ip",
+        "--max-connections-per-user",
+    ] {
+        let given = options
+            .chat_args
+            .iter()
+            .any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+        if !given {
+            chat_args.extend([flag.to_owned(), "0".to_owned()]);
+        }
+    }
     chat_args.extend(options.chat_args.iter().cloned());
     runs.push(run_server(scenario, options, "chat", &options.chat_bin, &chat_args).await?);
     Ok(Comparison::new(

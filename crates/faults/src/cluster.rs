@@ -91,6 +91,11 @@ impl Node {
             .args(&self.args)
             .env("RUST_LOG", self.log_filter)
             .env("NO_COLOR", "1")
+            // The harness sends as fast as it can: no rate or count limits.
+            .env("CHAT_SEND_RATE", "0")
+            .env("CHAT_USER_SEND_RATE", "0")
+            .env("CHAT_MAX_CONNECTIONS_PER_IP", "0")
+            .env("CHAT_MAX_CONNECTIONS_PER_USER", "0")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -30,18 +30,26 @@ fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
         ErrorCode::Forbidden | ErrorCode::NotJoined => StatusCode::FORBIDDEN,
-        ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::RateLimited | ErrorCode::LimitReached => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 
-/// An `error` object with the status its code calls for.
-fn error_response(e: &FrameError) -> Response {
-    (
+/// An `error` object with the status its code calls for; a `rate_limited`
+/// one with `Retry-After` (whole seconds, rounded up) too.
+pub(crate) fn error_response(e: &FrameError) -> Response {
+    let mut response = (
         status_of(e.code),
         Json(serde_json::to_value(e.to_frame()).unwrap_or_default()),
     )
-        .into_response()
+        .into_response();
+    if let Some(ms) = e.retry_after_ms {
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            header::HeaderValue::from(ms.div_ceil(1000)),
+        );
+    }
+    response
 }
 
 /// The 401 answer to a request that did not identify its user.
@@ -167,12 +175,25 @@ pub(crate) async fn post_message(
         Ok(identity) => identity,
         Err(e) => return unauthorized(&e),
     };
-    let Ok(Json(body)) = body else {
-        return error_response(&FrameError::new(
-            ErrorCode::BadFrame,
-            "the body is a json object {id, body}",
-            None,
-        ));
+    let body = match body {
+        Ok(Json(body)) => body,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return error_response(&FrameError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "the request body is over {} bytes",
+                    state.guard.limits.max_body_bytes
+                ),
+                None,
+            ));
+        }
+        Err(_) => {
+            return error_response(&FrameError::new(
+                ErrorCode::BadFrame,
+                "the body is a json object {id, body}",
+                None,
+            ))
+        }
     };
     let Some(id) = body.id else {
         return error_response(&FrameError::new(ErrorCode::BadFrame, "missing id", None));
@@ -198,6 +219,14 @@ pub(crate) async fn post_message(
     }
     if !identity.may_use(&room) {
         return forbidden(&room, Some(id));
+    }
+    if let Err(e) = state
+        .guard
+        .take_send(None, &identity.user, Some(id.clone()))
+    {
+        ::metrics::counter!(crate::metrics::BAD_FRAMES_TOTAL, "code" => ErrorCode::RateLimited.as_str())
+            .increment(1);
+        return error_response(&e);
     }
     let user = identity.user;
     let outcome = match state.dedup.claim(&room, &id, &user) {
@@ -369,6 +398,7 @@ mod tests {
         });
         let state = Arc::new(AppState {
             dedup: dedup::Dedup::new(16),
+            guard: crate::limits::Guard::new(crate::limits::Limits::default()),
             gw: Gateway {
                 log: log.clone(),
                 auth: crate::auth::Auth::Dev,

@@ -11,6 +11,7 @@
 pub mod auth;
 mod dedup;
 mod http;
+pub mod limits;
 pub mod metrics;
 mod ws;
 
@@ -53,6 +54,8 @@ pub struct GatewayConfig {
     pub check_history: bool,
     /// How often a JWKS from a URL is fetched again.
     pub jwks_refresh: Duration,
+    /// Rates, counts, sizes, the idle timeout and the Origin check.
+    pub limits: limits::Limits,
 }
 
 impl Default for GatewayConfig {
@@ -66,6 +69,7 @@ impl Default for GatewayConfig {
             ingest: true,
             check_history: true,
             jwks_refresh: Duration::from_secs(300),
+            limits: limits::Limits::default(),
         }
     }
 }
@@ -85,6 +89,7 @@ pub struct Gateway {
 pub(crate) struct AppState {
     gw: Gateway,
     dedup: dedup::Dedup,
+    guard: Arc<limits::Guard>,
     shutdown: CancellationToken,
     connections: TaskTracker,
 }
@@ -236,6 +241,7 @@ impl AppState {
 /// The HTTP router of a gateway, and the tracker of its WebSocket
 /// connections.
 fn router(state: Arc<AppState>) -> Router {
+    let body_limit = state.gw.config.limits.max_body_bytes;
     Router::new()
         .route("/", get(http::index))
         .route("/ws", get(ws::upgrade))
@@ -247,6 +253,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(http::healthz))
         .route("/readyz", get(http::readyz))
         .route("/metrics", get(http::metrics))
+        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
 
@@ -254,6 +261,7 @@ impl AppState {
     fn new(gateway: Gateway, shutdown: CancellationToken) -> Arc<Self> {
         Arc::new(AppState {
             dedup: dedup::Dedup::new(gateway.config.dedup_capacity),
+            guard: limits::Guard::new(gateway.config.limits.clone()),
             gw: gateway,
             shutdown,
             connections: TaskTracker::new(),
@@ -296,6 +304,8 @@ pub async fn serve(
             tracing::warn!(error = %e, "cannot set TCP_NODELAY");
         }
     });
+    // The peer's address, for the connections-per-address limit.
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await?;

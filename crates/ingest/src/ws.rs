@@ -18,12 +18,15 @@
 //! code over channels.
 
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
-use axum::http::HeaderMap;
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{header, HeaderMap};
 use axum::response::Response;
+use axum::Extension;
 use fanout::{Frame, Member};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -47,10 +50,6 @@ pub const CLOSE_GOING_AWAY: u16 = CloseCode::GoingAway.code();
 /// How long a closing connection may take to flush its last frames.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Largest frame accepted from a client; larger ones fail the connection,
-/// smaller ones over the body limit get `too_large`.
-const MAX_FRAME_BYTES: usize = 64 * 1024;
-
 /// Read buffer of a connection. The library's default (128 KiB) is
 /// allocated per connection and zeroed on every read: 263 KiB of RSS per
 /// idle connection and a 128 KiB memset per small frame (benches/RESULTS.md).
@@ -60,26 +59,67 @@ const READ_BUFFER_BYTES: usize = 4 * 1024;
 /// Most frames written to the socket before one flush.
 const MAX_WRITE_BURST: usize = 64;
 
-/// `GET /ws`: identifies the client, then upgrades. A token that does not
-/// verify is answered 401 before the upgrade; in dev mode a missing user
-/// is told after it (an `unauthorized` error, then close 4001), as v1 does.
+/// `GET /ws`: checks the page's origin, identifies the client, counts the
+/// connection, then upgrades. Refused before the upgrade: an origin not
+/// allowed (403 `forbidden`), a token that does not verify (401), too many
+/// connections from the address or of the user (429 `limit_reached`). In
+/// dev mode a missing user is told after the upgrade (an `unauthorized`
+/// error, then close 4001), as v1 does.
 pub(crate) async fn upgrade(
     State(state): State<Arc<AppState>>,
     Query(query): Query<HashMap<String, String>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let limits = &state.guard.limits;
+    let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    if !limits
+        .origins
+        .allows(header(header::ORIGIN), header(header::HOST))
+    {
+        return crate::http::error_response(&FrameError::new(
+            ErrorCode::Forbidden,
+            "this page's origin may not open a connection (--allowed-origin)",
+            None,
+        ));
+    }
     let identity = match state.gw.auth.identify_ws(&query, &headers).await {
         Ok(identity) => Some(identity),
         Err(AuthError::NoDevUser) => None,
         Err(e) => return crate::http::unauthorized(&e),
     };
-    ws.max_message_size(MAX_FRAME_BYTES)
+    let ip = peer.map(|Extension(ConnectInfo(addr))| addr.ip());
+    let user = identity.as_ref().map(|i| i.user.as_str());
+    let slot = match state.guard.admit(ip, user) {
+        Ok(slot) => slot,
+        Err(e) => return crate::http::error_response(&e),
+    };
+    // Both sizes: a frame whose header announces more is refused before its
+    // payload is read; a message of many small fragments when it grows past.
+    ws.max_frame_size(limits.max_frame_bytes)
+        .max_message_size(limits.max_frame_bytes)
         .read_buffer_size(READ_BUFFER_BYTES)
         .on_upgrade(move |socket| {
             let tracker = state.connections.clone();
-            tracker.track_future(connection(socket, state, identity))
+            tracker.track_future(async move {
+                connection(socket, state, identity).await;
+                drop(slot);
+            })
         })
+}
+
+/// True when a read failed on a frame over the size limit.
+fn too_large(e: &axum::Error) -> bool {
+    use tokio_tungstenite::tungstenite;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(tungstenite::Error::Capacity(_)) = err.downcast_ref::<tungstenite::Error>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 fn error_frame(e: &FrameError) -> Frame {
@@ -106,22 +146,40 @@ struct Close {
     /// Send what is queued first (acks of a drain); a slow consumer's
     /// backlog is dropped instead.
     flush: bool,
+    /// Read what the client still sends until its close. Not after a frame
+    /// over the limit: reading on would take in that frame's payload.
+    handshake: bool,
 }
 
 const SLOW_CONSUMER: Close = Close {
     code: CLOSE_SLOW_CONSUMER,
     reason: "slow consumer",
     flush: false,
+    handshake: true,
 };
 const GOING_AWAY: Close = Close {
     code: CLOSE_GOING_AWAY,
     reason: "server going away",
     flush: true,
+    handshake: true,
 };
 const UNAUTHORIZED: Close = Close {
     code: CLOSE_UNAUTHORIZED,
     reason: "unauthorized",
     flush: true,
+    handshake: true,
+};
+const TOO_LARGE: Close = Close {
+    code: CloseCode::TooLarge.code(),
+    reason: "frame too large",
+    flush: true,
+    handshake: false,
+};
+const IDLE: Close = Close {
+    code: CloseCode::IdleTimeout.code(),
+    reason: "idle timeout",
+    flush: true,
+    handshake: true,
 };
 
 /// Drains the queue into the socket until the queue closes or a close
@@ -131,9 +189,16 @@ async fn writer<Si>(
     mut sink: Si,
     mut rx: mpsc::Receiver<Frame>,
     mut close: oneshot::Receiver<Close>,
+    ping_every: Duration,
 ) where
     Si: Sink<Message> + Unpin,
 {
+    let mut ping = (!ping_every.is_zero()).then(|| {
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping
+    });
     loop {
         tokio::select! {
             biased;
@@ -167,6 +232,13 @@ async fn writer<Si>(
                 }
                 None => break,
             },
+            _ = async { ping.as_mut()?.tick().await; Some(()) }, if ping.is_some() => {
+                // The client's pong (or any frame) keeps the connection
+                // from its idle timeout.
+                if sink.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
+                    break;
+                }
+            }
         }
     }
     let _closed = sink.close().await;
@@ -183,6 +255,8 @@ struct Connection {
     tx: mpsc::Sender<Frame>,
     kick: CancellationToken,
     rooms: HashSet<String>,
+    /// The connection's send bucket, when sends are limited.
+    bucket: Option<governor::DefaultDirectRateLimiter>,
     /// Sends waiting for the batch in flight to finish.
     queued: Vec<PendingSend>,
     /// At most one batch in the log at a time, so a connection's sends keep
@@ -202,18 +276,15 @@ async fn connection(socket: WebSocket, state: Arc<AppState>, identity: Option<Id
 /// `identity` is `None`, the `unauthorized` error and close), then the
 /// client's frames, then the close. Returns when the writer is done, at most
 /// [`CLOSE_GRACE`] after the connection stopped handling frames.
-async fn session<Si, St, E>(
-    sink: Si,
-    mut stream: St,
-    state: Arc<AppState>,
-    identity: Option<Identity>,
-) where
+async fn session<Si, St>(sink: Si, mut stream: St, state: Arc<AppState>, identity: Option<Identity>)
+where
     Si: Sink<Message> + Unpin + Send + 'static,
-    St: Stream<Item = Result<Message, E>> + Unpin,
+    St: Stream<Item = Result<Message, axum::Error>> + Unpin,
 {
     let (tx, rx) = mpsc::channel(state.gw.config.client_queue);
     let (close_tx, close_rx) = oneshot::channel();
-    let mut writer = tokio::spawn(writer(sink, rx, close_rx));
+    let ping_every = state.guard.limits.ping_every;
+    let mut writer = tokio::spawn(writer(sink, rx, close_rx, ping_every));
     let Some(identity) = identity else {
         let e = AuthError::NoDevUser.to_frame_error();
         let _queued = tx.try_send(error_frame(&e));
@@ -241,7 +312,7 @@ async fn session<Si, St, E>(
     ));
     let close = conn.run(&mut stream).await;
     conn.leave_all();
-    let closing = close.is_some();
+    let handshake = close.is_some_and(|c| c.handshake);
     if let Some(code) = close {
         let _sent = close_tx.send(code);
     } else {
@@ -253,7 +324,7 @@ async fn session<Si, St, E>(
     let grace = tokio::time::Instant::now() + CLOSE_GRACE;
     if tokio::time::timeout_at(grace, &mut writer).await.is_err() {
         writer.abort();
-    } else if closing {
+    } else if handshake {
         // Close handshake: read (and drop) what the client still sends until
         // its close arrives, so the socket is not reset under unread data.
         let drained = tokio::time::timeout_at(grace, async {
@@ -276,6 +347,7 @@ impl Connection {
     fn new(state: Arc<AppState>, identity: Identity, tx: mpsc::Sender<Frame>) -> Self {
         let kick = CancellationToken::new();
         let member = Member::new(&identity.user, tx.clone(), kick.clone());
+        let bucket = state.guard.connection_bucket();
         Connection {
             state,
             user: identity.user.clone(),
@@ -284,6 +356,7 @@ impl Connection {
             tx,
             kick,
             rooms: HashSet::new(),
+            bucket,
             queued: Vec::new(),
             inflight: FuturesUnordered::new(),
             retries: FuturesUnordered::new(),
@@ -309,15 +382,18 @@ impl Connection {
     /// Handles frames until the client leaves or must be closed; returns the
     /// close code to send, if any. The end of `stream`, or an error from it,
     /// means the client is gone.
-    async fn run<St, E>(&mut self, stream: &mut St) -> Option<Close>
+    async fn run<St>(&mut self, stream: &mut St) -> Option<Close>
     where
-        St: Stream<Item = Result<Message, E>> + Unpin,
+        St: Stream<Item = Result<Message, axum::Error>> + Unpin,
     {
         let shutdown = self.state.shutdown.clone();
         let kick = self.kick.clone();
         let max_pending = self.state.gw.config.max_pending_sends;
         let expired = expiry(self.identity.expires_at);
         tokio::pin!(expired);
+        let idle_timeout = self.state.guard.limits.idle_timeout;
+        let idle = tokio::time::sleep(idle_timeout);
+        tokio::pin!(idle);
         loop {
             let can_read = self.queued.len() + self.retries.len() < max_pending;
             tokio::select! {
@@ -349,19 +425,38 @@ impl Connection {
                 Some((id, room, outcome)) = self.retries.next(), if !self.retries.is_empty() => {
                     self.answer_one(&id, &room, outcome);
                 }
-                msg = stream.next(), if can_read => match msg {
+                () = &mut idle, if !idle_timeout.is_zero() => {
+                    // Nothing from the client, not even a pong: it is gone
+                    // or stuck. What it had sent is still appended.
+                    self.drain_accepted().await;
+                    return Some(IDLE);
+                }
+                msg = stream.next(), if can_read => {
+                    if !idle_timeout.is_zero() {
+                        idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
+                    }
+                    match msg {
                     Some(Ok(Message::Text(text))) => self.handle(&text).await,
                     Some(Ok(Message::Binary(_))) => self.push(error_frame(&FrameError::new(
                         ErrorCode::BadFrame,
                         "frames are json text",
                         None,
                     ))),
+                    Some(Err(e)) if too_large(&e) => {
+                        // Refused at the frame's header; what came before it
+                        // is appended and acked, then the close says why.
+                        metrics::counter!(crate::metrics::BAD_FRAMES_TOTAL, "code" => ErrorCode::TooLarge.as_str())
+                            .increment(1);
+                        self.drain_accepted().await;
+                        return Some(TOO_LARGE);
+                    }
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
                         // The client is gone; appends in flight still complete.
                         self.finish_appends().await;
                         return None;
                     }
-                    Some(Ok(_)) => {} // ping/pong are answered by the library
+                    Some(Ok(_)) => {} // pings are answered by the library; pongs only count as life
+                    }
                 },
             }
         }
@@ -445,6 +540,9 @@ impl Connection {
                 if !self.rooms.contains(&room) {
                     return self.push(not_joined(&room));
                 }
+                if let Err(e) = self.take_send(None) {
+                    return self.push(error_frame(&e));
+                }
                 if let Some(fanout) = &self.state.gw.fanout {
                     let frame = ServerFrame::Typing {
                         room: &room,
@@ -468,9 +566,25 @@ impl Connection {
         true
     }
 
+    /// Takes one send from the connection's and the user's buckets.
+    fn take_send(&self, id: Option<String>) -> Result<(), FrameError> {
+        let taken = self
+            .state
+            .guard
+            .take_send(self.bucket.as_ref(), &self.user, id);
+        if taken.is_err() {
+            metrics::counter!(crate::metrics::BAD_FRAMES_TOTAL, "code" => ErrorCode::RateLimited.as_str())
+                .increment(1);
+        }
+        taken
+    }
+
     fn send(&mut self, room: String, id: String, body: String) {
         if self.refuse_room(&room, Some(id.clone())) {
             return;
+        }
+        if let Err(e) = self.take_send(Some(id.clone())) {
+            return self.push(error_frame(&e));
         }
         match self.state.dedup.claim(&room, &id, &self.user) {
             Err(e) => self.push(error_frame(&e)),
@@ -506,6 +620,14 @@ impl Connection {
                 None,
             )));
         };
+        let most = self.state.guard.limits.rooms_per_connection;
+        if most > 0 && !self.rooms.contains(&room) && self.rooms.len() >= most {
+            metrics::counter!(crate::metrics::BAD_FRAMES_TOTAL, "code" => ErrorCode::LimitReached.as_str())
+                .increment(1);
+            return self.push(error_frame(&crate::limits::limit_reached(format!(
+                "this connection has joined {most} rooms, the most it may; leave one first"
+            ))));
+        }
         if self.rooms.remove(&room) {
             fanout.leave(&room, &self.member);
         }

@@ -58,11 +58,14 @@ pub enum ErrorCode {
     RateLimited,
     Unavailable,
     NotJoined,
+    /// Extension: a limit that waiting does not lift (connections per
+    /// address or user, rooms per connection).
+    LimitReached,
 }
 
 impl ErrorCode {
     /// Every error code, in declaration order.
-    pub const ALL: [ErrorCode; 8] = [
+    pub const ALL: [ErrorCode; 9] = [
         ErrorCode::BadFrame,
         ErrorCode::TooLarge,
         ErrorCode::BadRoom,
@@ -71,6 +74,7 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::Unavailable,
         ErrorCode::NotJoined,
+        ErrorCode::LimitReached,
     ];
 
     /// The code as it appears in an `error` frame's `code` field.
@@ -84,6 +88,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::NotJoined => "not_joined",
+            ErrorCode::LimitReached => "limit_reached",
         }
     }
 }
@@ -99,9 +104,16 @@ pub enum CloseCode {
     /// The server is shutting down: the connection's accepted sends were
     /// appended and acked first. Reconnect, to this node or another one.
     GoingAway = 1001,
-    /// The connection named no valid user; sent right after an
-    /// `unauthorized` error frame, before any `welcome`.
+    /// The client sent a frame over the size limit; the server stopped
+    /// reading it at its header, without buffering it.
+    TooLarge = 1009,
+    /// The connection's user is not valid (any more): in dev mode it named
+    /// no valid user (sent before any `welcome`), or its token expired; sent
+    /// right after an `unauthorized` error frame.
     Unauthorized = 4001,
+    /// The client sent nothing, not even a pong to the server's pings, for
+    /// the idle timeout.
+    IdleTimeout = 4002,
     /// The client's outbound queue filled up (a slow consumer); what was
     /// still queued is dropped. Reconnect and join with `since` to resume.
     SlowConsumer = 4008,
@@ -109,10 +121,12 @@ pub enum CloseCode {
 
 impl CloseCode {
     /// Every close code, in declaration order.
-    pub const ALL: [CloseCode; 4] = [
+    pub const ALL: [CloseCode; 6] = [
         CloseCode::Normal,
         CloseCode::GoingAway,
+        CloseCode::TooLarge,
         CloseCode::Unauthorized,
+        CloseCode::IdleTimeout,
         CloseCode::SlowConsumer,
     ];
 
@@ -128,6 +142,8 @@ pub struct FrameError {
     pub code: ErrorCode,
     pub message: String,
     pub id: Option<String>,
+    /// How long to wait before trying again (`rate_limited` only).
+    pub retry_after_ms: Option<u64>,
 }
 
 impl FrameError {
@@ -136,6 +152,21 @@ impl FrameError {
             code,
             message: message.into(),
             id,
+            retry_after_ms: None,
+        }
+    }
+
+    /// A `rate_limited` error: try again after `retry_after` (rounded up to
+    /// whole milliseconds, at least 1).
+    pub fn rate_limited(
+        message: impl Into<String>,
+        id: Option<String>,
+        retry_after: std::time::Duration,
+    ) -> Self {
+        let ms = retry_after.as_nanos().div_ceil(1_000_000).max(1);
+        FrameError {
+            retry_after_ms: Some(u64::try_from(ms).unwrap_or(u64::MAX)),
+            ..FrameError::new(ErrorCode::RateLimited, message, id)
         }
     }
 }
@@ -342,6 +373,9 @@ pub enum ServerFrame<'a> {
         message: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a str>,
+        /// Extension: with `rate_limited`, when to try again.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
 }
 
@@ -357,6 +391,7 @@ impl FrameError {
             code: self.code,
             message: &self.message,
             id: self.id.as_deref(),
+            retry_after_ms: self.retry_after_ms,
         }
     }
 }
@@ -504,14 +539,17 @@ mod tests {
                 ErrorCode::RateLimited => 5,
                 ErrorCode::Unavailable => 6,
                 ErrorCode::NotJoined => 7,
+                ErrorCode::LimitReached => 8,
             }
         }
         fn close_index(c: CloseCode) -> usize {
             match c {
                 CloseCode::Normal => 0,
                 CloseCode::GoingAway => 1,
-                CloseCode::Unauthorized => 2,
-                CloseCode::SlowConsumer => 3,
+                CloseCode::TooLarge => 2,
+                CloseCode::Unauthorized => 3,
+                CloseCode::IdleTimeout => 4,
+                CloseCode::SlowConsumer => 5,
             }
         }
         for (i, c) in ErrorCode::ALL.into_iter().enumerate() {
@@ -523,7 +561,7 @@ mod tests {
             assert_eq!(close_index(c), i, "{c:?}");
         }
         let codes: Vec<u16> = CloseCode::ALL.into_iter().map(CloseCode::code).collect();
-        assert_eq!(codes, [1000, 1001, 4001, 4008]);
+        assert_eq!(codes, [1000, 1001, 1009, 4001, 4002, 4008]);
     }
 
     #[test]

@@ -46,9 +46,16 @@ struct Node {
 }
 
 impl Node {
-    /// A node with every role, as `chat serve` runs by default.
+    /// A node with every role, as `chat serve` runs by default, but
+    /// without rate and count limits (the tests of those set their own).
     fn new() -> Node {
-        Node::with(GatewayConfig::default(), true)
+        Node::with(
+            GatewayConfig {
+                limits: crate::limits::Limits::unlimited(),
+                ..GatewayConfig::default()
+            },
+            true,
+        )
     }
 
     /// A node with `config`, and a fan-out when `fanout` is set.
@@ -69,6 +76,7 @@ impl Node {
         };
         let state = Arc::new(AppState {
             dedup: dedup::Dedup::new(gw.config.dedup_capacity),
+            guard: crate::limits::Guard::new(gw.config.limits.clone()),
             gw,
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
@@ -710,7 +718,7 @@ async fn written(frames: &[&str], close: Close) -> Vec<Message> {
     let (close_tx, close_rx) = oneshot::channel();
     close_tx.send(close).unwrap();
     let (sink, out) = socket::unbounded();
-    tokio::time::timeout(WAIT, writer(sink, rx, close_rx))
+    tokio::time::timeout(WAIT, writer(sink, rx, close_rx, Duration::ZERO))
         .await
         .expect("the writer ends");
     // The writer closed the sink: `out` ends.
@@ -765,4 +773,179 @@ async fn a_retry_after_a_slow_consumer_close_is_answered() {
     let second = alice.post(ROOM, "m2", "hi").await;
     assert_eq!((offset(&first), offset(&second)), (0, 1));
     assert_eq!(node.end(ROOM).await, 2);
+}
+
+/// A node with `limits` and every role.
+fn limited(limits: crate::limits::Limits) -> Node {
+    Node::with(
+        GatewayConfig {
+            limits,
+            ..GatewayConfig::default()
+        },
+        true,
+    )
+}
+
+fn rates(connection: (u32, u32), user: (u32, u32)) -> crate::limits::Limits {
+    use crate::limits::{Limits, Rate};
+    let rate = |(per_second, burst)| Rate { per_second, burst };
+    Limits {
+        send_rate: rate(connection),
+        user_send_rate: rate(user),
+        ..Limits::unlimited()
+    }
+}
+
+/// The `n` next frames, split into acks and errors by id.
+async fn acks_and_errors(client: &mut Client, n: usize) -> (Vec<String>, Vec<Value>) {
+    let (mut acks, mut errors) = (Vec::new(), Vec::new());
+    for frame in client.recv_n(n).await {
+        match frame["type"].as_str() {
+            Some("ack") => acks.push(frame["id"].as_str().unwrap().to_owned()),
+            Some("error") => errors.push(frame),
+            _ => panic!("expected an ack or an error, got {frame}"),
+        }
+    }
+    acks.sort();
+    (acks, errors)
+}
+
+#[tokio::test]
+async fn a_connection_over_its_send_rate_is_rate_limited_and_nothing_more_is_appended() {
+    // A burst of 3, then one a second: the 6 sends below take microseconds.
+    let node = limited(rates((1, 3), (0, 0)));
+    let mut alice = Client::connect(&node, "alice").await;
+    for i in 0..6 {
+        alice.send(json!({"type": "send", "room": ROOM, "id": format!("m{i}"), "body": "hi"}));
+    }
+    let (acks, errors) = acks_and_errors(&mut alice, 6).await;
+    assert_eq!(acks, ["m0", "m1", "m2"]);
+    for (e, id) in errors.iter().zip(["m3", "m4", "m5"]) {
+        assert_eq!(
+            (e["code"].as_str(), e["id"].as_str()),
+            (Some("rate_limited"), Some(id)),
+            "{e}"
+        );
+        let wait = e["retry_after_ms"].as_u64().expect("a retry_after_ms");
+        assert!((1..=1000).contains(&wait), "{e}");
+    }
+    assert_eq!(
+        node.end(ROOM).await,
+        3,
+        "the refused sends are not in the log"
+    );
+    // The refused ids were not claimed: the same id may be sent again later.
+    assert!(node.state.dedup.claim(ROOM, "m3", "alice").is_ok());
+}
+
+#[tokio::test]
+async fn a_users_send_rate_is_shared_by_its_connections_and_no_one_elses() {
+    let node = limited(rates((0, 0), (1, 2)));
+    let mut a = Client::connect(&node, "alice").await;
+    let mut b = Client::connect(&node, "alice").await;
+    let mut bob = Client::connect(&node, "bob").await;
+    a.post(ROOM, "a1", "one").await;
+    b.post(ROOM, "b1", "two").await;
+    a.send(json!({"type": "send", "room": ROOM, "id": "a2", "body": "three"}));
+    let refused = a.expect_error("rate_limited").await;
+    assert_eq!(refused["id"], "a2");
+    bob.post(ROOM, "c1", "bob has a bucket of his own").await;
+    assert_eq!(node.end(ROOM).await, 3);
+}
+
+#[tokio::test]
+async fn typing_counts_against_the_send_rate() {
+    let node = limited(rates((1, 1), (0, 0)));
+    let mut alice = Client::connect(&node, "alice").await;
+    alice.join(ROOM, None).await;
+    alice.send(json!({"type": "typing", "room": ROOM}));
+    assert_eq!(alice.recv().await["type"], "typing");
+    alice.send(json!({"type": "typing", "room": ROOM}));
+    let refused = alice.expect_error("rate_limited").await;
+    assert!(refused["retry_after_ms"].as_u64().is_some(), "{refused}");
+}
+
+#[tokio::test]
+async fn a_connection_joins_at_most_its_rooms_limit() {
+    let node = limited(crate::limits::Limits {
+        rooms_per_connection: 2,
+        ..crate::limits::Limits::unlimited()
+    });
+    let mut alice = Client::connect(&node, "alice").await;
+    alice.join("a", None).await;
+    alice.join("b", None).await;
+    alice.send(json!({"type": "join", "room": "c"}));
+    let refused = alice.expect_error("limit_reached").await;
+    assert!(
+        refused["message"].as_str().unwrap().contains('2'),
+        "{refused}"
+    );
+    // Joining a room again is not a new room; leaving one makes room.
+    alice.join("a", None).await;
+    alice.send(json!({"type": "leave", "room": "b"}));
+    alice.join("c", None).await;
+}
+
+/// Limits that ping every `ping` and close after `idle` of silence.
+fn pinging(ping: Duration, idle: Duration) -> crate::limits::Limits {
+    crate::limits::Limits {
+        ping_every: ping,
+        idle_timeout: idle,
+        ..crate::limits::Limits::unlimited()
+    }
+}
+
+#[tokio::test]
+async fn a_silent_connection_is_pinged_then_closed_with_4002() {
+    let node = limited(pinging(
+        Duration::from_millis(50),
+        Duration::from_millis(300),
+    ));
+    let mut alice = Client::connect(&node, "alice").await;
+    alice.post(ROOM, "m1", "then silence").await;
+    let mut pings = 0;
+    let close = loop {
+        match alice.next().await {
+            Message::Ping(_) => pings += 1,
+            Message::Close(Some(close)) => break close,
+            other => panic!("expected pings then a close, got {other:?}"),
+        }
+    };
+    assert_eq!((close.code, close.reason.as_str()), (4002, "idle timeout"));
+    assert!(pings >= 1, "pinged before the close");
+}
+
+#[tokio::test]
+async fn pongs_keep_a_quiet_connection_open() {
+    // Twenty pings at 50 ms span twice the idle timeout: only the pongs
+    // can have kept the connection open.
+    let node = limited(pinging(
+        Duration::from_millis(50),
+        Duration::from_millis(500),
+    ));
+    let mut alice = Client::connect(&node, "alice").await;
+    for _ in 0..20 {
+        match alice.next().await {
+            Message::Ping(data) => alice
+                .to_server
+                .unbounded_send(Ok(Message::Pong(data)))
+                .expect("the session reads"),
+            other => panic!("expected a ping, got {other:?}"),
+        }
+    }
+    alice.send(json!({"type": "send", "room": ROOM, "id": "m1", "body": "still here"}));
+    loop {
+        match alice.next().await {
+            Message::Ping(_) => {}
+            Message::Text(text) => {
+                let ack: Value = serde_json::from_str(&text).unwrap();
+                assert_eq!(
+                    (ack["type"].as_str(), ack["id"].as_str()),
+                    (Some("ack"), Some("m1"))
+                );
+                break;
+            }
+            other => panic!("expected the ack, got {other:?}"),
+        }
+    }
 }

@@ -93,6 +93,8 @@ describe('direct messages between users signed in with tokens', { timeout: 120_0
     await carol.fill('#room', DM);
     await carol.click('#join');
     await waitError(carol, 'forbidden');
+    // The refused join names its room, and the page takes it off the list.
+    await carol.locator(`#dms li[data-room="${DM}"]`).waitFor({ state: 'detached', timeout: WAIT_MS });
     assert.deepEqual(await shownMessages(carol), []);
     const res = await fetch(`${chat.url}/rooms/${encodeURIComponent(DM)}/messages`,
       { headers: { Authorization: `Bearer ${mintToken(ENV, 'carol')}` } });

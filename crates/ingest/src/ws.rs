@@ -562,7 +562,14 @@ impl Connection {
         }
         metrics::counter!(crate::metrics::BAD_FRAMES_TOTAL, "code" => ErrorCode::Forbidden.as_str())
             .increment(1);
-        self.push(error_frame(&access::forbidden(room, id)));
+        let refused = access::forbidden(room, id);
+        // A join has no id: the room says which request was refused.
+        let refused = if refused.id.is_none() {
+            refused.in_room(room)
+        } else {
+            refused
+        };
+        self.push(error_frame(&refused));
         true
     }
 
@@ -614,19 +621,25 @@ impl Connection {
             return;
         }
         let Some(fanout) = self.state.gw.fanout.clone() else {
-            return self.push(error_frame(&FrameError::new(
-                ErrorCode::Unavailable,
-                "this node does not serve live messages",
-                None,
-            )));
+            return self.push(error_frame(
+                &FrameError::new(
+                    ErrorCode::Unavailable,
+                    "this node does not serve live messages",
+                    None,
+                )
+                .in_room(&room),
+            ));
         };
         let most = self.state.guard.limits.rooms_per_connection;
         if most > 0 && !self.rooms.contains(&room) && self.rooms.len() >= most {
             metrics::counter!(crate::metrics::BAD_FRAMES_TOTAL, "code" => ErrorCode::LimitReached.as_str())
                 .increment(1);
-            return self.push(error_frame(&crate::limits::limit_reached(format!(
-                "this connection has joined {most} rooms, the most it may; leave one first"
-            ))));
+            return self.push(error_frame(
+                &crate::limits::limit_reached(format!(
+                    "this connection has joined {most} rooms, the most it may; leave one first"
+                ))
+                .in_room(&room),
+            ));
         }
         if self.rooms.remove(&room) {
             fanout.leave(&room, &self.member);
@@ -646,11 +659,14 @@ impl Connection {
             }
             Err(fanout::FanoutError::Log(e)) => {
                 tracing::warn!(error = %e, room, "join failed");
-                self.push(error_frame(&FrameError::new(
-                    ErrorCode::Unavailable,
-                    "the log is unavailable; join again",
-                    None,
-                )));
+                self.push(error_frame(
+                    &FrameError::new(
+                        ErrorCode::Unavailable,
+                        "the log is unavailable; join again",
+                        None,
+                    )
+                    .in_room(&room),
+                ));
             }
         }
     }
@@ -670,11 +686,14 @@ async fn expiry(expires_at: Option<u64>) {
 }
 
 fn not_joined(room: &str) -> Frame {
-    error_frame(&FrameError::new(
-        ErrorCode::NotJoined,
-        format!("not a member of {room}"),
-        None,
-    ))
+    error_frame(
+        &FrameError::new(
+            ErrorCode::NotJoined,
+            format!("not a member of {room}"),
+            None,
+        )
+        .in_room(room),
+    )
 }
 
 // The path is spelled out so that `rustfmt src/ws.rs` alone finds the file.

@@ -144,6 +144,8 @@ pub struct FrameError {
     pub id: Option<String>,
     /// How long to wait before trying again (`rate_limited` only).
     pub retry_after_ms: Option<u64>,
+    /// The room of a refused request that names no `id` (a `join`).
+    pub room: Option<String>,
 }
 
 impl FrameError {
@@ -153,6 +155,15 @@ impl FrameError {
             message: message.into(),
             id,
             retry_after_ms: None,
+            room: None,
+        }
+    }
+
+    /// The same error, naming the room of the request it refuses.
+    pub fn in_room(self, room: &str) -> Self {
+        FrameError {
+            room: Some(room.to_owned()),
+            ..self
         }
     }
 
@@ -376,6 +387,9 @@ pub enum ServerFrame<'a> {
         /// Extension: with `rate_limited`, when to try again.
         #[serde(skip_serializing_if = "Option::is_none")]
         retry_after_ms: Option<u64>,
+        /// Extension: the room of a refused `join`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        room: Option<&'a str>,
     },
 }
 
@@ -392,6 +406,7 @@ impl FrameError {
             message: &self.message,
             id: self.id.as_deref(),
             retry_after_ms: self.retry_after_ms,
+            room: self.room.as_deref(),
         }
     }
 }

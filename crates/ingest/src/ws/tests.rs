@@ -330,7 +330,8 @@ async fn a_direct_message_room_is_only_for_its_two_users() {
     let node = Node::new();
     let mut carol = Client::connect(&node, "carol").await;
     carol.send(json!({"type": "join", "room": DM}));
-    carol.expect_error("forbidden").await;
+    // A join has no id: the refusal names its room.
+    assert_eq!(carol.expect_error("forbidden").await["room"], DM);
     carol.send(json!({"type": "send", "room": DM, "id": "c1", "body": "psst"}));
     assert_eq!(carol.expect_error("forbidden").await["id"], "c1");
     // Not joined, so no typing either.
@@ -876,6 +877,7 @@ async fn a_connection_joins_at_most_its_rooms_limit() {
     alice.join("b", None).await;
     alice.send(json!({"type": "join", "room": "c"}));
     let refused = alice.expect_error("limit_reached").await;
+    assert_eq!(refused["room"], "c");
     assert!(
         refused["message"].as_str().unwrap().contains('2'),
         "{refused}"

@@ -129,6 +129,13 @@ async fn connections_over_the_limit_of_an_address_or_a_user_are_refused_with_429
         "{body}"
     );
 
+    assert_eq!(
+        server
+            .metric("ingest_upgrades_refused_total{code=\"limit_reached\"}")
+            .await,
+        2.0
+    );
+
     // A closed connection gives its place back once the server has seen
     // the close.
     a1.close().await;
@@ -160,6 +167,12 @@ async fn the_origin_of_a_page_must_be_the_servers_or_allowed() {
     .err()
     .expect("another site's page is refused");
     assert_eq!((status, body["code"].as_str()), (403, Some("forbidden")));
+    assert_eq!(
+        server
+            .metric("ingest_upgrades_refused_total{code=\"forbidden\"}")
+            .await,
+        1.0
+    );
     Client::open_with(&server.addr, "user=alice", &[("origin", &same)])
         .await
         .expect("the server's own page may connect")

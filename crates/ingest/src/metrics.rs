@@ -10,6 +10,9 @@ pub const CONNECTIONS: &str = "ingest_connections";
 pub const FRAMES_TOTAL: &str = "ingest_frames_total";
 /// Frames refused, by error `code`.
 pub const BAD_FRAMES_TOTAL: &str = "ingest_bad_frames_total";
+/// WebSocket upgrades refused, by error `code` (unauthorized, forbidden,
+/// limit_reached).
+pub const UPGRADES_REFUSED_TOTAL: &str = "ingest_upgrades_refused_total";
 /// Appends to the log (one per batch of sends).
 pub const APPENDS_TOTAL: &str = "ingest_appends_total";
 /// Appends to the log that failed.
@@ -26,6 +29,11 @@ pub const CATALOGUE: &[(&str, &str, &str)] = &[
         "frames received from WebSocket clients",
     ),
     (BAD_FRAMES_TOTAL, "counter", "frames refused, by error code"),
+    (
+        UPGRADES_REFUSED_TOTAL,
+        "counter",
+        "WebSocket upgrades refused before the upgrade, by error code",
+    ),
     (
         APPENDS_TOTAL,
         "counter",

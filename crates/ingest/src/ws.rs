@@ -78,7 +78,7 @@ pub(crate) async fn upgrade(
         .origins
         .allows(header(header::ORIGIN), header(header::HOST))
     {
-        return crate::http::error_response(&FrameError::new(
+        return refuse_upgrade(&FrameError::new(
             ErrorCode::Forbidden,
             "this page's origin may not open a connection (--allowed-origin)",
             None,
@@ -87,13 +87,16 @@ pub(crate) async fn upgrade(
     let identity = match state.gw.auth.identify_ws(&query, &headers).await {
         Ok(identity) => Some(identity),
         Err(AuthError::NoDevUser) => None,
-        Err(e) => return crate::http::unauthorized(&e),
+        Err(e) => {
+            count_refused(ErrorCode::Unauthorized);
+            return crate::http::unauthorized(&e);
+        }
     };
     let ip = peer.map(|Extension(ConnectInfo(addr))| addr.ip());
     let user = identity.as_ref().map(|i| i.user.as_str());
     let slot = match state.guard.admit(ip, user) {
         Ok(slot) => slot,
-        Err(e) => return crate::http::error_response(&e),
+        Err(e) => return refuse_upgrade(&e),
     };
     // Both sizes: a frame whose header announces more is refused before its
     // payload is read; a message of many small fragments when it grows past.
@@ -107,6 +110,16 @@ pub(crate) async fn upgrade(
                 drop(slot);
             })
         })
+}
+
+fn count_refused(code: ErrorCode) {
+    metrics::counter!(crate::metrics::UPGRADES_REFUSED_TOTAL, "code" => code.as_str()).increment(1);
+}
+
+/// The answer to an upgrade refused with `e`, counted.
+fn refuse_upgrade(e: &FrameError) -> Response {
+    count_refused(e.code);
+    crate::http::error_response(e)
 }
 
 /// True when a read failed on a frame over the size limit.

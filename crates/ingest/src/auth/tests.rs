@@ -75,6 +75,12 @@ async fn each_bad_token_is_refused_with_its_reason() {
         ..claims("alice", HOUR)
     };
     assert_eq!(verifier.verify(&hs(&good())).await.unwrap().user, "alice");
+    // `aud` may be a list (RFC 7519): one of them must be ours.
+    let listed = token::Claims {
+        aud: Some(token::Audience::Many(vec!["other".into(), "chat".into()])),
+        ..good()
+    };
+    assert_eq!(verifier.verify(&hs(&listed)).await.unwrap().user, "alice");
     let now = jsonwebtoken::get_current_timestamp();
     let cases: Vec<(&str, String, AuthError)> = vec![
         (
@@ -110,6 +116,14 @@ async fn each_bad_token_is_refused_with_its_reason() {
             "wrong audience",
             hs(&token::Claims {
                 aud: Some("other".into()),
+                ..good()
+            }),
+            AuthError::Audience,
+        ),
+        (
+            "a list of audiences without ours",
+            hs(&token::Claims {
+                aud: Some(token::Audience::Many(vec!["a".into(), "b".into()])),
                 ..good()
             }),
             AuthError::Audience,

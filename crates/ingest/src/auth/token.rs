@@ -35,11 +35,32 @@ pub struct Claims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
+    pub aud: Option<Audience>,
     /// Room names and prefix patterns the user may use; absent: every
     /// public room and the user's direct messages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rooms: Option<Vec<String>>,
+}
+
+/// The `aud` claim: one audience, or a list of them (RFC 7519 allows
+/// both, and identity providers send either).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl From<&str> for Audience {
+    fn from(aud: &str) -> Self {
+        Audience::One(aud.to_owned())
+    }
+}
+
+impl From<String> for Audience {
+    fn from(aud: String) -> Self {
+        Audience::One(aud)
+    }
 }
 
 /// A key with the algorithms it may check.
@@ -272,7 +293,7 @@ pub fn mint(secret: &[u8], mint: &Mint) -> Result<String, jsonwebtoken::errors::
         nbf: None,
         iat: Some(now),
         iss: mint.issuer.clone(),
-        aud: mint.audience.clone(),
+        aud: mint.audience.clone().map(Audience::One),
         rooms: mint.rooms.clone(),
     };
     jsonwebtoken::encode(

@@ -328,6 +328,11 @@ struct LimitArgs {
     /// only. Requests without an Origin (not from a browser) always may.
     #[arg(long, env = "CHAT_ALLOWED_ORIGIN", value_delimiter = ',')]
     allowed_origin: Vec<String>,
+    /// A proxy (CIDR, e.g. 10.0.0.0/8) whose X-Forwarded-For names the
+    /// client's address for --max-connections-per-ip; repeatable. Without
+    /// one, the TCP peer counts (behind a proxy: the proxy).
+    #[arg(long, env = "CHAT_TRUSTED_PROXY", value_delimiter = ',')]
+    trusted_proxy: Vec<ipnet::IpNet>,
 }
 
 impl LimitArgs {
@@ -360,6 +365,7 @@ impl LimitArgs {
             ping_every: self.ping_every,
             idle_timeout: self.idle_timeout,
             origins: Origins::from_flags(&self.allowed_origin),
+            trusted_proxies: self.trusted_proxy.clone(),
         })
     }
 }

@@ -267,3 +267,38 @@ async fn posts_over_a_users_rate_get_429_with_retry_after_and_append_nothing() {
         ["post 0", "post 1"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_the_forwarded_address_is_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        dir.path(),
+        PARTITIONS,
+        &[
+            "--max-connections-per-ip",
+            "1",
+            "--trusted-proxy",
+            "127.0.0.0/8",
+        ],
+    )
+    .await;
+    let via = |client: &'static str| [("x-forwarded-for", client)];
+    let _a = Client::open_with(&server.addr, "user=alice", &via("198.51.100.1"))
+        .await
+        .expect("the first client behind the proxy");
+    let _b = Client::open_with(&server.addr, "user=bob", &via("198.51.100.2"))
+        .await
+        .expect("another client behind the same proxy has its own count");
+    let (status, body) = Client::open_with(&server.addr, "user=carol", &via("198.51.100.1"))
+        .await
+        .err()
+        .expect("a second connection of the first client is refused");
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (429, Some("limit_reached"))
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("198.51.100.1"),
+        "{body}"
+    );
+}

@@ -115,6 +115,9 @@ pub struct Limits {
     /// is closed with 4002; zero: forever.
     pub idle_timeout: Duration,
     pub origins: Origins,
+    /// Proxies whose `X-Forwarded-For` names the client's address for the
+    /// per-address count; without them, the TCP peer is the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Default for Limits {
@@ -136,6 +139,7 @@ impl Default for Limits {
             ping_every: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(60),
             origins: Origins::SameHost,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -155,6 +159,36 @@ impl Limits {
             origins: Origins::Any,
             ..Limits::default()
         }
+    }
+}
+
+impl Limits {
+    /// The address a connection counts against: the TCP `peer`, or, when
+    /// the peer is a trusted proxy, the right-most address of
+    /// `X-Forwarded-For` that is not a trusted proxy itself (the one the
+    /// nearest untrusted hop connected from; entries left of it could be
+    /// made up by the client).
+    pub fn client_ip(&self, peer: Option<IpAddr>, forwarded_for: &[&str]) -> Option<IpAddr> {
+        let trusted = |ip: &IpAddr| self.trusted_proxies.iter().any(|net| net.contains(ip));
+        let peer = peer?;
+        if !trusted(&peer) {
+            return Some(peer);
+        }
+        let mut hops = forwarded_for
+            .iter()
+            .rev()
+            .flat_map(|header| header.rsplit(','))
+            .map(str::trim);
+        let mut client = peer;
+        for hop in &mut hops {
+            match hop.parse::<IpAddr>() {
+                Ok(ip) if trusted(&ip) => client = ip,
+                Ok(ip) => return Some(ip),
+                // Not an address: nothing further left can be believed.
+                Err(_) => return Some(client),
+            }
+        }
+        Some(client)
     }
 }
 
@@ -389,6 +423,44 @@ mod tests {
         drop(bob);
         assert_eq!(guard.held(ip, "alice"), (0, 0));
         guard.admit(Some(ip), Some("alice")).unwrap();
+    }
+
+    #[test]
+    fn the_client_address_is_the_peer_unless_a_trusted_proxy_forwards_it() {
+        let limits = Limits {
+            trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
+            ..Limits::default()
+        };
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        // An untrusted peer is the client, whatever it claims.
+        assert_eq!(
+            limits.client_ip(ip("203.0.113.9"), &["1.2.3.4"]),
+            ip("203.0.113.9")
+        );
+        // A trusted proxy: the right-most untrusted hop.
+        assert_eq!(
+            limits.client_ip(ip("10.0.0.5"), &["6.6.6.6, 198.51.100.7, 10.0.0.9"]),
+            ip("198.51.100.7")
+        );
+        // Several headers read as one list, the last header last.
+        assert_eq!(
+            limits.client_ip(ip("10.0.0.5"), &["6.6.6.6", "198.51.100.7"]),
+            ip("198.51.100.7")
+        );
+        // No header, only proxies, or garbage: the last address believed.
+        assert_eq!(limits.client_ip(ip("10.0.0.5"), &[]), ip("10.0.0.5"));
+        assert_eq!(
+            limits.client_ip(ip("10.0.0.5"), &["10.1.1.1"]),
+            ip("10.1.1.1")
+        );
+        assert_eq!(
+            limits.client_ip(ip("10.0.0.5"), &["1.1.1.1, junk"]),
+            ip("10.0.0.5")
+        );
+        assert_eq!(
+            Limits::default().client_ip(ip("10.0.0.5"), &["1.1.1.1"]),
+            ip("10.0.0.5")
+        );
     }
 
     #[test]

@@ -92,7 +92,15 @@ pub(crate) async fn upgrade(
             return crate::http::unauthorized(&e);
         }
     };
-    let ip = peer.map(|Extension(ConnectInfo(addr))| addr.ip());
+    let forwarded: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let ip = limits.client_ip(
+        peer.map(|Extension(ConnectInfo(addr))| addr.ip()),
+        &forwarded,
+    );
     let user = identity.as_ref().map(|i| i.user.as_str());
     let slot = match state.guard.admit(ip, user) {
         Ok(slot) => slot,

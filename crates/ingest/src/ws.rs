@@ -413,8 +413,12 @@ impl Connection {
         let expired = expiry(self.identity.expires_at);
         tokio::pin!(expired);
         let idle_timeout = self.state.guard.limits.idle_timeout;
+        // The timer is not moved on every frame (a timer-wheel update per
+        // frame); it fires, and is set again from the last frame's time
+        // until a whole timeout passed without one.
         let idle = tokio::time::sleep(idle_timeout);
         tokio::pin!(idle);
+        let mut last_heard = tokio::time::Instant::now();
         loop {
             let can_read = self.queued.len() + self.retries.len() < max_pending;
             tokio::select! {
@@ -447,15 +451,18 @@ impl Connection {
                     self.answer_one(&id, &room, outcome);
                 }
                 () = &mut idle, if !idle_timeout.is_zero() => {
+                    let deadline = last_heard + idle_timeout;
+                    if deadline > tokio::time::Instant::now() {
+                        idle.as_mut().reset(deadline);
+                        continue;
+                    }
                     // Nothing from the client, not even a pong: it is gone
                     // or stuck. What it had sent is still appended.
                     self.drain_accepted().await;
                     return Some(IDLE);
                 }
                 msg = stream.next(), if can_read => {
-                    if !idle_timeout.is_zero() {
-                        idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
-                    }
+                    last_heard = tokio::time::Instant::now();
                     match msg {
                     Some(Ok(Message::Text(text))) => self.handle(&text).await,
                     Some(Ok(Message::Binary(_))) => self.push(error_frame(&FrameError::new(

@@ -278,6 +278,10 @@ struct Connection {
     rooms: HashSet<String>,
     /// The connection's send bucket, when sends are limited.
     bucket: Option<governor::DefaultDirectRateLimiter>,
+    /// Until when the connection is not read, after a refused send: a
+    /// client that floods waits in TCP instead of costing a refusal per
+    /// frame (named policy: stop reading, as for a full send queue).
+    throttled: Option<tokio::time::Instant>,
     /// Sends waiting for the batch in flight to finish.
     queued: Vec<PendingSend>,
     /// At most one batch in the log at a time, so a connection's sends keep
@@ -378,6 +382,7 @@ impl Connection {
             kick,
             rooms: HashSet::new(),
             bucket,
+            throttled: None,
             queued: Vec::new(),
             inflight: FuturesUnordered::new(),
             retries: FuturesUnordered::new(),
@@ -420,7 +425,9 @@ impl Connection {
         tokio::pin!(idle);
         let mut last_heard = tokio::time::Instant::now();
         loop {
-            let can_read = self.queued.len() + self.retries.len() < max_pending;
+            let can_read =
+                self.queued.len() + self.retries.len() < max_pending && self.throttled.is_none();
+            let throttled_until = self.throttled;
             tokio::select! {
                 biased;
                 _ = kick.cancelled() => {
@@ -450,7 +457,12 @@ impl Connection {
                 Some((id, room, outcome)) = self.retries.next(), if !self.retries.is_empty() => {
                     self.answer_one(&id, &room, outcome);
                 }
-                () = &mut idle, if !idle_timeout.is_zero() => {
+                () = async { tokio::time::sleep_until(throttled_until.unwrap_or_else(tokio::time::Instant::now)).await }, if throttled_until.is_some() => {
+                    self.throttled = None;
+                    // Not heard from while not read: the pause is not silence.
+                    last_heard = tokio::time::Instant::now();
+                }
+                () = &mut idle, if !idle_timeout.is_zero() && throttled_until.is_none() => {
                     let deadline = last_heard + idle_timeout;
                     if deadline > tokio::time::Instant::now() {
                         idle.as_mut().reset(deadline);
@@ -602,14 +614,17 @@ impl Connection {
     }
 
     /// Takes one send from the connection's and the user's buckets.
-    fn take_send(&self, id: Option<String>) -> Result<(), FrameError> {
+    /// A refusal stops reading the connection for its `retry_after_ms`.
+    fn take_send(&mut self, id: Option<String>) -> Result<(), FrameError> {
         let taken = self
             .state
             .guard
             .take_send(self.bucket.as_ref(), &self.user, id);
-        if taken.is_err() {
+        if let Err(e) = &taken {
             metrics::counter!(crate::metrics::BAD_FRAMES_TOTAL, "code" => ErrorCode::RateLimited.as_str())
                 .increment(1);
+            let wait = Duration::from_millis(e.retry_after_ms.unwrap_or(0));
+            self.throttled = Some(tokio::time::Instant::now() + wait);
         }
         taken
     }

@@ -813,26 +813,26 @@ async fn acks_and_errors(client: &mut Client, n: usize) -> (Vec<String>, Vec<Val
 
 #[tokio::test]
 async fn a_connection_over_its_send_rate_is_rate_limited_and_nothing_more_is_appended() {
-    // A burst of 3, then one a second: the 6 sends below take microseconds.
+    // A burst of 3, then one a second: the 6 sends below arrive at once.
     let node = limited(rates((1, 3), (0, 0)));
     let mut alice = Client::connect(&node, "alice").await;
     for i in 0..6 {
         alice.send(json!({"type": "send", "room": ROOM, "id": format!("m{i}"), "body": "hi"}));
     }
     let (acks, errors) = acks_and_errors(&mut alice, 6).await;
-    assert_eq!(acks, ["m0", "m1", "m2"]);
-    for (e, id) in errors.iter().zip(["m3", "m4", "m5"]) {
-        assert_eq!(
-            (e["code"].as_str(), e["id"].as_str()),
-            (Some("rate_limited"), Some(id)),
-            "{e}"
-        );
+    // The burst goes through, the next is refused; the connection is not
+    // read until its wait is over, so at most one send in each later
+    // second finds a token and the rest are refused.
+    assert_eq!(acks[..3], ["m0", "m1", "m2"]);
+    assert_eq!(errors[0]["id"], "m3", "{errors:?}");
+    for e in &errors {
+        assert_eq!(e["code"], "rate_limited", "{e}");
         let wait = e["retry_after_ms"].as_u64().expect("a retry_after_ms");
         assert!((1..=1000).contains(&wait), "{e}");
     }
     assert_eq!(
         node.end(ROOM).await,
-        3,
+        acks.len() as u64,
         "the refused sends are not in the log"
     );
     // The refused ids were not claimed: the same id may be sent again later.

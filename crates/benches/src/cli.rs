@@ -6,6 +6,7 @@
 //! chat-load compare ingest-max --report r.json --chart r.svg     # bare-server, then chat
 //! chat-load compare ingest-max --baseline kafka-producer --log kafka://127.0.0.1:9092   # raw producer, then chat
 //! chat-load compare ingest-max --baseline kafka-producer,kafka-fetch --log kafka://127.0.0.1:9092   # both, then chat
+//! chat-load flood --quiet-connections 50 --quiet-rate 2 --seconds 30   # quiet clients, then beside a flooder
 //! ```
 
 use std::path::PathBuf;
@@ -14,6 +15,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use crate::compare::{compare, sibling_binary, Baseline, CompareOptions};
+use crate::flood::{flood, FloodOptions, FloodSettings};
 use crate::report::Report;
 use crate::run::{run, RunOptions};
 use crate::scenario::{parse_seconds, Preset, Scenario};
@@ -62,6 +64,99 @@ enum Command {
         #[command(flatten)]
         common: CommonArgs,
     },
+    /// Against one `chat serve` with its default limits on (started on a
+    /// free port of 127.0.0.1 and stopped by PID, unless --url names a
+    /// running one): (a) quiet clients alone, then (b) the same beside one
+    /// connection flooding as fast as it can; passes when the quiet p99 ack
+    /// latency at most doubles and no quiet send is refused or lost.
+    Flood(FloodArgs),
+}
+
+#[derive(Args)]
+struct FloodArgs {
+    /// A running gateway (loopback only); without it, `chat serve` is
+    /// started for the run.
+    #[arg(long)]
+    url: Option<String>,
+    /// With --url: PID of the server, to report its CPU time.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// The `chat` binary; default: next to this one.
+    #[arg(long)]
+    chat_bin: Option<PathBuf>,
+    /// `--log` for `chat serve`: `embedded`, or kafka://HOST:PORT.
+    #[arg(long, default_value = "embedded")]
+    log: String,
+    #[arg(long, default_value_t = 16)]
+    partitions: u32,
+    /// One more argument for `chat serve` (repeat for several); its limits
+    /// stay at their defaults unless given here.
+    #[arg(long = "chat-arg", allow_hyphen_values = true)]
+    chat_args: Vec<String>,
+    /// Quiet connections, each its own user, alone in its room.
+    #[arg(long, default_value_t = 50)]
+    quiet_connections: usize,
+    /// Messages per second of each quiet connection (open loop).
+    #[arg(long, default_value_t = 2.0)]
+    quiet_rate: f64,
+    /// Body bytes per message.
+    #[arg(long, default_value_t = 128)]
+    body: usize,
+    /// Measurement window of each phase.
+    #[arg(long, value_parser = parse_seconds, default_value = "30")]
+    seconds: f64,
+    #[arg(long, value_parser = parse_seconds, default_value = "2")]
+    warmup: f64,
+    /// Longest wait for answers after each phase.
+    #[arg(long, value_parser = parse_seconds, default_value = "10")]
+    drain: f64,
+    /// Idle time between the phases.
+    #[arg(long, value_parser = parse_seconds, default_value = "1")]
+    pause: f64,
+    /// Most flood sends unanswered at once.
+    #[arg(long, default_value_t = 1000)]
+    flood_inflight: usize,
+    /// Most flood sends in all.
+    #[arg(long, default_value_t = 50_000_000)]
+    flood_max_sends: u64,
+    /// Highest p99(b) / p99(a) that passes.
+    #[arg(long, default_value_t = 2.0)]
+    max_ratio: f64,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// No progress bar even on a terminal.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+impl FloodArgs {
+    fn options(self, command: String) -> FloodOptions {
+        use std::io::IsTerminal;
+        FloodOptions {
+            settings: FloodSettings {
+                quiet_connections: self.quiet_connections,
+                quiet_rate: self.quiet_rate,
+                body: self.body,
+                seconds: self.seconds,
+                warmup_s: self.warmup,
+                drain_s: self.drain,
+                pause_s: self.pause,
+                flood_inflight: self.flood_inflight,
+                flood_max_sends: self.flood_max_sends,
+                max_ratio: self.max_ratio,
+                ..FloodSettings::default()
+            },
+            url: self.url,
+            server_pid: self.server_pid,
+            chat_bin: self.chat_bin.unwrap_or_else(|| sibling_binary("chat")),
+            log: self.log,
+            partitions: self.partitions,
+            chat_args: self.chat_args,
+            progress: !self.no_progress && std::io::stderr().is_terminal(),
+            command,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -328,6 +423,16 @@ pub async fn main(cli: Cli) -> anyhow::Result<bool> {
             }
             Ok(comparison.ok)
         }
+        Command::Flood(args) => {
+            let report_path = args.report.clone();
+            let options = args.options(command);
+            let report = flood(&options).await?;
+            print!("{}", report.text());
+            if let Some(path) = &report_path {
+                write_json(path, &report)?;
+            }
+            Ok(report.ok)
+        }
     }
 }
 
@@ -377,5 +482,36 @@ mod tests {
         };
         assert_eq!(servers.chat_args, ["--client-queue", "8"]);
         assert_eq!(common.scenario(name).senders, 2);
+    }
+
+    #[test]
+    fn flood_flags_make_its_settings() {
+        let cli = Cli::try_parse_from([
+            "chat-load",
+            "flood",
+            "--quiet-connections",
+            "8",
+            "--quiet-rate",
+            "3",
+            "--seconds",
+            "1500ms",
+            "--chat-arg",
+            "--send-rate",
+            "--chat-arg",
+            "5",
+        ])
+        .unwrap();
+        let Command::Flood(args) = cli.command else {
+            panic!("flood")
+        };
+        let o = args.options("chat-load flood".into());
+        assert_eq!(o.settings.quiet_connections, 8);
+        assert_eq!(o.settings.quiet_total_rate(), 24.0);
+        assert_eq!(o.settings.seconds, 1.5);
+        assert_eq!(o.settings.body, 128);
+        assert_eq!(o.settings.max_ratio, 2.0);
+        assert_eq!(o.chat_args, ["--send-rate", "5"]);
+        assert!(o.url.is_none());
+        o.settings.validate().unwrap();
     }
 }

@@ -209,20 +209,7 @@ pub async fn compare(scenario: &Scenario, options: &CompareOptions) -> anyhow::R
         }
         runs.push(report);
     }
-    let mut chat_args: Vec<String> = [
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        "{dir}/data",
-        "--log",
-        &options.log,
-        "--partitions",
-        &options.partitions.to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut chat_args = serve_args(&options.log, options.partitions);
     // The ingest tier's cost, not the abuse limits': one address opens every
     // connection, each sending as fast as the scenario says. A limit given
     // in --chat-arg stays on.
@@ -248,6 +235,25 @@ pub async fn compare(scenario: &Scenario, options: &CompareOptions) -> anyhow::R
         options.baselines.len(),
         runs,
     ))
+}
+
+/// `chat serve` on a free port of 127.0.0.1, in a data dir of the run's
+/// own (`{dir}`, filled in by [`Server::start`]), on `log`.
+pub(crate) fn serve_args(log: &str, partitions: u32) -> Vec<String> {
+    [
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        "{dir}/data",
+        "--log",
+        log,
+        "--partitions",
+        &partitions.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 /// Starts `program` with `args`, runs `scenario` against it as `label`,

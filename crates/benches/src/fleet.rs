@@ -38,7 +38,7 @@ use crate::ids::MsgId;
 use crate::stats::{Counted, Percentiles, Recorder};
 use crate::target::{auto_sources, Target};
 
-type Ws = WebSocketStream<TcpStream>;
+pub(crate) type Ws = WebSocketStream<TcpStream>;
 
 /// How a fleet connects.
 #[derive(Debug, Clone)]
@@ -215,13 +215,13 @@ pub struct Fleet {
 
 /// Frames a client receives; other fields are skipped.
 #[derive(Deserialize)]
-struct Incoming<'a> {
+pub(crate) struct Incoming<'a> {
     #[serde(rename = "type", borrow)]
-    kind: Cow<'a, str>,
+    pub(crate) kind: Cow<'a, str>,
     #[serde(default, borrow)]
-    id: Option<Cow<'a, str>>,
+    pub(crate) id: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
-    code: Option<Cow<'a, str>>,
+    pub(crate) code: Option<Cow<'a, str>>,
 }
 
 fn bar(enabled: bool, len: u64, template: &str) -> ProgressBar {
@@ -616,7 +616,7 @@ pub fn room_name(run: u16, r: usize) -> String {
 }
 
 /// Connects from `source`, upgrades, reads `welcome`, joins `room`.
-async fn open(
+pub(crate) async fn open(
     target: &Target,
     source: Option<std::net::SocketAddr>,
     user: &str,

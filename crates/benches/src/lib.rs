@@ -7,7 +7,9 @@
 //!   `connections`, `mixed` ([`scenario`], [`run`]), a JSON report
 //!   ([`report`]) and an SVG chart ([`chart`]); `chat-load compare` starts
 //!   the baseline and `chat serve` one after the other and reports ratios
-//!   ([`compare`]).
+//!   ([`compare`]); `chat-load flood` measures quiet clients beside a
+//!   rate-limited flooder on one `chat serve` with its limits on
+//!   ([`flood`]).
 //! - `bare-server` (binary; [`bare`]): the baseline, a WebSocket server that
 //!   answers like a gateway with no log behind it.
 //! - The Kafka-mode baseline ([`kafka`]): a raw rdkafka producer with the
@@ -25,6 +27,7 @@ pub mod chart;
 pub mod cli;
 pub mod compare;
 pub mod fleet;
+pub mod flood;
 pub mod ids;
 pub mod kafka;
 pub mod report;

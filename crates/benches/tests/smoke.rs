@@ -212,6 +212,83 @@ fn mixed_runs_against_both_servers() {
     assert!(c["ratios"]["chat.delivered_per_s"].is_number());
 }
 
+/// `chat-load flood` against a real `chat serve` with its default limits:
+/// the flooder is refused with `rate_limited` and never acked past its
+/// bucket (burst 100, 20/s), while every quiet send is acked and delivered.
+/// The latency ratio is not checked (`--max-ratio` is huge): that is a
+/// measurement, not a test.
+#[test]
+fn flood_is_rate_limited_and_quiet_clients_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("flood.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_chat-load"))
+        .args([
+            "flood",
+            "--quiet-connections",
+            "4",
+            "--quiet-rate",
+            "5",
+            "--seconds",
+            "1s",
+            "--warmup",
+            "200ms",
+            "--drain",
+            "30s",
+            "--pause",
+            "0",
+            "--max-ratio",
+            "1000000",
+            "--no-progress",
+        ])
+        .arg("--chat-bin")
+        .arg(chat_bin())
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .expect("chat-load runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "chat-load flood failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(stdout.contains("quiet p99 ack, b / a"), "{stdout}");
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).expect("report written")).unwrap();
+    assert_eq!(r["ok"], true, "{r:#}");
+    assert_eq!(r["connected"], 4);
+    assert_eq!(r["started_server"], true);
+    for phase in ["quiet_only", "with_flooder"] {
+        let check = &r[phase]["check"];
+        assert_eq!(check["ok"], true, "{phase}: {check}");
+        let sent = check["sent"].as_u64().unwrap();
+        assert!(sent > 0, "{phase}: {check}");
+        assert_eq!(check["acked"].as_u64().unwrap(), sent, "{phase}: {check}");
+        assert_eq!(check["rejected"], 0, "{phase}: {check}");
+        assert_eq!(check["delivered"], check["expected_deliveries"], "{phase}");
+        assert_eq!(r[phase]["errors"], serde_json::json!({}), "{phase}");
+    }
+    let f = &r["flooder"];
+    let (sent, acked, limited) = (
+        f["sent"].as_u64().unwrap(),
+        f["acked"].as_u64().unwrap(),
+        f["rate_limited"].as_u64().unwrap(),
+    );
+    assert!(limited > 0, "{f}");
+    assert_eq!(f["unanswered"], 0, "{f}");
+    assert_eq!(acked + limited, sent, "every flood send answered: {f}");
+    assert_eq!(f["other_errors"], serde_json::json!({}), "{f}");
+    assert!(f["lost"].is_null(), "{f}");
+    // The connection's bucket: 100 at once, then 20/s while it sent.
+    let seconds = f["send_seconds"].as_f64().unwrap();
+    assert!(
+        acked as f64 <= 100.0 + 20.0 * (seconds + 1.0),
+        "{acked} acked in {seconds} s: {f}"
+    );
+    assert!(r["verdict"]["p99_ratio"].is_number(), "{r:#}");
+}
+
 /// Kafka mode: the raw rdkafka producer baseline, the same with raw
 /// consumers fetching every partition, then `chat serve --log kafka://...`,
 /// against one real broker. The p99 bound is generous and a

@@ -48,3 +48,6 @@ fi
 
 step "browser test (headless Chromium)"
 CHAT_BIN="$target_dir/debug/chat" node --test "$repo_root/tests/browser/"
+
+step "fuzz targets (a few seconds each)"
+bash "$repo_root/scripts/fuzz.sh" 5

@@ -665,6 +665,28 @@ async fn expect_frame(ws: &mut Ws, kind: &'static str) -> Result<(), &'static st
     }
 }
 
+/// One read of a connection: a text frame, another frame, or the end of
+/// the connection and why (a close and its code, an error, the end).
+pub(crate) enum Read {
+    Text(tokio_tungstenite::tungstenite::Utf8Bytes),
+    Other,
+    Ended(String),
+}
+
+impl Read {
+    pub(crate) fn of(msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>) -> Read {
+        match msg {
+            Some(Ok(Message::Text(text))) => Read::Text(text),
+            Some(Ok(Message::Close(frame))) => Read::Ended(frame.map_or("close".to_owned(), |f| {
+                format!("close {}", u16::from(f.code))
+            })),
+            Some(Ok(_)) => Read::Other,
+            Some(Err(e)) => Read::Ended(format!("read error: {e}")),
+            None => Read::Ended("eof".to_owned()),
+        }
+    }
+}
+
 /// Records every frame the connection receives until it closes.
 async fn reader(
     mut stream: SplitStream<Ws>,
@@ -677,16 +699,10 @@ async fn reader(
             _ = cancel.cancelled() => return,
             msg = stream.next() => msg,
         };
-        match msg {
-            Some(Ok(Message::Text(text))) => receive(&conn, &recorder, &text),
-            Some(Ok(Message::Close(frame))) => {
-                break frame.map_or("close".to_owned(), |f| {
-                    format!("close {}", u16::from(f.code))
-                });
-            }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => break format!("read error: {e}"),
-            None => break "eof".to_owned(),
+        match Read::of(msg) {
+            Read::Text(text) => receive(&conn, &recorder, &text),
+            Read::Other => {}
+            Read::Ended(why) => break why,
         }
     };
     if !conn.closing.load(Ordering::Relaxed) {

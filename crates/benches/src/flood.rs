@@ -40,9 +40,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::compare::Server;
-use crate::fleet::{open, room_name, Fleet, FleetConfig, Incoming, PhaseReport, Traffic, Ws};
+use crate::fleet::{open, room_name, Fleet, FleetConfig, Incoming, PhaseReport, Read, Traffic, Ws};
 use crate::ids::MsgId;
-use crate::report::tool;
+use crate::report::{tool, write_failures};
 use crate::stats::{Percentiles, Point, Recorder};
 use crate::sys::Machine;
 use crate::target::Target;
@@ -350,12 +350,7 @@ impl FloodReport {
             s.warmup_s,
             s.flood_inflight,
         );
-        if !self.connect_failures.is_empty() {
-            let _ = writeln!(out, "connect failures: {:?}", self.connect_failures);
-        }
-        if !self.disconnects.is_empty() {
-            let _ = writeln!(out, "disconnects: {:?}", self.disconnects);
-        }
+        write_failures(&mut out, &self.connect_failures, &self.disconnects);
         let _ = writeln!(
             out,
             "{:<20} {:>24} {:>26} {:>30} {:>8} {:>8}",
@@ -681,19 +676,13 @@ async fn run_flood(ws: Ws, plan: &FlooderPlan, start: Instant, end: Instant) -> 
         );
         tokio::spawn(async move {
             let why = loop {
-                match stream.next().await {
-                    Some(Ok(Message::Text(text))) => {
+                match Read::of(stream.next().await) {
+                    Read::Text(text) => {
                         flood_receive(&counts, &text);
                         answers.notify_one();
                     }
-                    Some(Ok(Message::Close(frame))) => {
-                        break frame.map_or("close".to_owned(), |f| {
-                            format!("close {}", u16::from(f.code))
-                        })
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => break format!("read error: {e}"),
-                    None => break "eof".to_owned(),
+                    Read::Other => {}
+                    Read::Ended(why) => break why,
                 }
             };
             if !closing.load(Ordering::Relaxed) {

@@ -180,12 +180,7 @@ impl Report {
             s.senders,
             s.body
         );
-        if !self.connect_failures.is_empty() {
-            let _ = writeln!(out, "connect failures: {:?}", self.connect_failures);
-        }
-        if !self.disconnects.is_empty() {
-            let _ = writeln!(out, "disconnects: {:?}", self.disconnects);
-        }
+        write_failures(&mut out, &self.connect_failures, &self.disconnects);
         let _ = writeln!(
             out,
             "{:>5} {:>10} {:>10} {:>12} {:>28} {:>16} {:>8} {:>8} {:>4}",
@@ -252,6 +247,22 @@ impl Report {
             if self.ok { "ok" } else { "FAILED CHECKS" }
         );
         out
+    }
+}
+
+/// The lines for connections that failed to open or were lost, by reason;
+/// nothing when there were none.
+pub(crate) fn write_failures(
+    out: &mut String,
+    connect_failures: &BTreeMap<String, u64>,
+    disconnects: &BTreeMap<String, u64>,
+) {
+    use std::fmt::Write as _;
+    if !connect_failures.is_empty() {
+        let _ = writeln!(out, "connect failures: {connect_failures:?}");
+    }
+    if !disconnects.is_empty() {
+        let _ = writeln!(out, "disconnects: {disconnects:?}");
     }
 }
 

@@ -220,10 +220,7 @@ pub(crate) async fn post_message(
     if !identity.may_use(&room) {
         return forbidden(&room, Some(id));
     }
-    if let Err(e) = state
-        .guard
-        .take_send(None, &identity.user, Some(id.clone()))
-    {
+    if let Err(e) = state.guard.take_send(None, &identity.user, Some(&id)) {
         ::metrics::counter!(crate::metrics::BAD_FRAMES_TOTAL, "code" => ErrorCode::RateLimited.as_str())
             .increment(1);
         return error_response(&e);

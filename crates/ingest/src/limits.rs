@@ -228,11 +228,14 @@ impl Guard {
 
     /// Takes one send of `user` from its connection's bucket and the user's;
     /// when either is empty, the `rate_limited` error for the request `id`.
+    /// `user` is the map's key type, so an accepted send allocates nothing;
+    /// `id` is copied only into a refusal.
+    #[allow(clippy::ptr_arg)]
     pub(crate) fn take_send(
         &self,
         connection: Option<&DefaultDirectRateLimiter>,
-        user: &str,
-        id: Option<String>,
+        user: &String,
+        id: Option<&str>,
     ) -> Result<(), FrameError> {
         if let Some(bucket) = connection {
             if let Err(until) = bucket.check() {
@@ -245,7 +248,7 @@ impl Guard {
         let Some(users) = &self.users else {
             return Ok(());
         };
-        let checked = users.check_key(&user.to_owned());
+        let checked = users.check_key(user);
         self.sweep(users);
         match checked {
             Ok(()) => Ok(()),
@@ -346,10 +349,10 @@ fn release<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
     }
 }
 
-fn rate_limited(what: &str, id: Option<String>, wait: Duration) -> FrameError {
+fn rate_limited(what: &str, id: Option<&str>, wait: Duration) -> FrameError {
     FrameError::rate_limited(
         format!("{what}; nothing was appended; try again later"),
-        id,
+        id.map(str::to_owned),
         wait,
     )
 }
@@ -374,11 +377,12 @@ mod tests {
             ..Limits::default()
         });
         let bucket = guard.connection_bucket();
+        let alice = "alice".to_owned();
         for _ in 0..3 {
-            guard.take_send(bucket.as_ref(), "alice", None).unwrap();
+            guard.take_send(bucket.as_ref(), &alice, None).unwrap();
         }
         let e = guard
-            .take_send(bucket.as_ref(), "alice", Some("m4".into()))
+            .take_send(bucket.as_ref(), &alice, Some("m4"))
             .unwrap_err();
         assert_eq!(e.code, ErrorCode::RateLimited);
         assert_eq!(e.id.as_deref(), Some("m4"));
@@ -398,10 +402,13 @@ mod tests {
             ..Limits::default()
         });
         let (a, b) = (guard.connection_bucket(), guard.connection_bucket());
-        guard.take_send(a.as_ref(), "alice", None).unwrap();
-        guard.take_send(b.as_ref(), "alice", None).unwrap();
-        assert!(guard.take_send(a.as_ref(), "alice", None).is_err());
-        guard.take_send(a.as_ref(), "bob", None).unwrap();
+        let alice = "alice".to_owned();
+        guard.take_send(a.as_ref(), &alice, None).unwrap();
+        guard.take_send(b.as_ref(), &alice, None).unwrap();
+        assert!(guard.take_send(a.as_ref(), &alice, None).is_err());
+        guard
+            .take_send(a.as_ref(), &"bob".to_owned(), None)
+            .unwrap();
     }
 
     #[test]

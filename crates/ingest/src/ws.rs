@@ -596,13 +596,13 @@ impl Connection {
 
     /// Refuses a request for a room this user may not use: `forbidden`,
     /// and nothing else happens.
-    fn refuse_room(&self, room: &str, id: Option<String>) -> bool {
+    fn refuse_room(&self, room: &str, id: Option<&str>) -> bool {
         if self.identity.may_use(room) {
             return false;
         }
         metrics::counter!(crate::metrics::BAD_FRAMES_TOTAL, "code" => ErrorCode::Forbidden.as_str())
             .increment(1);
-        let refused = access::forbidden(room, id);
+        let refused = access::forbidden(room, id.map(str::to_owned));
         // A join has no id: the room says which request was refused.
         let refused = if refused.id.is_none() {
             refused.in_room(room)
@@ -615,7 +615,7 @@ impl Connection {
 
     /// Takes one send from the connection's and the user's buckets.
     /// A refusal stops reading the connection for its `retry_after_ms`.
-    fn take_send(&mut self, id: Option<String>) -> Result<(), FrameError> {
+    fn take_send(&mut self, id: Option<&str>) -> Result<(), FrameError> {
         let taken = self
             .state
             .guard
@@ -630,10 +630,10 @@ impl Connection {
     }
 
     fn send(&mut self, room: String, id: String, body: String) {
-        if self.refuse_room(&room, Some(id.clone())) {
+        if self.refuse_room(&room, Some(&id)) {
             return;
         }
-        if let Err(e) = self.take_send(Some(id.clone())) {
+        if let Err(e) = self.take_send(Some(&id)) {
             return self.push(error_frame(&e));
         }
         match self.state.dedup.claim(&room, &id, &self.user) {

@@ -22,7 +22,7 @@ out="${OUT:-$repo_root/benches/results}"
 if [ "$#" -gt 0 ]; then
     presets=("$@")
 else
-    presets=(ingest-max fanout connections mixed)
+    presets=(ingest-max fanout connections mixed rooms-light rooms-busy)
 fi
 
 cargo build --release --locked -p chat -p benches --bins

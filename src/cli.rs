@@ -217,8 +217,10 @@ pub struct ServeArgs {
     /// move to other partitions.
     #[arg(long, default_value_t = 16, env = "CHAT_PARTITIONS")]
     partitions: u32,
-    /// The log: `embedded` (in the data dir) or
-    /// kafka://HOST:PORT[,HOST:PORT...] for Kafka or Redpanda.
+    /// The log: `embedded` (an append-only file in the data dir, or the
+    /// redb log a data dir made before it holds), `embedded-redb` (redb even
+    /// in a new data dir), or kafka://HOST:PORT[,HOST:PORT...] for Kafka or
+    /// Redpanda.
     #[arg(long, default_value = "embedded", env = "CHAT_LOG")]
     log: crate::LogSpec,
     /// Kafka log: bound of the producer queue, in KiB. When the brokers
@@ -462,13 +464,19 @@ async fn open_log(
     partitions: u32,
 ) -> anyhow::Result<std::sync::Arc<dyn eventlog::EventLog>> {
     let spec = data.log.clone().unwrap_or(crate::LogSpec::Embedded);
-    if spec == crate::LogSpec::Embedded {
-        let file = data.data_dir.join("log").join(format!("{topic}.redb"));
-        if topic == crate::MESSAGES_TOPIC && !file.exists() {
+    if matches!(
+        spec,
+        crate::LogSpec::Embedded | crate::LogSpec::EmbeddedRedb
+    ) {
+        let dir = data.data_dir.join("log");
+        let files = [format!("{topic}.log"), format!("{topic}.redb")];
+        if topic == crate::MESSAGES_TOPIC && !files.iter().any(|f| dir.join(f).exists()) {
             anyhow::bail!(
-                "no log in {} (no {})",
+                "no log in {} (no {} or {} in {})",
                 data.data_dir.display(),
-                file.display()
+                files[0],
+                files[1],
+                dir.display()
             );
         }
     }

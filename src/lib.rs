@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use eventlog::embedded::EmbeddedLog;
+use eventlog::file::FileLog;
 #[cfg(feature = "kafka")]
 use eventlog::kafka::{KafkaConfig, KafkaLog};
 use eventlog::EventLog;
@@ -87,8 +88,12 @@ pub fn describe_metrics() {
 /// Where the log lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogSpec {
-    /// The embedded log in the data dir.
+    /// The embedded log in the data dir: an append-only file
+    /// (`eventlog::file`), or the redb log of a data dir made before it.
     Embedded,
+    /// The embedded redb log (`eventlog::embedded`) even in a new data dir:
+    /// the previous engine, kept for comparison and for old data dirs.
+    EmbeddedRedb,
     /// A Kafka/Redpanda cluster: the comma-separated brokers.
     Kafka(String),
 }
@@ -99,6 +104,7 @@ impl FromStr for LogSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "embedded" => Ok(LogSpec::Embedded),
+            "embedded-redb" => Ok(LogSpec::EmbeddedRedb),
             #[cfg(feature = "kafka")]
             url if url.starts_with("kafka://") => eventlog::kafka::parse_url(url)
                 .map(LogSpec::Kafka)
@@ -108,7 +114,7 @@ impl FromStr for LogSpec {
                 "{url:?}: this chat was built without the Kafka log (cargo feature `kafka`)"
             )),
             other => Err(format!(
-                "expected `embedded` or kafka://HOST:PORT[,HOST:PORT...], got {other:?}"
+                "expected `embedded`, `embedded-redb` or kafka://HOST:PORT[,HOST:PORT...], got {other:?}"
             )),
         }
     }
@@ -290,12 +296,16 @@ pub async fn open_log(
     tuning: &KafkaTuning,
 ) -> anyhow::Result<Arc<dyn EventLog>> {
     Ok(match spec {
-        LogSpec::Embedded => {
+        LogSpec::Embedded | LogSpec::EmbeddedRedb => {
             let dir = data_dir.join("log");
-            Arc::new(
-                EmbeddedLog::open(&dir, topic, partitions)
-                    .with_context(|| format!("opening the log {topic} in {}", dir.display()))?,
-            )
+            let context = || format!("opening the log {topic} in {}", dir.display());
+            // One engine per data dir: one made by the redb log keeps it.
+            let redb = [MESSAGES_TOPIC, topic].map(|t| dir.join(format!("{t}.redb")));
+            if *spec == LogSpec::EmbeddedRedb || redb.iter().any(|f| f.exists()) {
+                Arc::new(EmbeddedLog::open(&dir, topic, partitions).with_context(context)?)
+            } else {
+                Arc::new(FileLog::open(&dir, topic, partitions).with_context(context)?)
+            }
         }
         #[cfg(feature = "kafka")]
         LogSpec::Kafka(brokers) => {
@@ -402,6 +412,7 @@ pub async fn open_versions(
 pub fn log_name(spec: &LogSpec) -> String {
     match spec {
         LogSpec::Embedded => "embedded".to_owned(),
+        LogSpec::EmbeddedRedb => "embedded-redb".to_owned(),
         LogSpec::Kafka(brokers) => format!("kafka://{brokers}"),
     }
 }
@@ -586,6 +597,40 @@ mod tests {
         assert_eq!(tuning.queue_kbytes, backend.queue_kbytes);
         assert_eq!(tuning.enqueue_timeout, backend.enqueue_timeout);
         assert_eq!((tuning.replication, tuning.min_insync_replicas), (3, 2));
+    }
+
+    /// A new data dir gets the file log; one the redb log made keeps redb,
+    /// for every topic (its records are read, not started afresh).
+    #[tokio::test]
+    async fn the_embedded_log_engine_follows_the_data_dir() {
+        let tuning = KafkaTuning::default();
+        let fresh = tempfile::tempdir().unwrap();
+        let log = open_log(&LogSpec::Embedded, fresh.path(), MESSAGES_TOPIC, 2, &tuning)
+            .await
+            .unwrap();
+        drop(log);
+        assert!(fresh.path().join("log/chat.messages.log").exists());
+        assert!(!fresh.path().join("log/chat.messages.redb").exists());
+
+        let old = tempfile::tempdir().unwrap();
+        let redb = EmbeddedLog::open(&old.path().join("log"), MESSAGES_TOPIC, 2).unwrap();
+        let epoch = redb.epoch().to_owned();
+        drop(redb);
+        let log = open_log(&LogSpec::Embedded, old.path(), MESSAGES_TOPIC, 2, &tuning)
+            .await
+            .unwrap();
+        assert_eq!(log.epoch(), epoch, "the redb log, not a new one");
+        drop(log);
+        let dlq = open_log(&LogSpec::Embedded, old.path(), DLQ_TOPIC, 1, &tuning)
+            .await
+            .unwrap();
+        drop(dlq);
+        assert!(old.path().join("log/chat.dlq.redb").exists());
+        assert!(!old.path().join("log/chat.messages.log").exists());
+        assert_eq!(
+            "embedded-redb".parse::<LogSpec>().unwrap(),
+            LogSpec::EmbeddedRedb
+        );
     }
 
     #[cfg(feature = "kafka")]

@@ -340,7 +340,7 @@ async fn seed(log: &dyn EventLog) -> (HashMap<String, usize>, BTreeSet<(u64, u64
 
 /// The dead letters in the embedded `chat.dlq` of `dir`, as JSON.
 async fn dead_letters(dir: &Path) -> Vec<Value> {
-    let dlq = eventlog::embedded::EmbeddedLog::open(&dir.join("log"), "chat.dlq", 1).unwrap();
+    let dlq = eventlog::file::FileLog::open(&dir.join("log"), "chat.dlq", 1).unwrap();
     let end = dlq.end_offset(0).await.unwrap();
     let mut out = Vec::new();
     let mut stream = dlq.read(0, 0);
@@ -389,12 +389,9 @@ async fn poison_records_and_old_schema_fixtures_on_the_embedded_log() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap().to_owned();
     let (counts, bad) = {
-        let log = eventlog::embedded::EmbeddedLog::open(
-            &dir.path().join("log"),
-            "chat.messages",
-            PARTITIONS,
-        )
-        .unwrap();
+        let log =
+            eventlog::file::FileLog::open(&dir.path().join("log"), "chat.messages", PARTITIONS)
+                .unwrap();
         seed(&log).await
     };
     // The projector goes past the poison records and projects the rest,

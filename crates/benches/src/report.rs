@@ -32,8 +32,21 @@ pub struct Summary {
     pub server_rss_connected_bytes: Option<u64>,
     /// `(connected - idle) / connections`.
     pub rss_per_connection_bytes: Option<f64>,
+    /// Server CPU over the window, in cores (user + system, every thread).
     pub server_cpu: Option<f64>,
+    /// `server_cpu` per delivered message frame (to every member, the
+    /// sender included), in microseconds: what one delivery costs.
+    #[serde(default)]
+    pub server_cpu_us_per_delivery: Option<f64>,
+    /// `server_cpu` per acked message, in microseconds.
+    #[serde(default)]
+    pub server_cpu_us_per_message: Option<f64>,
     pub client_cpu: f64,
+}
+
+/// `cores` of CPU spent on `per_s` things a second, in µs each.
+pub(crate) fn us_each(cores: Option<f64>, per_s: f64) -> Option<f64> {
+    cores.filter(|_| per_s > 0.0).map(|c| c * 1e6 / per_s)
 }
 
 /// Everything one run measured.
@@ -107,6 +120,11 @@ impl Comparison {
                         "max_sustained_rate",
                         s.max_sustained_rate.unwrap_or(0.0),
                         b.max_sustained_rate.unwrap_or(0.0),
+                    ),
+                    (
+                        "cpu_per_delivery",
+                        s.server_cpu_us_per_delivery.unwrap_or(0.0),
+                        b.server_cpu_us_per_delivery.unwrap_or(0.0),
                     ),
                     (
                         "rss_per_connection",
@@ -229,6 +247,13 @@ impl Report {
                 out,
                 "max sustained: no step passed (bound {} ms)",
                 s.p99_bound_ms
+            );
+        }
+        if let (Some(cores), Some(per_delivery)) = (m.server_cpu, m.server_cpu_us_per_delivery) {
+            let _ = writeln!(
+                out,
+                "server CPU: {cores:.3} cores, {per_delivery:.1} µs per delivery, {:.1} µs per message",
+                m.server_cpu_us_per_message.unwrap_or(0.0)
             );
         }
         if let Some(per) = m.rss_per_connection_bytes {

@@ -152,7 +152,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Re
             fill(&mut summary, &p);
             phases.push(p);
         }
-        Preset::Fanout | Preset::Mixed => {
+        Preset::Fanout | Preset::Mixed | Preset::RoomsLight | Preset::RoomsBusy => {
             let p = fleet.traffic(&traffic(scenario, scenario.rate)).await;
             fill(&mut summary, &p);
             phases.push(p);
@@ -224,6 +224,8 @@ pub(crate) fn fill(summary: &mut Summary, p: &PhaseReport) {
     summary.ack_latency = p.ack_latency.clone();
     summary.e2e_latency = p.e2e_latency.clone();
     summary.server_cpu = p.server_cpu;
+    summary.server_cpu_us_per_delivery = crate::report::us_each(p.server_cpu, p.delivered_per_s);
+    summary.server_cpu_us_per_message = crate::report::us_each(p.server_cpu, p.acked_per_s);
     summary.client_cpu = p.client_cpu;
 }
 

@@ -27,6 +27,13 @@ pub enum Preset {
     Connections,
     /// Many connections, one sender per room of ten, moderate fan-out.
     Mixed,
+    /// Light chat: 500 connections in 50 rooms of 10, one sender per room
+    /// at 5 msgs/s, 128-byte bodies (250 msgs/s, 2,500 deliveries/s): what
+    /// a message costs when traffic is too thin to batch.
+    RoomsLight,
+    /// Busy chat: 2,000 connections in 200 rooms of 10, one sender per room
+    /// at 10 msgs/s, 128-byte bodies (2,000 msgs/s, 20,000 deliveries/s).
+    RoomsBusy,
 }
 
 impl Preset {
@@ -36,6 +43,8 @@ impl Preset {
             Preset::Fanout => "fanout",
             Preset::Connections => "connections",
             Preset::Mixed => "mixed",
+            Preset::RoomsLight => "rooms-light",
+            Preset::RoomsBusy => "rooms-busy",
         }
     }
 }
@@ -149,6 +158,30 @@ impl Scenario {
                 duration_s: 10.0,
                 ..base
             },
+            // Long windows: the server's CPU time is read in clock ticks
+            // (10 ms), and the light preset uses little of it.
+            Preset::RoomsLight => Scenario {
+                connections: 500,
+                rooms: 50,
+                senders: 50,
+                rate: 50.0 * 5.0,
+                body: 128,
+                warmup_s: 3.0,
+                duration_s: 30.0,
+                interval_s: 1.0,
+                ..base
+            },
+            Preset::RoomsBusy => Scenario {
+                connections: 2_000,
+                rooms: 200,
+                senders: 200,
+                rate: 200.0 * 10.0,
+                body: 128,
+                warmup_s: 3.0,
+                duration_s: 20.0,
+                interval_s: 1.0,
+                ..base
+            },
         }
     }
 
@@ -193,7 +226,7 @@ impl Scenario {
                 hold_s: 0.5,
                 ..base
             },
-            Preset::Mixed => Scenario {
+            Preset::Mixed | Preset::RoomsLight | Preset::RoomsBusy => Scenario {
                 connections: 40,
                 rooms: 4,
                 senders: 4,
@@ -292,6 +325,8 @@ mod tests {
             Preset::Fanout,
             Preset::Connections,
             Preset::Mixed,
+            Preset::RoomsLight,
+            Preset::RoomsBusy,
         ] {
             Scenario::full(p).validate().unwrap();
             let tiny = Scenario::tiny(p);

@@ -21,6 +21,8 @@
 pub mod conformance;
 #[cfg(feature = "embedded")]
 pub mod embedded;
+#[cfg(feature = "embedded")]
+pub mod file;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod metrics;

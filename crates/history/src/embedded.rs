@@ -2,16 +2,19 @@
 //!
 //! Every table name carries a namespace, so several projection versions (a
 //! replay building a new one while the current one serves reads) live side by
-//! side in one file. An `apply` is atomic and durable: its messages and the
-//! partition position that covers them commit together, in one transaction
-//! that also carries the applies of other partitions waiting at the same
-//! time (group commit, see [`Committer`]).
+//! side in one file. An `apply` is atomic: its messages and the partition
+//! position that covers them commit together, in one transaction that also
+//! carries the applies of other partitions waiting at the same time (group
+//! commit, see [`Committer`]). It is durable within [`DURABLE_WITHIN`]: the
+//! store is derived from the log, so a crash may roll it back to its last
+//! durable commit, rows and positions together, and the projector applies
+//! the rest of the log again.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use redb::{Database, ReadableTable, TableDefinition, TableHandle};
+use redb::{Database, Durability, ReadableTable, TableDefinition, TableHandle};
 use schemas::protocol::MessageView;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -265,10 +268,55 @@ impl Drop for Committer {
     }
 }
 
+/// How long a commit of the store may stay undurable: applies commit
+/// without an fsync (redb's `Durability::None`: visible to readers, lost by
+/// a crash), and at most this long after the first of them a commit makes
+/// them all durable at once, with the applies of the moment or alone when
+/// none is waiting.
+///
+/// The store is derived from the log: its rows and the positions that cover
+/// them commit in one transaction, so a crash rolls both back to the last
+/// durable commit together, and the projector re-applies the log from that
+/// position (an apply at or below the stored position is skipped, ids
+/// already in their room too). An fsync per commit cost a third of the
+/// server's CPU at light load (benches/RESULTS.md, "Cost per delivery"),
+/// for a durability the log already gives.
+const DURABLE_WITHIN: std::time::Duration = std::time::Duration::from_millis(1000);
+
 fn commit_loop(db: &Database, tables: &Tables, mut rx: mpsc::Receiver<Apply>) {
+    // A timer for the wait before a durable commit; nothing else runs here.
+    let timer = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    {
+        Ok(timer) => timer,
+        Err(e) => {
+            tracing::error!(error = %e, "history committer cannot start its timer; every commit is durable");
+            return commit_loop_durable(db, tables, rx);
+        }
+    };
     let mut batch = Vec::new();
     let mut last_commit = std::time::Instant::now() - BUSY_WITHIN;
-    while let Some(first) = rx.blocking_recv() {
+    // When the oldest commit not yet durable was made.
+    let mut undurable_since: Option<std::time::Instant> = None;
+    loop {
+        let first = match undurable_since {
+            None => rx.blocking_recv(),
+            Some(since) => {
+                let due = tokio::time::Instant::from_std(since + DURABLE_WITHIN);
+                match timer.block_on(async { tokio::time::timeout_at(due, rx.recv()).await }) {
+                    Ok(next) => next,
+                    Err(_elapsed) => {
+                        // Quiet: make what is committed durable alone.
+                        if commit(db, tables, &[], DURABLE).is_ok() {
+                            undurable_since = None;
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+        let Some(first) = first else { break };
         batch.push(first);
         if last_commit.elapsed() < BUSY_WITHIN {
             // Under load: let other partitions' applies join this commit.
@@ -280,31 +328,85 @@ fn commit_loop(db: &Database, tables: &Tables, mut rx: mpsc::Receiver<Apply>) {
                 Err(_) => break,
             }
         }
-        let together = db.begin_write().map_err(storage).and_then(|txn| {
-            for a in &batch {
-                apply_in(&txn, tables, a.partition, &a.messages, a.next)?;
-            }
-            txn.commit().map_err(storage)
-        });
+        let since = *undurable_since.get_or_insert_with(std::time::Instant::now);
+        let durable = answer(db, tables, &mut batch, since.elapsed() >= DURABLE_WITHIN);
+        if durable {
+            undurable_since = None;
+        }
         last_commit = std::time::Instant::now();
-        metrics::counter!(crate::metrics::STORE_COMMITS_TOTAL).increment(1);
-        match together {
-            Ok(()) => {
-                for a in batch.drain(..) {
-                    let _gone = a.reply.send(Ok(()));
-                }
+    }
+    if undurable_since.is_some() {
+        // The store is closing: what it committed stays.
+        if let Err(e) = commit(db, tables, &[], DURABLE) {
+            tracing::warn!(error = %e, "history store: last durable commit failed");
+        }
+    }
+}
+
+/// The committer without a timer: every commit durable.
+fn commit_loop_durable(db: &Database, tables: &Tables, mut rx: mpsc::Receiver<Apply>) {
+    let mut batch = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_APPLIES_PER_COMMIT {
+            match rx.try_recv() {
+                Ok(apply) => batch.push(apply),
+                Err(_) => break,
             }
-            // One bad apply must not fail the others: each alone, so the
-            // error reaches only the caller it belongs to.
-            Err(_) => {
-                for a in batch.drain(..) {
-                    let alone = db.begin_write().map_err(storage).and_then(|txn| {
-                        apply_in(&txn, tables, a.partition, &a.messages, a.next)?;
-                        txn.commit().map_err(storage)
-                    });
-                    let _gone = a.reply.send(alone);
-                }
+        }
+        answer(db, tables, &mut batch, DURABLE);
+    }
+}
+
+/// The `durable` argument of [`commit`] and [`answer`] for an fsync'd commit.
+const DURABLE: bool = true;
+
+/// Commits `applies` in one transaction, `durable` (fsync'd) or not.
+fn commit(
+    db: &Database,
+    tables: &Tables,
+    applies: &[Apply],
+    durable: bool,
+) -> Result<(), StoreError> {
+    let mut txn = db.begin_write().map_err(storage)?;
+    txn.set_durability(if durable {
+        Durability::Immediate
+    } else {
+        Durability::None
+    });
+    for a in applies {
+        apply_in(&txn, tables, a.partition, &a.messages, a.next)?;
+    }
+    txn.commit().map_err(storage)?;
+    metrics::counter!(crate::metrics::STORE_COMMITS_TOTAL).increment(1);
+    if durable {
+        metrics::counter!(crate::metrics::STORE_DURABLE_COMMITS_TOTAL).increment(1);
+    }
+    Ok(())
+}
+
+/// Commits `batch` together and answers each apply; returns whether what
+/// is committed is now durable.
+fn answer(db: &Database, tables: &Tables, batch: &mut Vec<Apply>, durable: bool) -> bool {
+    match commit(db, tables, batch, durable) {
+        Ok(()) => {
+            for a in batch.drain(..) {
+                let _gone = a.reply.send(Ok(()));
             }
+            durable
+        }
+        // One bad apply must not fail the others: each alone, so the
+        // error reaches only the caller it belongs to.
+        Err(_) => {
+            // A durable commit that succeeds makes every earlier one
+            // durable too; a failed one commits nothing.
+            let mut any_committed = false;
+            for a in batch.drain(..) {
+                let alone = commit(db, tables, std::slice::from_ref(&a), durable);
+                any_committed |= alone.is_ok();
+                let _gone = a.reply.send(alone);
+            }
+            durable && any_committed
         }
     }
 }
@@ -751,5 +853,28 @@ mod tests {
         assert_eq!(v1.page("r", None, 10).await.unwrap().len(), 1);
         assert!(v2.page("r", None, 10).await.unwrap().is_empty());
         assert_eq!(v2.position(0).await.unwrap(), None);
+    }
+
+    /// Commits that were not yet durable are made durable when the store
+    /// closes: a clean restart re-applies nothing.
+    #[tokio::test]
+    async fn a_closed_store_keeps_what_it_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), "v1").unwrap();
+        for offset in 0..3u64 {
+            let m = MessageView {
+                room: "r".into(),
+                offset: offset as i64,
+                id: format!("id{offset}"),
+                user: "u".into(),
+                body: "b".into(),
+                ts: 1,
+            };
+            store.apply(0, vec![m], offset + 1).await.unwrap();
+        }
+        drop(store);
+        let store = EmbeddedStore::open(dir.path(), "v1").unwrap();
+        assert_eq!(store.position(0).await.unwrap(), Some(3));
+        assert_eq!(store.page("r", None, 10).await.unwrap().len(), 3);
     }
 }

@@ -5,8 +5,11 @@
 
 /// Messages not stored because their id was already in their room.
 pub const DUPLICATE_IDS_TOTAL: &str = "projector_duplicate_ids_total";
-/// Commits of the embedded history store (one fsync'd redb transaction).
+/// Commits of the embedded history store (one redb transaction each).
 pub const STORE_COMMITS_TOTAL: &str = "projector_store_commits_total";
+/// Those of them that were durable (an fsync): at most one a second while
+/// applies come, the rest commit without one.
+pub const STORE_DURABLE_COMMITS_TOTAL: &str = "projector_store_durable_commits_total";
 /// Switches of the projection version reads use.
 pub const VERSION_SWITCHES_TOTAL: &str = "projector_version_switches_total";
 
@@ -20,7 +23,12 @@ pub const CATALOGUE: &[(&str, &str, &str)] = &[
     (
         STORE_COMMITS_TOTAL,
         "counter",
-        "commits of the embedded history store, one fsync each",
+        "commits of the embedded history store (transactions)",
+    ),
+    (
+        STORE_DURABLE_COMMITS_TOTAL,
+        "counter",
+        "durable commits of the embedded history store, one fsync each: at most one a second under load",
     ),
     (
         VERSION_SWITCHES_TOTAL,

@@ -1,6 +1,6 @@
 //! `gen-log`: fills an embedded log with generated chat messages, for the
 //! replay and projection benchmarks (`benches/RESULTS.md`). Writes the same
-//! files `chat serve --data-dir DIR` reads (`DIR/log/chat.messages.redb`).
+//! files `chat serve --data-dir DIR` reads (`DIR/log/chat.messages.log`).
 
 use std::path::PathBuf;
 
@@ -38,7 +38,7 @@ fn main() -> anyhow::Result<()> {
 /// Appends `events` generated messages to the embedded log, in batches.
 async fn gen_log(args: Args) -> anyhow::Result<()> {
     let dir = args.data_dir.join("log");
-    let log = eventlog::embedded::EmbeddedLog::open(&dir, schemas::MESSAGES_TOPIC, args.partitions)
+    let log = eventlog::file::FileLog::open(&dir, schemas::MESSAGES_TOPIC, args.partitions)
         .with_context(|| format!("opening the log in {}", dir.display()))?;
     let rooms = args.rooms.max(1);
     let ts = std::time::SystemTime::now()

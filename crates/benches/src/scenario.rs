@@ -205,6 +205,10 @@ impl Scenario {
             confirm_failures: false,
             interval_s: 0.2,
             deadline_s: 300.0,
+            // A loaded CI machine stalls for tens of milliseconds; the
+            // smoke run checks the stepping, not the latency bound.
+            p99_bound_ms: 10_000.0,
+            sustain_ratio: 0.5,
             ..Scenario::full(preset)
         };
         match preset {

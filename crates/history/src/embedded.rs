@@ -5,7 +5,8 @@
 //! side in one file. An `apply` is atomic: its messages and the partition
 //! position that covers them commit together, in one transaction that also
 //! carries the applies of other partitions waiting at the same time (group
-//! commit, see [`Committer`]). It is durable within [`DURABLE_WITHIN`]: the
+//! commit, see [`Committer`]), at most one commit per [`COMMIT_EVERY`]
+//! while applies keep coming. It is durable within [`DURABLE_WITHIN`]: the
 //! store is derived from the log, so a crash may roll it back to its last
 //! durable commit, rows and positions together, and the projector applies
 //! the rest of the log again.
@@ -219,13 +220,20 @@ const INLINE_LOOKUP_MAX: usize = 64;
 const APPLY_QUEUE: usize = 256;
 /// Most applies one commit takes.
 const MAX_APPLIES_PER_COMMIT: usize = 256;
-/// Under load (a commit within [`BUSY_WITHIN`]) the committer waits this
-/// long for more applies before committing; idle, it commits at once.
-/// Longer than the log's linger on purpose: history is not on the ack path,
-/// and fewer, larger commits leave the disk's fsyncs to the log, whose
-/// commits the acks wait for (benches/RESULTS.md: ingest-max p99 ack).
-const LINGER: std::time::Duration = std::time::Duration::from_millis(10);
-const BUSY_WITHIN: std::time::Duration = std::time::Duration::from_millis(30);
+/// At most one commit per this window while applies keep coming: an apply
+/// after a quiet spell commits at once, and those that arrive within the
+/// window after a commit wait for its end and commit together. A redb
+/// commit costs about half a millisecond of CPU however little it holds
+/// (page writes, checksums), so at light load, where every partition's
+/// apply carries a message or two, commits per second and not messages
+/// set the store's cost (benches/RESULTS.md, "Cost per delivery"). History
+/// is not on the ack path: this only delays when a message appears in
+/// history pages, by at most the window.
+const COMMIT_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+/// Applies holding this many messages together commit without waiting for
+/// the window's end: a commit's fixed cost is spread thin enough, and a
+/// replay's full batches go through at the disk's pace.
+const COMMIT_MESSAGES: usize = 1024;
 
 /// One `apply` call, on its way to the committer.
 struct Apply {
@@ -296,7 +304,9 @@ fn commit_loop(db: &Database, tables: &Tables, mut rx: mpsc::Receiver<Apply>) {
         }
     };
     let mut batch = Vec::new();
-    let mut last_commit = std::time::Instant::now() - BUSY_WITHIN;
+    let mut last_commit = std::time::Instant::now()
+        .checked_sub(COMMIT_EVERY)
+        .unwrap_or_else(std::time::Instant::now);
     // When the oldest commit not yet durable was made.
     let mut undurable_since: Option<std::time::Instant> = None;
     loop {
@@ -318,16 +328,7 @@ fn commit_loop(db: &Database, tables: &Tables, mut rx: mpsc::Receiver<Apply>) {
         };
         let Some(first) = first else { break };
         batch.push(first);
-        if last_commit.elapsed() < BUSY_WITHIN {
-            // Under load: let other partitions' applies join this commit.
-            std::thread::sleep(LINGER);
-        }
-        while batch.len() < MAX_APPLIES_PER_COMMIT {
-            match rx.try_recv() {
-                Ok(apply) => batch.push(apply),
-                Err(_) => break,
-            }
-        }
+        gather(&timer, &mut rx, &mut batch, last_commit + COMMIT_EVERY);
         let since = *undurable_since.get_or_insert_with(std::time::Instant::now);
         let durable = answer(db, tables, &mut batch, since.elapsed() >= DURABLE_WITHIN);
         if durable {
@@ -340,6 +341,33 @@ fn commit_loop(db: &Database, tables: &Tables, mut rx: mpsc::Receiver<Apply>) {
         if let Err(e) = commit(db, tables, &[], DURABLE) {
             tracing::warn!(error = %e, "history store: last durable commit failed");
         }
+    }
+}
+
+/// Adds to `batch` the applies that arrive until `until` (none are waited
+/// for once it has passed), or until the batch is full
+/// ([`MAX_APPLIES_PER_COMMIT`] applies, [`COMMIT_MESSAGES`] messages).
+fn gather(
+    timer: &tokio::runtime::Runtime,
+    rx: &mut mpsc::Receiver<Apply>,
+    batch: &mut Vec<Apply>,
+    until: std::time::Instant,
+) {
+    let until = tokio::time::Instant::from_std(until);
+    let mut messages: usize = batch.iter().map(|a| a.messages.len()).sum();
+    while batch.len() < MAX_APPLIES_PER_COMMIT && messages < COMMIT_MESSAGES {
+        let next = match rx.try_recv() {
+            Ok(apply) => Some(apply),
+            Err(mpsc::error::TryRecvError::Disconnected) => None,
+            Err(mpsc::error::TryRecvError::Empty) if tokio::time::Instant::now() >= until => None,
+            Err(mpsc::error::TryRecvError::Empty) => timer
+                .block_on(async { tokio::time::timeout_at(until, rx.recv()).await })
+                .ok()
+                .flatten(),
+        };
+        let Some(apply) = next else { break };
+        messages += apply.messages.len();
+        batch.push(apply);
     }
 }
 
@@ -836,20 +864,24 @@ mod tests {
 
     crate::store_conformance_suite!(harness());
 
+    /// A message of room "r" at `offset`.
+    fn message(offset: u64) -> MessageView {
+        MessageView {
+            room: "r".into(),
+            offset: offset as i64,
+            id: format!("id{offset}"),
+            user: "u".into(),
+            body: "b".into(),
+            ts: 1,
+        }
+    }
+
     #[tokio::test]
     async fn namespaces_are_separate_versions() {
         let dir = tempfile::tempdir().unwrap();
         let v1 = EmbeddedStore::open(dir.path(), "v1").unwrap();
         let v2 = v1.namespace("v2").unwrap();
-        let m = MessageView {
-            room: "r".into(),
-            offset: 0,
-            id: "a".into(),
-            user: "u".into(),
-            body: "b".into(),
-            ts: 1,
-        };
-        v1.apply(0, vec![m], 1).await.unwrap();
+        v1.apply(0, vec![message(0)], 1).await.unwrap();
         assert_eq!(v1.page("r", None, 10).await.unwrap().len(), 1);
         assert!(v2.page("r", None, 10).await.unwrap().is_empty());
         assert_eq!(v2.position(0).await.unwrap(), None);
@@ -862,19 +894,78 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path(), "v1").unwrap();
         for offset in 0..3u64 {
-            let m = MessageView {
-                room: "r".into(),
-                offset: offset as i64,
-                id: format!("id{offset}"),
-                user: "u".into(),
-                body: "b".into(),
-                ts: 1,
-            };
-            store.apply(0, vec![m], offset + 1).await.unwrap();
+            store
+                .apply(0, vec![message(offset)], offset + 1)
+                .await
+                .unwrap();
         }
         drop(store);
         let store = EmbeddedStore::open(dir.path(), "v1").unwrap();
         assert_eq!(store.position(0).await.unwrap(), Some(3));
         assert_eq!(store.page("r", None, 10).await.unwrap().len(), 3);
+    }
+
+    fn queued(partition: u32, messages: usize) -> Apply {
+        Apply {
+            partition,
+            messages: vec![message(0); messages],
+            next: 1,
+            reply: oneshot::channel().0,
+        }
+    }
+
+    fn timer() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+    }
+
+    /// Once the window has passed, the applies already waiting join the
+    /// commit and nothing more is waited for.
+    #[test]
+    fn after_the_window_a_commit_takes_what_waits_and_goes() {
+        let (tx, mut rx) = mpsc::channel(8);
+        for p in 1..4 {
+            tx.try_send(queued(p, 1)).unwrap();
+        }
+        let mut batch = vec![queued(0, 1)];
+        // The sender stays open: waiting would never end.
+        gather(&timer(), &mut rx, &mut batch, std::time::Instant::now());
+        let partitions: Vec<u32> = batch.iter().map(|a| a.partition).collect();
+        assert_eq!(partitions, [0, 1, 2, 3]);
+        drop(tx);
+    }
+
+    /// Within the window, applies that come later join the same commit.
+    #[test]
+    fn within_the_window_later_applies_join_the_commit() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let sender = std::thread::spawn(move || {
+            for p in 1..3 {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                tx.blocking_send(queued(p, 1)).unwrap();
+            }
+            // Closing the queue ends the wait: the store is closing.
+        });
+        let mut batch = vec![queued(0, 1)];
+        let far = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+        gather(&timer(), &mut rx, &mut batch, far);
+        sender.join().unwrap();
+        assert_eq!(batch.len(), 3);
+    }
+
+    /// Applies that hold enough messages commit without waiting for the
+    /// window's end.
+    #[test]
+    fn a_full_batch_does_not_wait_for_the_window() {
+        let (tx, mut rx) = mpsc::channel(8);
+        tx.try_send(queued(1, COMMIT_MESSAGES / 2)).unwrap();
+        tx.try_send(queued(2, 1)).unwrap();
+        let mut batch = vec![queued(0, COMMIT_MESSAGES / 2)];
+        let far = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+        gather(&timer(), &mut rx, &mut batch, far);
+        assert_eq!(batch.len(), 2, "full at {COMMIT_MESSAGES} messages");
+        drop(tx);
     }
 }

@@ -884,10 +884,12 @@ impl Writer {
             }
             placements.push(placed);
         }
+        let started = std::time::Instant::now();
         let written = self
             .file
             .write_all_at(&self.buf, self.len)
             .and_then(|()| self.file.sync_data());
+        metrics::histogram!(crate::metrics::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
         if let Err(e) = written {
             tracing::error!(error = %e, "log commit failed");
             // Undo what may have reached the file, so the next commit

@@ -675,3 +675,77 @@ async fn a_direct_message_reaches_its_two_users_across_gateways_and_no_one_else(
         assert_ne!(m.user, "carol");
     }
 }
+
+/// A record the fan-out cannot decode (garbage here; a newer schema during
+/// a rolling upgrade) is never a silent gap: the room's members get an
+/// `unreadable` error in its place, live and on a resume from the ring,
+/// and it is counted; the messages around it are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_record_is_told_to_its_rooms_members_not_skipped() {
+    use eventlog::EventLog;
+    let broker = Broker::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let server = gateway(dir.path(), &broker, &[]).await;
+    let mut alice = server.connect("alice").await;
+    let joined = alice.join("general", None).await;
+    let epoch = joined["position"]["epoch"].as_str().unwrap().to_owned();
+    // What alice gets, acks left out, until `n` frames.
+    async fn frames(c: &mut Client, n: usize) -> Vec<Value> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let f = c.recv().await;
+            if f["type"] != "ack" {
+                got.push(f);
+            }
+        }
+        got
+    }
+    let (first, last) = (id(), id());
+    alice.send_message("general", &first, "before").await;
+    let mut seen = frames(&mut alice, 1).await;
+    let writer = tokio::time::timeout(
+        common::WAIT,
+        eventlog::kafka::KafkaLog::connect(eventlog::kafka::KafkaConfig::new(
+            &broker.brokers(),
+            "chat.messages",
+            PARTITIONS,
+        )),
+    )
+    .await
+    .expect("the writer connects")
+    .unwrap();
+    let placed = tokio::time::timeout(
+        common::WAIT,
+        writer.append(vec![eventlog::Record {
+            key: b"general".to_vec(),
+            value: b"\xffnot a chat event".to_vec(),
+            ts: 1_763_800_000_000,
+        }]),
+    )
+    .await
+    .expect("the garbage is appended")
+    .unwrap();
+    let bad = placed[0].offset as i64;
+    alice.send_message("general", &last, "after").await;
+    // Alice, live: the first message, the notice, the last, in offset order.
+    seen.extend(frames(&mut alice, 2).await);
+    let expect = |got: &[Value]| {
+        assert_eq!(got[0]["type"], "message", "{got:?}");
+        assert_eq!(got[0]["id"], first.as_str());
+        assert_eq!(got[1]["type"], "error", "{got:?}");
+        assert_eq!(got[1]["code"], "unreadable");
+        assert_eq!(got[1]["room"], "general");
+        assert_eq!(got[1]["offset"], bad);
+        assert_eq!(got[2]["type"], "message", "{got:?}");
+        assert_eq!(got[2]["id"], last.as_str());
+    };
+    expect(&seen);
+    // Bob resumes from before the first message: the same three frames.
+    let mut bob = server.connect("bob").await;
+    let from = seen[0]["offset"].as_i64().unwrap() - 1;
+    let joined = bob.join("general", Some((from, &epoch))).await;
+    assert_eq!(joined["recovered"], true, "{joined}");
+    let resumed = frames(&mut bob, 3).await;
+    expect(&resumed);
+    assert_eq!(server.metric("fanout_unreadable_records_total").await, 1.0);
+}

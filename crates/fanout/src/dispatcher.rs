@@ -103,7 +103,7 @@ impl Dispatcher {
             let keys: Vec<(u64, u64)> = batch
                 .iter()
                 .filter(|r| r.offset < end)
-                .filter_map(decode)
+                .filter_map(|r| decode(r).ok())
                 .map(|e| (e.key, e.offset))
                 .collect();
             let mut st = self.state.lock().unwrap();
@@ -119,7 +119,25 @@ impl Dispatcher {
     fn dispatch(&self, batch: &[LogRecord]) {
         let Some(last) = batch.last() else { return };
         // Serialize outside the lock.
-        let entries: Vec<Entry> = batch.iter().filter_map(decode).collect();
+        let entries: Vec<Entry> = batch
+            .iter()
+            .filter_map(|record| match decode(record) {
+                Ok(e) => Some(e),
+                Err(u) => {
+                    // Never a silent gap: counted, logged, and the room's
+                    // members are told in the message's place.
+                    ::metrics::counter!(crate::metrics::UNREADABLE_RECORDS_TOTAL).increment(1);
+                    tracing::warn!(
+                        partition = self.partition,
+                        offset = record.offset,
+                        room = %String::from_utf8_lossy(&record.key),
+                        error = %u.error,
+                        "fanout cannot read a record; its room's members get `unreadable`"
+                    );
+                    u.notice
+                }
+            })
+            .collect();
         let delivered = self
             .state
             .lock()

@@ -11,6 +11,9 @@ pub const PARTITIONS: &str = "fanout_partitions";
 pub const CATCH_UP_MESSAGES_TOTAL: &str = "fanout_catch_up_messages_total";
 /// Records dropped because their (room, id) was already delivered.
 pub const DUPLICATES_DROPPED_TOTAL: &str = "fanout_duplicates_dropped_total";
+/// Records the fan-out could not decode (each counted once, by the
+/// dispatcher); their rooms' members get an `unreadable` error instead.
+pub const UNREADABLE_RECORDS_TOTAL: &str = "fanout_unreadable_records_total";
 /// Message frames handed to members' queues.
 pub const DELIVERIES_TOTAL: &str = "fanout_deliveries_total";
 
@@ -35,6 +38,11 @@ pub const CATALOGUE: &[(&str, &str, &str)] = &[
         DUPLICATES_DROPPED_TOTAL,
         "counter",
         "records dropped because their room and id were already delivered",
+    ),
+    (
+        UNREADABLE_RECORDS_TOTAL,
+        "counter",
+        "log records the fan-out could not decode; their rooms' members get an unreadable error",
     ),
     (
         DELIVERIES_TOTAL,

@@ -36,10 +36,22 @@ pub(crate) struct Entry {
     pub(crate) frame: Frame,
 }
 
-/// Decodes a record and serializes its frame; `None` for a record that is
-/// not a chat message this build can read.
-pub(crate) fn decode(record: &LogRecord) -> Option<Entry> {
-    let schemas::ChatEvent::MessagePosted(m) = schemas::decode(&record.value).ok()?;
+/// A record this build cannot read as a chat message (a newer schema
+/// during a rolling upgrade, or a corrupt one).
+#[derive(Debug)]
+pub(crate) struct Unreadable {
+    pub(crate) error: String,
+    /// The `unreadable` notice for the members of the record's room, in
+    /// the message's place; `None` when the record's key names no room.
+    pub(crate) notice: Option<Entry>,
+}
+
+/// Decodes a record and serializes its frame.
+pub(crate) fn decode(record: &LogRecord) -> Result<Entry, Unreadable> {
+    let m = match schemas::decode(&record.value) {
+        Ok(schemas::ChatEvent::MessagePosted(m)) => m,
+        Err(e) => return Err(unreadable(record, e.to_string())),
+    };
     let view = MessageView {
         room: m.room,
         offset: record.offset as i64,
@@ -48,12 +60,30 @@ pub(crate) fn decode(record: &LogRecord) -> Option<Entry> {
         body: m.body,
         ts: m.ts,
     };
-    Some(Entry {
+    Ok(Entry {
         offset: record.offset,
         key: identity(&view.room, &view.id),
         frame: message_frame(&view),
         room: view.room,
     })
+}
+
+fn unreadable(record: &LogRecord, error: String) -> Unreadable {
+    let room = std::str::from_utf8(&record.key)
+        .ok()
+        .filter(|r| schemas::protocol::valid_room(r));
+    let notice = room.map(|room| Entry {
+        offset: record.offset,
+        // Client ids have no control characters: this identity is the
+        // record's own, never a message's.
+        key: identity(room, &format!("\0{}", record.offset)),
+        frame: Frame::from(schemas::protocol::unreadable_frame(
+            room,
+            record.offset as i64,
+        )),
+        room: room.to_owned(),
+    });
+    Unreadable { error, notice }
 }
 
 /// A member of a room, with the first offset it has not seen yet.
@@ -203,6 +233,45 @@ pub(crate) mod tests {
         assert_eq!(drain(&mut rb), ["b/2@1"]);
         assert_eq!(drain(&mut rl), ["a/3@2"]);
         assert_eq!(st.next, 3);
+    }
+
+    #[test]
+    fn an_unreadable_record_of_a_room_becomes_its_notice() {
+        let record = |key: &[u8]| LogRecord {
+            partition: 0,
+            offset: 7,
+            key: key.to_vec(),
+            value: b"\xffnot avro".to_vec(),
+            ts: 1,
+        };
+        let u = decode(&record(b"general")).unwrap_err();
+        let notice = u.notice.expect("a room's record gets a notice");
+        assert_eq!((notice.offset, notice.room.as_str()), (7, "general"));
+        let frame: serde_json::Value = serde_json::from_str(notice.frame.as_str()).unwrap();
+        assert_eq!(
+            (
+                &frame["type"],
+                &frame["code"],
+                &frame["room"],
+                &frame["offset"]
+            ),
+            (
+                &serde_json::json!("error"),
+                &serde_json::json!("unreadable"),
+                &serde_json::json!("general"),
+                &serde_json::json!(7)
+            )
+        );
+        // Two notices of one room are two identities, neither a message's.
+        let other = LogRecord {
+            offset: 8,
+            ..record(b"general")
+        };
+        assert_ne!(decode(&other).unwrap_err().notice.unwrap().key, notice.key);
+        assert!(decode(&record(b"not a room!"))
+            .unwrap_err()
+            .notice
+            .is_none());
     }
 
     #[test]

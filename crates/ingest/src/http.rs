@@ -32,6 +32,9 @@ fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::Forbidden | ErrorCode::NotJoined => StatusCode::FORBIDDEN,
         ErrorCode::RateLimited | ErrorCode::LimitReached => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        // Never the answer to a request; a store that cannot read a row
+        // it holds cannot serve the page.
+        ErrorCode::Unreadable => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 

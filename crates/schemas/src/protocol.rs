@@ -61,11 +61,16 @@ pub enum ErrorCode {
     /// Extension: a limit that waiting does not lift (connections per
     /// address or user, rooms per connection).
     LimitReached,
+    /// Extension, not an answer to a request: a message of the room in the
+    /// log that this server cannot read (a record it cannot decode, as one
+    /// of a newer schema during a rolling upgrade), so it was not shown.
+    /// The frame names the `room` and the `offset`; reload the history.
+    Unreadable,
 }
 
 impl ErrorCode {
     /// Every error code, in declaration order.
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 10] = [
         ErrorCode::BadFrame,
         ErrorCode::TooLarge,
         ErrorCode::BadRoom,
@@ -75,6 +80,7 @@ impl ErrorCode {
         ErrorCode::Unavailable,
         ErrorCode::NotJoined,
         ErrorCode::LimitReached,
+        ErrorCode::Unreadable,
     ];
 
     /// The code as it appears in an `error` frame's `code` field.
@@ -89,6 +95,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::NotJoined => "not_joined",
             ErrorCode::LimitReached => "limit_reached",
+            ErrorCode::Unreadable => "unreadable",
         }
     }
 }
@@ -387,9 +394,13 @@ pub enum ServerFrame<'a> {
         /// Extension: with `rate_limited`, when to try again.
         #[serde(skip_serializing_if = "Option::is_none")]
         retry_after_ms: Option<u64>,
-        /// Extension: the room of a refused `join`.
+        /// Extension: the room of a refused `join`, or of an `unreadable`
+        /// message.
         #[serde(skip_serializing_if = "Option::is_none")]
         room: Option<&'a str>,
+        /// Extension: the log offset of an `unreadable` message.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        offset: Option<i64>,
     },
 }
 
@@ -407,8 +418,23 @@ impl FrameError {
             id: self.id.as_deref(),
             retry_after_ms: self.retry_after_ms,
             room: self.room.as_deref(),
+            offset: None,
         }
     }
+}
+
+/// The `unreadable` error frame: the message of `room` at `offset` could
+/// not be read by this server, so its members were not shown it.
+pub fn unreadable_frame(room: &str, offset: i64) -> String {
+    ServerFrame::Error {
+        code: ErrorCode::Unreadable,
+        message: "a message of this room could not be read by this server; reload the history",
+        id: None,
+        retry_after_ms: None,
+        room: Some(room),
+        offset: Some(offset),
+    }
+    .to_json()
 }
 
 #[cfg(test)]
@@ -555,6 +581,7 @@ mod tests {
                 ErrorCode::Unavailable => 6,
                 ErrorCode::NotJoined => 7,
                 ErrorCode::LimitReached => 8,
+                ErrorCode::Unreadable => 9,
             }
         }
         fn close_index(c: CloseCode) -> usize {

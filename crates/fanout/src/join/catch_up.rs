@@ -78,8 +78,16 @@ impl<'a> CatchUp<'a> {
         if record.key != self.room.as_bytes() {
             return (Verdict::Skip, last);
         }
-        let Some(e) = decode(record) else {
-            return (Verdict::Skip, last);
+        let e = match decode(record) {
+            Ok(e) => e,
+            // The member is told in the message's place (the dispatcher
+            // counted and logged it).
+            Err(u) => {
+                return match u.notice {
+                    Some(notice) if record.offset >= self.from => (Verdict::Send(notice), last),
+                    _ => (Verdict::Skip, last),
+                }
+            }
         };
         if record.offset < self.from {
             // The member has it: remember it, to recognise a later copy.
@@ -175,6 +183,29 @@ mod tests {
         (sent, done)
     }
 
+    /// An unreadable record of the room in range is sent as its notice;
+    /// one the member already had is not.
+    #[test]
+    fn a_catch_up_sends_the_notice_of_an_unreadable_record() {
+        let garbage = |offset: u64| LogRecord {
+            value: b"\xffnot avro".to_vec(),
+            ..log_record(offset, "a", "x")
+        };
+        let mut c = CatchUp::new("a", 2, 4);
+        assert_eq!(admit(&mut c, &garbage(1), never_seen), (None, false));
+        let (v, done) = c.admit(&garbage(2), never_seen);
+        let Verdict::Send(notice) = v else {
+            panic!("the notice is sent")
+        };
+        assert!(!done);
+        assert_eq!(notice.offset, 2);
+        assert!(notice.frame.as_str().contains(r#""code":"unreadable""#));
+        assert_eq!(
+            admit(&mut c, &log_record(3, "a", "y"), never_seen),
+            (Some(3), true)
+        );
+    }
+
     #[test]
     fn a_catch_up_sends_its_rooms_messages_in_range() {
         let mut c = CatchUp::new("a", 1, 4);
@@ -219,7 +250,7 @@ mod tests {
     }
 
     #[test]
-    fn a_record_that_is_not_a_message_still_ends_a_catch_up() {
+    fn an_unreadable_last_record_ends_a_catch_up_with_its_notice() {
         let mut c = CatchUp::new("a", 0, 2);
         let mut junk = log_record(1, "a", "x");
         junk.value = b"not avro".to_vec();
@@ -227,7 +258,7 @@ mod tests {
             admit(&mut c, &log_record(0, "a", "w"), never_seen),
             (Some(0), false)
         );
-        assert_eq!(admit(&mut c, &junk, never_seen), (None, true));
+        assert_eq!(admit(&mut c, &junk, never_seen), (Some(1), true));
     }
 
     #[test]

@@ -942,9 +942,15 @@ mod tests {
     fn within_the_window_later_applies_join_the_commit() {
         let (tx, mut rx) = mpsc::channel(8);
         let sender = std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
             for p in 1..3 {
-                std::thread::sleep(std::time::Duration::from_millis(5));
                 tx.blocking_send(queued(p, 1)).unwrap();
+                // The next one comes only once this one was taken: while
+                // the committer waits within the window.
+                while tx.capacity() < tx.max_capacity() {
+                    assert!(std::time::Instant::now() < deadline, "apply {p} taken");
+                    std::thread::yield_now();
+                }
             }
             // Closing the queue ends the wait: the store is closing.
         });

@@ -231,6 +231,11 @@ pub struct ServeArgs {
     /// before it is answered `unavailable` (never sent, so retry is safe).
     #[arg(long, default_value_t = crate::KafkaTuning::default().enqueue_timeout.as_millis() as u64)]
     log_enqueue_timeout_ms: u64,
+    /// How long a send handed to the log waits for the log's answer before
+    /// it is answered `unavailable` with `"pending":true`: the append goes
+    /// on, and a retry with the same id gets its outcome. 0: no limit.
+    #[arg(long, default_value_t = ingest::GatewayConfig::default().send_timeout.as_millis() as u64, env = "CHAT_SEND_TIMEOUT_MS")]
+    send_timeout_ms: u64,
     #[command(flatten)]
     topics: TopicArgs,
     /// The history store: `embedded` (in the data dir) or
@@ -702,6 +707,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         gateway: ingest::GatewayConfig {
             node: args.node,
             client_queue: args.client_queue,
+            send_timeout: std::time::Duration::from_millis(args.send_timeout_ms),
             jwks_refresh: args.jwks_refresh,
             limits,
             ..Default::default()

@@ -337,3 +337,141 @@ async fn a_stalled_log_stops_intake_and_unavailable_means_not_appended() {
         "acked ones are stored; refused ones never appear"
     );
 }
+
+/// Sends `id` on `c` until it is acked: while the log is slow to come back,
+/// an attempt may be answered `unavailable` with `pending` (never anything
+/// else); returns the ack.
+async fn retried_until_acked(c: &mut Client, room: &str, id: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        c.send_message(room, id, "retried").await;
+        let answer = answer_to(c, id).await;
+        if answer["type"] == "ack" {
+            return answer;
+        }
+        assert_eq!(
+            (answer["code"].as_str(), &answer["pending"]),
+            (Some("unavailable"), &Value::Bool(true)),
+            "{answer}"
+        );
+        assert!(tokio::time::Instant::now() < deadline, "never acked");
+    }
+}
+
+/// Sends one more message after a warm-up (offset 0) and a retried one
+/// (offset 1): it lands at offset 2, so the retried one is in the log once,
+/// and the history holds the three in order. Returns the new id.
+async fn after_the_retry(server: &Server, c: &mut Client, before: [&String; 2]) -> String {
+    let next = send_acked(c, "general", 1, "after").await;
+    assert_eq!(next[0].1, 2, "the retried message is in the log once");
+    let history = server.history_with("general", 3).await;
+    let ids: Vec<&str> = history.iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(
+        ids,
+        [before[0].as_str(), before[1].as_str(), next[0].0.as_str()]
+    );
+    next[0].0.clone()
+}
+
+/// The next `ack` or `error` frame naming `id`.
+async fn answer_to(c: &mut Client, id: &str) -> Value {
+    loop {
+        let f = c.recv().await;
+        if f["id"] == id && (f["type"] == "ack" || f["type"] == "error") {
+            return f;
+        }
+    }
+}
+
+/// The hung retry: the broker stalls, a client POSTs and gives up, the
+/// broker comes back; the retry with the same id gets the first attempt's
+/// ack (it used to time out forever), and the log holds the message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_a_stalled_broker_gets_the_abandoned_attempts_ack() {
+    let broker = Broker::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(dir.path(), 1, &["--log", &broker.url()]).await;
+    let mut alice = server.connect("alice").await;
+    let warm = send_acked(&mut alice, "general", 1, "warm-up").await;
+    assert_eq!(warm[0].1, 0);
+
+    let broker_pid = Pid::from_raw(broker.pid() as i32);
+    kill(broker_pid, Signal::SIGSTOP).unwrap();
+    let first = id();
+    let gave_up = reqwest::Client::new()
+        .post(server.url("/rooms/general/messages?user=alice"))
+        .json(&serde_json::json!({"id": first, "body": "abandoned"}))
+        .timeout(Duration::from_secs(1))
+        .send()
+        .await;
+    assert!(
+        gave_up.is_err_and(|e| e.is_timeout()),
+        "the stalled broker does not answer"
+    );
+    kill(broker_pid, Signal::SIGCONT).unwrap();
+
+    let ack = retried_until_acked(&mut alice, "general", &first).await;
+    assert_eq!(ack["offset"], 1, "the first attempt's place in the log");
+    let again: Value = reqwest::Client::new()
+        .post(server.url("/rooms/general/messages?user=alice"))
+        .json(&serde_json::json!({"id": first, "body": "again"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (&again["type"], &again["offset"]),
+        (&Value::from("ack"), &ack["offset"]),
+        "over HTTP too: {again}"
+    );
+    let next = after_the_retry(&server, &mut alice, [&warm[0].0, &first]).await;
+}
+
+/// A send the stalled broker does not answer within `--send-timeout-ms` is
+/// answered `unavailable` with `pending`, and so is its retry while the
+/// broker stays stalled; once it is back, the retry is acked with the first
+/// attempt's offset, and the room holds one message, live and in history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_past_the_timeout_is_pending_and_one_message_after_the_retry() {
+    let broker = Broker::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        dir.path(),
+        1,
+        &["--log", &broker.url(), "--send-timeout-ms", "1000"],
+    )
+    .await;
+    let mut alice = server.connect("alice").await;
+    let mut bob = server.connect("bob").await;
+    bob.join("general", None).await;
+    let warm = send_acked(&mut alice, "general", 1, "warm-up").await;
+
+    let broker_pid = Pid::from_raw(broker.pid() as i32);
+    kill(broker_pid, Signal::SIGSTOP).unwrap();
+    let first = id();
+    alice.send_message("general", &first, "stalled").await;
+    let answer = answer_to(&mut alice, &first).await;
+    assert_eq!(
+        (answer["code"].as_str(), &answer["pending"]),
+        (Some("unavailable"), &Value::Bool(true)),
+        "{answer}"
+    );
+    alice.send_message("general", &first, "stalled").await;
+    let retry = answer_to(&mut alice, &first).await;
+    assert_eq!(retry["pending"], true, "still stalled: {retry}");
+    assert!(server.metric("ingest_send_timeouts_total").await >= 2.0);
+    kill(broker_pid, Signal::SIGCONT).unwrap();
+
+    let ack = retried_until_acked(&mut alice, "general", &first).await;
+    assert_eq!(ack["offset"], 1);
+    let next = after_the_retry(&server, &mut alice, [&warm[0].0, &first]).await;
+    // Live, the room saw it once too.
+    let mut live = Vec::new();
+    while live.last() != Some(&next) {
+        let m = bob.recv_type("message").await;
+        live.push(m["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(live, [warm[0].0.clone(), first.clone(), next]);
+}

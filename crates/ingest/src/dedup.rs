@@ -4,8 +4,9 @@
 //!
 //! The cache is bounded (oldest finished entries are evicted first) and
 //! shared by every connection and the HTTP endpoint of the node. An attempt
-//! still in flight makes its retries wait for its outcome; a failed attempt
-//! is forgotten, so a retry appends afresh.
+//! still in flight makes its retries wait for its outcome (up to the send
+//! timeout, then `unavailable` with `pending`); a failed attempt is
+//! forgotten, so a retry appends afresh.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -129,21 +130,39 @@ impl Dedup {
     }
 }
 
-/// Waits for the outcome of an attempt in flight.
-pub async fn wait(mut rx: watch::Receiver<Option<Outcome>>, id: &str) -> Outcome {
-    match rx.wait_for(Option::is_some).await {
-        Ok(outcome) => outcome.clone().expect("waited for some"),
-        Err(_) => Err(FrameError::new(
-            ErrorCode::Unavailable,
-            "the first attempt was abandoned; retry",
-            Some(id.to_owned()),
-        )),
+/// Waits for the outcome of an attempt in flight, at most `timeout` (zero:
+/// no limit); still in flight then, it is answered `unavailable` with
+/// `pending`, and a later retry waits again.
+pub async fn wait(
+    mut rx: watch::Receiver<Option<Outcome>>,
+    id: &str,
+    timeout: std::time::Duration,
+) -> Outcome {
+    let outcome = async move {
+        match rx.wait_for(Option::is_some).await {
+            Ok(outcome) => outcome.clone().expect("waited for some"),
+            Err(_) => Err(FrameError::new(
+                ErrorCode::Unavailable,
+                "the first attempt was abandoned; retry",
+                Some(id.to_owned()),
+            )),
+        }
+    };
+    if timeout.is_zero() {
+        return outcome.await;
     }
+    tokio::time::timeout(timeout, outcome)
+        .await
+        .unwrap_or_else(|_| {
+            ::metrics::counter!(crate::metrics::SEND_TIMEOUTS_TOTAL).increment(1);
+            Err(FrameError::pending(id))
+        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn retries_get_the_first_outcome() {
@@ -155,7 +174,7 @@ mod tests {
         assert!(d.claim("r", "a", "mallory").is_err());
         let ack = AckInfo { offset: 4, ts: 9 };
         d.finish("r", "a", &Ok(ack));
-        assert_eq!(wait(rx, "a").await.unwrap(), ack);
+        assert_eq!(wait(rx, "a", Duration::ZERO).await.unwrap(), ack);
         assert!(matches!(d.claim("r", "a", "u").unwrap(), Claim::Done(a) if a == ack));
         assert!(matches!(d.claim("other", "a", "u").unwrap(), Claim::New));
     }

@@ -232,7 +232,7 @@ pub(crate) async fn post_message(
     let outcome = match state.dedup.claim(&room, &id, &user) {
         Err(e) => Err(e),
         Ok(Claim::Done(ack)) => Ok(ack),
-        Ok(Claim::Pending(rx)) => dedup::wait(rx, &id).await,
+        Ok(Claim::Pending(rx)) => dedup::wait(rx, &id, state.gw.config.send_timeout).await,
         Ok(Claim::New) => {
             let send = PendingSend {
                 room: room.clone(),
@@ -241,25 +241,9 @@ pub(crate) async fn post_message(
                 body: text,
                 ts: now_ms(),
             };
-            // The append runs on a task of its own, tracked with the
-            // connections: a client that gives up (the request is dropped)
-            // does not cancel it, so its id is always finished and a retry
-            // gets this attempt's outcome instead of waiting forever.
-            let appending = state.clone();
-            let task = state.connections.spawn(async move {
-                appending
-                    .append(std::slice::from_ref(&send))
-                    .await
-                    .remove(0)
-            });
-            task.await.unwrap_or_else(|e| {
-                tracing::error!(error = %e, "append task failed");
-                Err(FrameError::new(
-                    ErrorCode::Unavailable,
-                    "the append failed; retry with the same id",
-                    Some(id.clone()),
-                ))
-            })
+            // A client that gives up (the request is dropped) does not
+            // cancel the append: it runs on a task of its own.
+            state.append_within(&Arc::new(vec![send])).await.remove(0)
         }
     };
     match outcome {
@@ -384,15 +368,10 @@ mod tests {
         )
     }
 
-    /// A client that gives up on a POST while its append is in flight
-    /// does not cancel the append: a retry with the same id is answered
-    /// with that append's ack (it used to wait forever), and the log holds
-    /// the message once.
-    #[tokio::test]
-    async fn a_post_abandoned_mid_append_is_finished_and_its_retry_answered() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A gateway over a [`Gated`] embedded log in `dir`.
+    fn gated(dir: &std::path::Path, send_timeout: Duration) -> (Arc<Gated>, Arc<AppState>) {
         let log = Arc::new(Gated {
-            inner: EmbeddedLog::open(dir.path(), "chat.messages", 1).unwrap(),
+            inner: EmbeddedLog::open(dir, "chat.messages", 1).unwrap(),
             entered: Notify::new(),
             open: Semaphore::new(0),
         });
@@ -405,11 +384,33 @@ mod tests {
                 fanout: None,
                 store: None,
                 metrics: None,
-                config: GatewayConfig::default(),
+                config: GatewayConfig {
+                    send_timeout,
+                    ..GatewayConfig::default()
+                },
             },
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
         });
+        (log, state)
+    }
+
+    async fn json_of(response: Response) -> (StatusCode, serde_json::Value) {
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    /// A client that gives up on a POST while its append is in flight
+    /// does not cancel the append: a retry with the same id is answered
+    /// with that append's ack (it used to wait forever), and the log holds
+    /// the message once.
+    #[tokio::test]
+    async fn a_post_abandoned_mid_append_is_finished_and_its_retry_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, state) = gated(dir.path(), GatewayConfig::default().send_timeout);
         let first = tokio::spawn(post(&state, "m1"));
         tokio::time::timeout(WAIT, log.entered.notified())
             .await
@@ -423,11 +424,8 @@ mod tests {
         let retry = tokio::time::timeout(WAIT, post(&state, "m1"))
             .await
             .expect("the retry is answered");
-        assert_eq!(retry.status(), StatusCode::OK);
-        let body = axum::body::to_bytes(retry.into_body(), 1 << 16)
-            .await
-            .unwrap();
-        let ack: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let (status, ack) = json_of(retry).await;
+        assert_eq!(status, StatusCode::OK);
         assert_eq!(
             (ack["type"].as_str(), ack["offset"].as_i64()),
             (Some("ack"), Some(0))
@@ -437,5 +435,57 @@ mod tests {
         tokio::time::timeout(WAIT, state.connections.wait())
             .await
             .expect("the append task is done");
+    }
+
+    /// Posts `id` until it is acked: a slow disk may outlast the short send
+    /// timeout of a test, which answers `pending`, never anything else.
+    async fn retried_until_acked(state: &Arc<AppState>, id: &str) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (status, answer) = json_of(post(state, id).await).await;
+            if status == StatusCode::OK {
+                return answer;
+            }
+            assert_eq!(answer["pending"], true, "{answer}");
+            assert!(tokio::time::Instant::now() < deadline, "never acked");
+        }
+    }
+
+    /// A send the log does not answer within the send timeout is answered
+    /// `unavailable` with `pending` (it may yet be appended), and so is a
+    /// retry while the log still says nothing; once the log answers, a
+    /// retry gets the first attempt's ack, and the log holds it once.
+    #[tokio::test]
+    async fn a_send_the_log_does_not_answer_in_time_is_pending_and_its_retry_gets_the_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, state) = gated(dir.path(), Duration::from_millis(100));
+        let (status, first) = json_of(post(&state, "m1").await).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            (
+                first["code"].as_str(),
+                first["id"].as_str(),
+                &first["pending"]
+            ),
+            (Some("unavailable"), Some("m1"), &serde_json::json!(true)),
+            "{first}"
+        );
+        let (_, retry) = json_of(post(&state, "m1").await).await;
+        assert_eq!(retry["pending"], true, "still unknown: {retry}");
+        log.open.add_permits(1);
+        let ack = retried_until_acked(&state, "m1").await;
+        assert_eq!(
+            (ack["type"].as_str(), ack["offset"].as_i64()),
+            (Some("ack"), Some(0))
+        );
+        assert_eq!(log.end_offset(0).await.unwrap(), 1, "appended once");
+        // A fresh id is not held up by the first: the log answers it.
+        log.open.add_permits(1);
+        let next = retried_until_acked(&state, "m2").await;
+        assert_eq!(next["offset"].as_i64(), Some(1));
+        state.connections.close();
+        tokio::time::timeout(WAIT, state.connections.wait())
+            .await
+            .expect("the append tasks are done");
     }
 }

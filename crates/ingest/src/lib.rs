@@ -46,6 +46,10 @@ pub struct GatewayConfig {
     pub dedup_capacity: usize,
     /// How long shutdown waits for connections to drain.
     pub drain_timeout: Duration,
+    /// How long a send handed to the log waits for the log's answer before
+    /// it is answered `unavailable` with `pending` (the append goes on, and
+    /// a retry with the same id gets its outcome). Zero: no limit.
+    pub send_timeout: Duration,
     /// Whether this node accepts messages; without the ingest role, sends
     /// and posts are answered `unavailable`.
     pub ingest: bool,
@@ -66,6 +70,7 @@ impl Default for GatewayConfig {
             max_pending_sends: 1024,
             dedup_capacity: 100_000,
             drain_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(10),
             ingest: true,
             check_history: true,
             jwks_refresh: Duration::from_secs(300),
@@ -128,23 +133,74 @@ impl PendingSend {
 }
 
 impl AppState {
+    /// Appends `batch` on a task of its own and answers each send within
+    /// the send timeout. The task is tracked with the connections and never
+    /// cancelled: whatever happens to the request or connection that
+    /// started it, and however long the log takes, it finishes every id, so
+    /// a retry gets this attempt's outcome. A send still unanswered at the
+    /// timeout is answered `unavailable` with `pending`: it may yet be
+    /// appended, and its id stays claimed until the log answers.
+    pub(crate) async fn append_within(
+        self: &Arc<Self>,
+        batch: &Arc<Vec<PendingSend>>,
+    ) -> Vec<dedup::Outcome> {
+        let (state, sends) = (self.clone(), batch.clone());
+        let mut task = self
+            .connections
+            .spawn(async move { state.append(&sends).await });
+        let timeout = self.gw.config.send_timeout;
+        let finished = if timeout.is_zero() {
+            Ok((&mut task).await)
+        } else {
+            tokio::time::timeout(timeout, &mut task).await
+        };
+        match finished {
+            Ok(Ok(outcomes)) => outcomes,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "append task failed");
+                // The task ended without finishing its ids: do it here, or
+                // their retries would wait for an outcome that never comes.
+                self.refuse(batch, "the append failed; retry with the same id")
+            }
+            Err(_elapsed) => {
+                ::metrics::counter!(crate::metrics::SEND_TIMEOUTS_TOTAL)
+                    .increment(batch.len() as u64);
+                tracing::warn!(
+                    sends = batch.len(),
+                    timeout_ms = timeout.as_millis() as u64,
+                    "the log did not answer in time; sends answered pending"
+                );
+                batch
+                    .iter()
+                    .map(|s| Err(FrameError::pending(&s.id)))
+                    .collect()
+            }
+        }
+    }
+
+    /// Answers every send of `batch` `unavailable` (nothing appended) and
+    /// finishes its ids, so that a retry appends afresh.
+    fn refuse(&self, batch: &[PendingSend], why: &str) -> Vec<dedup::Outcome> {
+        let outcomes: Vec<dedup::Outcome> = batch
+            .iter()
+            .map(|s| {
+                Err(FrameError::new(
+                    ErrorCode::Unavailable,
+                    why,
+                    Some(s.id.clone()),
+                ))
+            })
+            .collect();
+        for (s, o) in batch.iter().zip(&outcomes) {
+            self.dedup.finish(&s.room, &s.id, o);
+        }
+        outcomes
+    }
+
     /// Appends a batch in order; answers each send, records outcomes for retries.
     pub(crate) async fn append(&self, batch: &[PendingSend]) -> Vec<dedup::Outcome> {
         if !self.gw.config.ingest {
-            let outcomes: Vec<dedup::Outcome> = batch
-                .iter()
-                .map(|s| {
-                    Err(FrameError::new(
-                        ErrorCode::Unavailable,
-                        "this node does not accept messages (no ingest role)",
-                        Some(s.id.clone()),
-                    ))
-                })
-                .collect();
-            for (s, o) in batch.iter().zip(&outcomes) {
-                self.dedup.finish(&s.room, &s.id, o);
-            }
-            return outcomes;
+            return self.refuse(batch, "this node does not accept messages (no ingest role)");
         }
         // A retry whose first attempt went through another node, or an
         // earlier process, is answered from the history instead of appended.

@@ -19,6 +19,9 @@ pub const APPENDS_TOTAL: &str = "ingest_appends_total";
 pub const APPEND_ERRORS_TOTAL: &str = "ingest_append_errors_total";
 /// Sends answered with an `ack`.
 pub const MESSAGES_ACKED_TOTAL: &str = "ingest_messages_acked_total";
+/// Sends (first attempts and retries) whose outcome the log did not give
+/// within the send timeout, answered `unavailable` with `pending`.
+pub const SEND_TIMEOUTS_TOTAL: &str = "ingest_send_timeouts_total";
 
 /// Every metric above: (name, kind, help).
 pub const CATALOGUE: &[(&str, &str, &str)] = &[
@@ -48,5 +51,10 @@ pub const CATALOGUE: &[(&str, &str, &str)] = &[
         MESSAGES_ACKED_TOTAL,
         "counter",
         "sends answered with an ack",
+    ),
+    (
+        SEND_TIMEOUTS_TOTAL,
+        "counter",
+        "sends the log did not answer within the send timeout (answered unavailable, pending)",
     ),
 ];

@@ -265,7 +265,7 @@ async fn writer<Si>(
     let _closed = sink.close().await;
 }
 
-type AppendFuture = BoxFuture<'static, (Vec<PendingSend>, Vec<Outcome>)>;
+type AppendFuture = BoxFuture<'static, (Arc<Vec<PendingSend>>, Vec<Outcome>)>;
 type RetryFuture = BoxFuture<'static, (String, String, Outcome)>;
 
 struct Connection {
@@ -526,7 +526,7 @@ impl Connection {
         }
     }
 
-    fn answer(&mut self, batch: Vec<PendingSend>, outcomes: Vec<Outcome>) {
+    fn answer(&mut self, batch: Arc<Vec<PendingSend>>, outcomes: Vec<Outcome>) {
         for (send, outcome) in batch.iter().zip(outcomes) {
             self.answer_one(&send.id, &send.room, outcome);
         }
@@ -544,11 +544,11 @@ impl Connection {
         if !self.inflight.is_empty() || self.queued.is_empty() {
             return;
         }
-        let batch = std::mem::take(&mut self.queued);
+        let batch = Arc::new(std::mem::take(&mut self.queued));
         let state = self.state.clone();
         self.inflight.push(
             async move {
-                let outcomes = state.append(&batch).await;
+                let outcomes = state.append_within(&batch).await;
                 (batch, outcomes)
             }
             .boxed(),
@@ -639,13 +639,16 @@ impl Connection {
         match self.state.dedup.claim(&room, &id, &self.user) {
             Err(e) => self.push(error_frame(&e)),
             Ok(Claim::Done(ack)) => self.push(ack_frame(&id, &room, ack)),
-            Ok(Claim::Pending(rx)) => self.retries.push(
-                async move {
-                    let outcome = dedup::wait(rx, &id).await;
-                    (id, room, outcome)
-                }
-                .boxed(),
-            ),
+            Ok(Claim::Pending(rx)) => {
+                let timeout = self.state.gw.config.send_timeout;
+                self.retries.push(
+                    async move {
+                        let outcome = dedup::wait(rx, &id, timeout).await;
+                        (id, room, outcome)
+                    }
+                    .boxed(),
+                );
+            }
             Ok(Claim::New) => {
                 self.queued.push(PendingSend {
                     room,

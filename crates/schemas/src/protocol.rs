@@ -153,6 +153,10 @@ pub struct FrameError {
     pub retry_after_ms: Option<u64>,
     /// The room of a refused request that names no `id` (a `join`).
     pub room: Option<String>,
+    /// `unavailable` only: the send was handed to the log but not answered
+    /// in time, so it may yet be appended; a retry with the same `id` gets
+    /// its outcome.
+    pub pending: bool,
 }
 
 impl FrameError {
@@ -163,6 +167,21 @@ impl FrameError {
             id,
             retry_after_ms: None,
             room: None,
+            pending: false,
+        }
+    }
+
+    /// The `unavailable` answer to a send handed to the log that was not
+    /// answered within the send timeout: it may yet be appended, and a
+    /// retry with the same `id` is answered with what became of it.
+    pub fn pending(id: &str) -> Self {
+        FrameError {
+            pending: true,
+            ..FrameError::new(
+                ErrorCode::Unavailable,
+                "the log did not answer in time; the message may still be appended: retry with the same id to learn its outcome",
+                Some(id.to_owned()),
+            )
         }
     }
 
@@ -401,6 +420,10 @@ pub enum ServerFrame<'a> {
         /// Extension: the log offset of an `unreadable` message.
         #[serde(skip_serializing_if = "Option::is_none")]
         offset: Option<i64>,
+        /// Extension: with `unavailable`, the send may yet be appended (it
+        /// was handed to the log, which did not answer in time).
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        pending: bool,
     },
 }
 
@@ -419,6 +442,7 @@ impl FrameError {
             retry_after_ms: self.retry_after_ms,
             room: self.room.as_deref(),
             offset: None,
+            pending: self.pending,
         }
     }
 }
@@ -433,6 +457,7 @@ pub fn unreadable_frame(room: &str, offset: i64) -> String {
         retry_after_ms: None,
         room: Some(room),
         offset: Some(offset),
+        pending: false,
     }
     .to_json()
 }

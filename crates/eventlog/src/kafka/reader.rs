@@ -87,9 +87,9 @@ pub(crate) struct Overflow(SyncSender<Start>);
 pub(crate) struct Reader {
     consumer: Arc<BaseConsumer>,
     starts: SyncSender<Start>,
-    /// The fetch position of each assigned partition, as of the thread's
-    /// last round.
-    positions: Arc<Mutex<HashMap<TopicPartition, u64>>>,
+    /// The fetch position of each assigned partition, and whether it is
+    /// paused, as of the thread's last round.
+    positions: Arc<Mutex<HashMap<TopicPartition, (u64, bool)>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -145,7 +145,17 @@ impl Reader {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(tp)
-            .copied()
+            .map(|&(next, _)| next)
+    }
+
+    /// Whether `tp` is assigned and paused (every read of it waits).
+    #[cfg(test)]
+    fn paused(&self, tp: &TopicPartition) -> bool {
+        self.positions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tp)
+            .is_some_and(|&(_, paused)| paused)
     }
 
     /// Reads `tp` from `from` on, then tails it.
@@ -207,7 +217,7 @@ struct Worker {
     consumer: Arc<BaseConsumer>,
     starts: Receiver<Start>,
     overflow: Option<Overflow>,
-    positions: Arc<Mutex<HashMap<TopicPartition, u64>>>,
+    positions: Arc<Mutex<HashMap<TopicPartition, (u64, bool)>>>,
     stop: Arc<AtomicBool>,
     topics: Vec<Arc<str>>,
     parts: HashMap<Key, Part>,
@@ -354,8 +364,19 @@ impl Worker {
             }
         }
         for key in idle {
-            self.parts.remove(&key);
+            let part = self.parts.remove(&key).expect("idle parts are assigned");
             let topic = &self.topics[key.0];
+            if part.paused {
+                // librdkafka keeps a partition's pause across unassign and
+                // assign: resumed now, or the next read of it would wait
+                // forever (a projector given its partition back did). Not
+                // resumed after the next assign instead: a resume right
+                // after an assign can make librdkafka drop the assign's
+                // offset (librdkafka issue 2190).
+                if let Err(e) = tpl(topic, key.1, 0).and_then(|tpl| self.consumer.resume(&tpl)) {
+                    tracing::warn!(topic = &**topic, partition = key.1, error = %e, "resuming a partition before unassigning it failed");
+                }
+            }
             let removed =
                 tpl(topic, key.1, 0).and_then(|tpl| self.consumer.incremental_unassign(&tpl));
             if let Err(e) = removed {
@@ -372,7 +393,7 @@ impl Worker {
                 topic: self.topics[*topic].clone(),
                 partition: *partition,
             };
-            positions.insert(tp, part.dense.next);
+            positions.insert(tp, (part.dense.next, part.paused));
         }
     }
 
@@ -577,6 +598,59 @@ impl Dense {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kafka::{testing, KafkaConfig, KafkaLog};
+    use crate::{EventLog, Record};
+
+    /// Waits, up to a deadline, until `done` holds.
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A read nobody consumes pauses its partition; when it ends, the
+    /// partition is unassigned, and the next read of it must get records:
+    /// librdkafka keeps the pause across unassign and assign, so a reader
+    /// that did not resume it read nothing more, ever (a projector given
+    /// its partition back after a rebalance stood still).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_partition_dropped_while_paused_is_read_again_by_the_next_read() {
+        const RECORDS: usize = 8_000;
+        let broker = testing::Broker::start(None);
+        let config = KafkaConfig::new(&broker.brokers(), "paused", 1);
+        let log = KafkaLog::connect(config.clone()).await.unwrap();
+        for chunk in 0..RECORDS / 1000 {
+            let batch = (0..1000)
+                .map(|i| Record {
+                    key: b"k".to_vec(),
+                    value: format!("{chunk}:{i}").into_bytes(),
+                    ts: 1,
+                })
+                .collect();
+            log.append(batch).await.unwrap();
+        }
+        let reader = Reader::start("test-reader", config.reader().create().unwrap(), None).unwrap();
+        let tp = TopicPartition {
+            topic: "paused".into(),
+            partition: 0,
+        };
+        let stalled = reader.read(tp.clone(), 0);
+        until("the unconsumed read pauses its partition", || {
+            reader.paused(&tp)
+        })
+        .await;
+        drop(stalled);
+        until("the partition nobody reads is unassigned", || {
+            reader.position(&tp).is_none()
+        })
+        .await;
+        let mut next = reader.read(tp.clone(), 7_000);
+        let got = crate::conformance::take(&mut next, 1_000).await;
+        let offsets: Vec<u64> = got.iter().map(|r| r.offset).collect();
+        assert_eq!(offsets, (7_000..8_000).collect::<Vec<u64>>());
+    }
 
     #[test]
     fn a_gap_is_read_again_before_it_is_taken_as_real() {

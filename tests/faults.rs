@@ -426,7 +426,7 @@ async fn a_retry_after_a_stalled_broker_gets_the_abandoned_attempts_ack() {
         (&Value::from("ack"), &ack["offset"]),
         "over HTTP too: {again}"
     );
-    let next = after_the_retry(&server, &mut alice, [&warm[0].0, &first]).await;
+    after_the_retry(&server, &mut alice, [&warm[0].0, &first]).await;
 }
 
 /// A send the stalled broker does not answer within `--send-timeout-ms` is

@@ -16,6 +16,8 @@ pub struct Report {
     pub duration_s: f64,
     /// SIGKILLs by process.
     pub kills: BTreeMap<String, u64>,
+    /// SIGSTOP/SIGCONT stalls by process.
+    pub stalls: BTreeMap<String, u64>,
     pub clients: usize,
     pub sent: usize,
     /// Distinct ids acked.
@@ -23,6 +25,12 @@ pub struct Report {
     /// Sent, never acked (the client gave up waiting); not a violation.
     pub unacked: usize,
     pub reconnects: u64,
+    /// Joins with `since` (resumes), and how many were answered
+    /// `recovered:true`.
+    pub resumes: usize,
+    pub resumes_recovered: usize,
+    /// POSTs the clients abandoned mid-flight (and retried).
+    pub abandoned_posts: u64,
     pub delivered: usize,
     /// Acked ids missing from a complete history.
     pub lost: usize,
@@ -41,6 +49,12 @@ pub struct Report {
     pub gaps: usize,
     /// A message in history that nobody sent.
     pub phantoms: usize,
+    /// A resume answered `recovered:true` after which a message between its
+    /// `since` and the head it was given never reached the client.
+    pub false_recovered: usize,
+    /// Sends a gateway never answered on a connection that stayed open
+    /// (see [`crate::client::REQUEST_BOUND`]).
+    pub never_ended: usize,
     /// Complete histories (gateways with their own stores) that differ.
     pub divergent_histories: usize,
     /// Error frames clients got, by code.
@@ -58,6 +72,8 @@ impl Report {
             + self.order_violations
             + self.gaps
             + self.phantoms
+            + self.false_recovered
+            + self.never_ended
             + self.divergent_histories
     }
 
@@ -74,17 +90,23 @@ impl Report {
     /// One line for humans and CI logs.
     pub fn summary(&self) -> String {
         format!(
-            "{:?}: {} kills, {} sent, {} acked, {} lost, {} lost by the projector group, {} duplicated in history, {} duplicated deliveries, {} order violations, {} gaps, {} phantoms, {} divergent histories -> {}",
+            "{:?}: {} kills, {} stalls, {} abandoned posts, {} sent, {} acked, {} resumes ({} recovered), {} lost, {} lost by the projector group, {} duplicated in history, {} duplicated deliveries, {} order violations, {} gaps, {} false recovered, {} requests never ended, {} phantoms, {} divergent histories -> {}",
             self.backend,
             self.kills.values().sum::<u64>(),
+            self.stalls.values().sum::<u64>(),
+            self.abandoned_posts,
             self.sent,
             self.acked,
+            self.resumes,
+            self.resumes_recovered,
             self.lost,
             self.lost_by_projector_group,
             self.duplicated_in_history,
             self.duplicated_deliveries,
             self.order_violations,
             self.gaps,
+            self.false_recovered,
+            self.never_ended,
             self.phantoms,
             self.divergent_histories,
             if self.passed() { "PASS" } else { "FAIL" },
@@ -113,6 +135,19 @@ pub fn check(
     r.acked = acked.len();
     r.unacked = records.iter().map(|c| c.unacked.len()).sum();
     r.reconnects = records.iter().map(|c| c.reconnects).sum();
+    r.abandoned_posts = records.iter().map(|c| c.abandoned_posts).sum();
+    r.resumes = records.iter().map(|c| c.resumes.len()).sum();
+    r.resumes_recovered = records
+        .iter()
+        .flat_map(|c| &c.resumes)
+        .filter(|j| j.recovered)
+        .count();
+    for c in records {
+        r.never_ended += c.never_ended.len();
+        for id in c.never_ended.iter().take(3) {
+            r.example(format!("{}: send {id} never answered", c.user));
+        }
+    }
     for c in records {
         for (code, n) in &c.errors {
             *r.errors.entry(code.clone()).or_default() += n;
@@ -207,6 +242,23 @@ pub fn check(
                         ));
                     }
                 }
+                for j in c.resumes.iter().filter(|j| j.recovered && &j.room == room) {
+                    let missed = reference
+                        .get(room)
+                        .into_iter()
+                        .flatten()
+                        .find(|(offset, id)| {
+                            (j.since + 1..=j.head).contains(offset)
+                                && !seen.contains_key(id.as_str())
+                        });
+                    if let Some((offset, id)) = missed {
+                        r.false_recovered += 1;
+                        r.example(format!(
+                            "{}: joined {room} since {} recovered:true, never got {offset} ({id})",
+                            c.user, j.since
+                        ));
+                    }
+                }
                 let Some(start) = c.start.get(room) else {
                     continue;
                 };
@@ -290,6 +342,30 @@ mod tests {
         assert!(r.order_violations >= 1);
         assert_eq!(r.gaps, 2, "d and z were never delivered");
         assert_eq!(r.phantoms, 1);
+        assert!(!r.passed());
+    }
+
+    #[test]
+    fn a_resume_that_missed_a_message_is_a_false_recovered() {
+        let mut c = client(&[(0, "a"), (2, "c")], &["a", "c"]);
+        let resume = |since, recovered| crate::client::Resume {
+            room: "r".into(),
+            since,
+            head: 2,
+            recovered,
+        };
+        c.resumes.push(resume(0, true));
+        c.resumes.push(resume(1, true));
+        c.resumes.push(resume(0, false));
+        c.never_ended.push("c".into());
+        let h = history(&[(0, "a"), (1, "b"), (2, "c")]);
+        let r = check(&[c], &h, &BTreeMap::new(), &sent(&["a", "b", "c"]));
+        assert_eq!(
+            r.false_recovered, 1,
+            "since 0 missed b; since 1 and recovered:false did not promise it"
+        );
+        assert_eq!((r.resumes, r.resumes_recovered), (3, 2));
+        assert_eq!(r.never_ended, 1);
         assert!(!r.passed());
     }
 

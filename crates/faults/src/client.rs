@@ -2,12 +2,17 @@
 //! its rooms, records every ack and every message it receives, and when its
 //! connection breaks reconnects to any gateway, rejoins its rooms with
 //! `since` (the last offset it saw) and resends what was not acked, with the
-//! same ids.
+//! same ids. Every `post_every`-th message goes as an HTTP POST that the
+//! client abandons after a few milliseconds and then retries on its
+//! WebSocket. A send left unanswered on a live connection for
+//! [`REQUEST_BOUND`] is recorded as a request that never ended.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, SinkExt, StreamExt};
 use rand::seq::IndexedRandom;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -32,7 +37,31 @@ pub struct Record {
     pub errors: BTreeMap<String, u64>,
     /// Sends never acked by the end.
     pub unacked: Vec<String>,
+    /// Joins with `since`, and what they were answered.
+    pub resumes: Vec<Resume>,
+    /// Sends written on a connection that stayed open but was not answered
+    /// (neither `ack` nor `error`) within [`REQUEST_BOUND`].
+    pub never_ended: Vec<String>,
+    /// POSTs given up on before their answer (then retried on the
+    /// WebSocket with the same id).
+    pub abandoned_posts: u64,
 }
+
+/// A join with `since`: the client is owed every message of `room` after
+/// `since`, and `recovered:true` says it will get them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Resume {
+    pub room: String,
+    pub since: i64,
+    /// The `joined` frame's position: the head when the join took effect.
+    pub head: i64,
+    pub recovered: bool,
+}
+
+/// How long a send may stay unanswered on a connection that stays open
+/// before it counts as a request that never ended: far above the gateways'
+/// send timeout and the longest stall the harness injects.
+pub const REQUEST_BOUND: Duration = Duration::from_secs(30);
 
 /// Counters the harness watches while clients run.
 #[derive(Debug, Default)]
@@ -50,6 +79,8 @@ pub struct Config {
     pub gateways: Vec<String>,
     /// Messages per second this client sends while sending.
     pub rate: f64,
+    /// Every this many sends goes as an abandoned POST; 0: none.
+    pub post_every: u64,
 }
 
 struct State {
@@ -58,6 +89,8 @@ struct State {
     /// Sent, not yet acked: id -> (room, body).
     pending: BTreeMap<String, (String, String)>,
     seq: u64,
+    /// The `since` of each room's join in flight.
+    joining: HashMap<String, i64>,
 }
 
 impl State {
@@ -96,7 +129,9 @@ pub async fn run(
         epoch: None,
         pending: BTreeMap::new(),
         seq: 0,
+        joining: HashMap::new(),
     };
+    let http = reqwest::Client::new();
     let interval = Duration::from_secs_f64(1.0 / config.rate.max(0.001));
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     loop {
@@ -123,6 +158,8 @@ pub async fn run(
         st.rec.reconnects += 1;
         session(
             ws,
+            &addr,
+            &http,
             &config,
             &mut st,
             interval,
@@ -144,9 +181,38 @@ pub async fn run(
 /// with thousands of unacked resends did exactly that).
 const OUTBOX_MAX: usize = 100_000;
 
+/// A POST in flight: (id, room, body, the ack if one came in time).
+type Post = BoxFuture<'static, (String, String, String, Option<Value>)>;
+
+/// POSTs `id` to `addr` and gives up after 1 to 50 ms.
+fn abandoned_post(
+    http: &reqwest::Client,
+    addr: &str,
+    user: &str,
+    send: (String, String, String),
+) -> Post {
+    let (id, room, body) = send;
+    let request = http
+        .post(format!("http://{addr}/rooms/{room}/messages?user={user}"))
+        .json(&json!({"id": id, "body": body}))
+        .timeout(Duration::from_millis(rand::random_range(1..=50)));
+    async move {
+        let answer = match request.send().await {
+            Ok(r) => r.json::<Value>().await.ok(),
+            Err(_) => None,
+        };
+        let ack = answer.filter(|a| a["type"] == "ack");
+        (id, room, body, ack)
+    }
+    .boxed()
+}
+
 /// One connection, until it breaks or the client is done.
+#[allow(clippy::too_many_arguments)]
 async fn session(
     ws: Ws,
+    addr: &str,
+    http: &reqwest::Client,
     config: &Config,
     st: &mut State,
     interval: Duration,
@@ -161,6 +227,9 @@ async fn session(
         let mut frame = json!({"type": "join", "room": room});
         if let (Some(offset), Some(epoch)) = (st.last_offset(room), &st.epoch) {
             frame["since"] = json!({"offset": offset, "epoch": epoch});
+            st.joining.insert(room.clone(), offset);
+        } else {
+            st.joining.remove(room);
         }
         outbox.push_back(frame);
     }
@@ -179,6 +248,10 @@ async fn session(
     // When the oldest frame of the outbox started waiting for the socket:
     // a gateway that takes nothing for IO_TIMEOUT counts as stalled.
     let mut waiting_since: Option<tokio::time::Instant> = None;
+    // Sends written on this connection and not answered yet.
+    let mut outstanding: HashMap<String, tokio::time::Instant> = HashMap::new();
+    let mut posts: FuturesUnordered<Post> = FuturesUnordered::new();
+    let mut overdue = tokio::time::interval(Duration::from_secs(1));
     loop {
         if finish.is_cancelled() && st.pending.is_empty() && outbox.is_empty() {
             let _closing = tokio::time::timeout(IO_TIMEOUT, sink.close()).await;
@@ -205,7 +278,11 @@ async fn session(
             }, if !outbox.is_empty() || unflushed => {
                 match written {
                     Ok(true) => {
-                        outbox.pop_front();
+                        let frame = outbox.pop_front().expect("fed the front");
+                        if frame["type"] == "send" {
+                            let id = frame["id"].as_str().unwrap_or_default().to_owned();
+                            outstanding.entry(id).or_insert_with(tokio::time::Instant::now);
+                        }
                         waiting_since = None;
                         unflushed = true;
                     }
@@ -221,7 +298,33 @@ async fn session(
                 st.rec.sent.push((id.clone(), room.clone()));
                 st.pending.insert(id.clone(), (room.clone(), body.clone()));
                 config.progress.pending.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                outbox.push_back(json!({"type": "send", "room": room, "id": id, "body": body}));
+                if config.post_every > 0 && st.seq.is_multiple_of(config.post_every) {
+                    posts.push(abandoned_post(http, addr, &config.user, (id, room, body)));
+                } else {
+                    outbox.push_back(json!({"type": "send", "room": room, "id": id, "body": body}));
+                }
+            }
+            Some((id, room, body, ack)) = posts.next(), if !posts.is_empty() => {
+                match ack {
+                    Some(ack) => handle(ack, st, &config.progress),
+                    None => {
+                        // Given up on: the same id again, on the WebSocket.
+                        st.rec.abandoned_posts += 1;
+                        if st.pending.contains_key(&id) {
+                            outbox.push_back(json!({"type": "send", "room": room, "id": id, "body": body}));
+                        }
+                    }
+                }
+            }
+            _ = overdue.tick() => {
+                let now = tokio::time::Instant::now();
+                outstanding.retain(|id, since| {
+                    let late = now.duration_since(*since) > REQUEST_BOUND;
+                    if late {
+                        st.rec.never_ended.push(id.clone());
+                    }
+                    !late
+                });
             }
             _ = finish.cancelled(), if !finish.is_cancelled() => {}
             _ = &mut drain_check => return,
@@ -235,6 +338,11 @@ async fn session(
                 match msg {
                     Message::Text(text) => {
                         let Ok(frame) = serde_json::from_str::<Value>(&text) else { continue };
+                        if frame["type"] == "ack" || frame["type"] == "error" {
+                            if let Some(id) = frame["id"].as_str() {
+                                outstanding.remove(id);
+                            }
+                        }
                         // A refused send (e.g. `unavailable`) is retried with its id.
                         let retry = (frame["type"] == "error")
                             .then(|| frame["id"].as_str().map(str::to_owned))
@@ -266,6 +374,14 @@ fn handle(frame: Value, st: &mut State, progress: &Progress) {
             }
             st.epoch = epoch;
             let offset = frame["position"]["offset"].as_i64().unwrap_or(-1);
+            if let Some(since) = st.joining.remove(&room) {
+                st.rec.resumes.push(Resume {
+                    room: room.clone(),
+                    since,
+                    head: offset,
+                    recovered: frame["recovered"] == true,
+                });
+            }
             st.rec.start.entry(room).or_insert(offset);
             if frame["recovered"] == false {
                 *st.rec.errors.entry("not_recovered".into()).or_default() += 1;
@@ -293,7 +409,11 @@ fn handle(frame: Value, st: &mut State, progress: &Progress) {
                 .push((offset, s("id")));
         }
         "error" => {
-            *st.rec.errors.entry(s("code")).or_default() += 1;
+            let code = match s("code") {
+                c if frame["pending"] == true => format!("{c} (pending)"),
+                c => c,
+            };
+            *st.rec.errors.entry(code).or_default() += 1;
         }
         _ => {}
     }

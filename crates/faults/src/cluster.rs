@@ -56,10 +56,14 @@ pub struct Node {
     args: Vec<String>,
     child: Option<Child>,
     chat_bin: PathBuf,
-    /// `RUST_LOG` for the node: warnings, or everything at info when the
-    /// run keeps its files for a look afterwards.
-    log_filter: &'static str,
+    /// `RUST_LOG` for the node: `CHAT_FAULTS_NODE_LOG` when set, else
+    /// warnings, or everything at info when the run keeps its files for a
+    /// look afterwards.
+    log_filter: String,
 }
+
+/// The gateways' `--send-timeout-ms`: shorter than the longest stall.
+pub const SEND_TIMEOUT_MS: &str = "1000";
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -89,7 +93,7 @@ impl Node {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(&self.args)
-            .env("RUST_LOG", self.log_filter)
+            .env("RUST_LOG", &self.log_filter)
             .env("NO_COLOR", "1")
             // The harness sends as fast as it can: no rate or count limits.
             .env("CHAT_SEND_RATE", "0")
@@ -192,7 +196,13 @@ impl Cluster {
             }
         };
         let mut specs: Vec<(String, Kind, Vec<String>)> = Vec::new();
-        let common = vec!["--partitions".to_owned(), partitions.to_string()];
+        // A short send timeout, so that stalls of the broker make gateways
+        // answer `unavailable` with `pending` and clients retry into it.
+        let common = ["--partitions", &partitions.to_string()]
+            .into_iter()
+            .chain(["--send-timeout-ms", SEND_TIMEOUT_MS])
+            .map(String::from)
+            .collect::<Vec<_>>();
         match &broker {
             None => specs.push(("node".into(), Kind::Gateway, common.clone())),
             Some(b) => {
@@ -227,7 +237,8 @@ impl Cluster {
                 args,
                 child: None,
                 chat_bin: chat_bin.to_owned(),
-                log_filter: if keep.is_some() { "info" } else { "warn" },
+                log_filter: std::env::var("CHAT_FAULTS_NODE_LOG")
+                    .unwrap_or_else(|_| if keep.is_some() { "info" } else { "warn" }.to_owned()),
             };
             node.start().await?;
             nodes.push(node);
@@ -263,6 +274,58 @@ impl Cluster {
     /// Whether the broker is one of the processes faults may kill.
     pub fn broker_killable(&self) -> bool {
         self.backend == Backend::KafkaDurable
+    }
+
+    /// SIGKILLs a random node (or a killable broker), waits `down`, starts
+    /// it again; returns its name.
+    pub async fn kill_one(
+        &mut self,
+        rng: &mut impl rand::Rng,
+        down: Duration,
+    ) -> anyhow::Result<String> {
+        let victims = self.nodes.len() + usize::from(self.broker_killable());
+        let victim = rng.random_range(0..victims);
+        if victim == self.nodes.len() {
+            let broker = self.broker.as_mut().expect("a killable broker");
+            tracing::info!(node = "broker", "SIGKILL");
+            broker.kill();
+            tokio::time::sleep(down).await;
+            tokio::task::block_in_place(|| broker.restart());
+            return Ok("broker".to_owned());
+        }
+        let node = &mut self.nodes[victim];
+        tracing::info!(node = node.name, "SIGKILL");
+        node.kill();
+        tokio::time::sleep(down).await;
+        node.start()
+            .await
+            .with_context(|| format!("restarting {}", node.name))?;
+        Ok(node.name.clone())
+    }
+
+    /// Stops a random node or the broker with SIGSTOP for `stopped`, then
+    /// lets it go on with SIGCONT; returns its name. Nothing is lost from
+    /// a stopped process, so the memory-only broker may be stalled too.
+    pub async fn stall_one(
+        &mut self,
+        rng: &mut impl rand::Rng,
+        stopped: Duration,
+    ) -> anyhow::Result<String> {
+        use nix::sys::signal::{kill, Signal};
+        let victims = self.nodes.len() + usize::from(self.broker.is_some());
+        let victim = rng.random_range(0..victims);
+        let (name, pid) = match self.nodes.get(victim) {
+            Some(node) => (node.name.clone(), node.pid()),
+            None => ("broker".to_owned(), self.broker.as_ref().map(Broker::pid)),
+        };
+        let pid = pid.filter(|&p| p != 0).context("the victim runs")?;
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        tracing::info!(node = name, "SIGSTOP");
+        kill(pid, Signal::SIGSTOP).with_context(|| format!("stopping {name}"))?;
+        tokio::time::sleep(stopped).await;
+        tracing::info!(node = name, "SIGCONT");
+        kill(pid, Signal::SIGCONT).with_context(|| format!("resuming {name}"))?;
+        Ok(name)
     }
 
     /// Kills every node and the broker; what was left on disk is gone with

@@ -1,14 +1,19 @@
 //! A Jepsen-style fault harness for the chat pipeline.
 //!
-//! A workload of clients sends messages with unique ids and records every
-//! ack and every message it receives; meanwhile gateways and projectors are
-//! SIGKILLed at random moments and restarted; clients reconnect to any
-//! gateway and resume with `since`. At the end the checker compares the
-//! history with what clients were acked and what they received, and reports
-//! every broken promise of the pipeline (docs/architecture.md, Contracts):
-//! acked-but-missing, duplicates (in history, or delivered twice to one
-//! client), order violations within a room, gaps in a client's stream after
-//! its join position, and messages in history that nobody sent.
+//! A workload of clients sends messages with unique ids (some over HTTP
+//! POSTs they give up on after a few milliseconds and retry over the
+//! WebSocket) and records every ack and every message it receives;
+//! meanwhile faults hit the processes at random moments, in turn: a SIGKILL
+//! of a gateway or projector (restarted after a moment), or a stall
+//! (SIGSTOP, then SIGCONT) of a gateway, a projector or the broker; clients
+//! reconnect to any gateway and resume with `since`. At the end the checker
+//! compares the history with what clients were acked and what they
+//! received, and reports every broken promise of the pipeline
+//! (docs/architecture.md, Contracts): acked-but-missing, duplicates (in
+//! history, or delivered twice to one client), order violations within a
+//! room, gaps in a client's stream after its join position, resumes
+//! answered `recovered:true` that missed a message, requests that were
+//! never answered, and messages in history that nobody sent.
 
 pub mod checker;
 pub mod client;
@@ -24,6 +29,18 @@ use tokio_util::sync::CancellationToken;
 
 pub use checker::Report;
 pub use cluster::Backend;
+
+/// A kind of fault the harness injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Fault {
+    /// SIGKILL a gateway or projector (or, on `kafka-durable`, the broker),
+    /// restart it after `down_for`.
+    Kill,
+    /// SIGSTOP a gateway, a projector or the broker, SIGCONT it after
+    /// `stall_for`: a paused VM, a long GC.
+    Stall,
+}
 
 /// A harness run.
 #[derive(Debug, Clone)]
@@ -42,6 +59,14 @@ pub struct Config {
     pub fault_every: (Duration, Duration),
     /// How long a killed process stays down, drawn uniformly.
     pub down_for: (Duration, Duration),
+    /// The faults injected, taken in turn (so a short run has each).
+    pub faults: Vec<Fault>,
+    /// How long a stalled process stays stopped, drawn uniformly.
+    pub stall_for: (Duration, Duration),
+    /// Every this many sends of a client goes as an HTTP POST that the
+    /// client abandons after 1 to 50 ms and retries on its WebSocket with
+    /// the same id; 0: none.
+    pub post_every: u64,
     pub partitions: u32,
     pub seed: u64,
     /// Keep every node's data dir and `server.log` here instead of a
@@ -62,6 +87,9 @@ impl Config {
             rate: 40.0,
             fault_every: (Duration::from_millis(1500), Duration::from_millis(3000)),
             down_for: (Duration::from_millis(100), Duration::from_millis(800)),
+            faults: vec![Fault::Kill, Fault::Stall],
+            stall_for: (Duration::from_millis(500), Duration::from_millis(2500)),
+            post_every: 10,
             partitions: 4,
             seed: 7,
             keep: None,
@@ -145,6 +173,7 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
             rooms: member,
             gateways: cluster.gateways(),
             rate: config.rate,
+            post_every: config.post_every,
         };
         clients.push(tokio::spawn(client::run(
             cfg,
@@ -154,37 +183,31 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
         )));
     }
 
-    // Faults: kill a random process, keep it down a moment, restart it.
+    // Faults, in turn: kill a random process and restart it after a
+    // moment, or stop one and let it go on after a moment.
     let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed);
     let mut kills: BTreeMap<String, u64> = BTreeMap::new();
+    let mut stalls: BTreeMap<String, u64> = BTreeMap::new();
     let end = tokio::time::Instant::now() + config.duration;
-    loop {
+    for turn in 0.. {
         let wait = rng.random_range(config.fault_every.0..=config.fault_every.1);
-        if tokio::time::Instant::now() + wait >= end {
+        if config.faults.is_empty() || tokio::time::Instant::now() + wait >= end {
             tokio::time::sleep_until(end).await;
             break;
         }
         tokio::time::sleep(wait).await;
-        let victims = cluster.nodes.len() + usize::from(cluster.broker_killable());
-        let victim = rng.random_range(0..victims);
-        let down = rng.random_range(config.down_for.0..=config.down_for.1);
-        if victim == cluster.nodes.len() {
-            let broker = cluster.broker.as_mut().expect("a killable broker");
-            tracing::info!(node = "broker", "SIGKILL");
-            broker.kill();
-            *kills.entry("broker".to_owned()).or_default() += 1;
-            tokio::time::sleep(down).await;
-            tokio::task::block_in_place(|| broker.restart());
-            continue;
+        match config.faults[turn % config.faults.len()] {
+            Fault::Kill => {
+                let down = rng.random_range(config.down_for.0..=config.down_for.1);
+                let name = cluster.kill_one(&mut rng, down).await?;
+                *kills.entry(name).or_default() += 1;
+            }
+            Fault::Stall => {
+                let stopped = rng.random_range(config.stall_for.0..=config.stall_for.1);
+                let name = cluster.stall_one(&mut rng, stopped).await?;
+                *stalls.entry(name).or_default() += 1;
+            }
         }
-        let node = &mut cluster.nodes[victim];
-        tracing::info!(node = node.name, "SIGKILL");
-        node.kill();
-        *kills.entry(node.name.clone()).or_default() += 1;
-        tokio::time::sleep(down).await;
-        node.start()
-            .await
-            .with_context(|| format!("restarting {}", node.name))?;
     }
     cluster.heal().await?;
     stop_sending.cancel();
@@ -263,6 +286,7 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
     let mut report = checker::check(&records, &complete, &partial, &sent);
     report.backend = config.backend;
     report.kills = kills;
+    report.stalls = stalls;
     report.duration_s = config.duration.as_secs_f64();
     Ok(report)
 }

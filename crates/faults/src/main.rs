@@ -10,7 +10,7 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(
     name = "chat-faults",
-    about = "Kill chat processes under load and check that nothing acked is lost, nothing is shown twice, and every room keeps its order"
+    about = "Kill and stall chat processes under load and check that nothing acked is lost, nothing is shown twice, every room keeps its order and every request ends"
 )]
 struct Args {
     /// embedded (one node) or kafka (a broker, two gateways, two projectors).
@@ -29,7 +29,20 @@ struct Args {
     /// Messages per second per client.
     #[arg(long, default_value_t = 50.0)]
     rate: f64,
-    /// Shortest and longest time between two kills, in milliseconds.
+    /// The faults to inject, taken in turn: kill (SIGKILL, restart), stall
+    /// (SIGSTOP, then SIGCONT; the broker too).
+    #[arg(long, value_delimiter = ',', default_value = "kill,stall")]
+    faults: Vec<faults::Fault>,
+    /// Shortest and longest stall, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    stall_min_ms: u64,
+    #[arg(long, default_value_t = 2500)]
+    stall_max_ms: u64,
+    /// Every this many sends of a client goes as an HTTP POST abandoned
+    /// after 1 to 50 ms and retried on the WebSocket; 0: none.
+    #[arg(long, default_value_t = 10)]
+    post_every: u64,
+    /// Shortest and longest time between two faults, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     fault_min_ms: u64,
     #[arg(long, default_value_t = 4000)]
@@ -67,6 +80,12 @@ async fn main() -> anyhow::Result<()> {
             Duration::from_millis(args.fault_min_ms),
             Duration::from_millis(args.fault_max_ms),
         ),
+        faults: args.faults,
+        stall_for: (
+            Duration::from_millis(args.stall_min_ms),
+            Duration::from_millis(args.stall_max_ms),
+        ),
+        post_every: args.post_every,
         seed: args.seed,
         keep: args.keep,
         ..faults::Config::smoke(args.backend, chat_bin)

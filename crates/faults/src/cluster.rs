@@ -7,8 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use anyhow::{bail, Context};
 use eventlog::kafka::testing::Broker;
+
+use crate::net::Net;
 
 /// Which log the cluster runs on.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -56,6 +60,9 @@ pub struct Node {
     args: Vec<String>,
     child: Option<Child>,
     chat_bin: PathBuf,
+    /// Runs the node in a cgroup of its own, so it can be cut from the
+    /// broker.
+    net: Option<Arc<Net>>,
     /// `RUST_LOG` for the node: `CHAT_FAULTS_NODE_LOG` when set, else
     /// warnings, or everything at info when the run keeps its files for a
     /// look afterwards.
@@ -86,7 +93,11 @@ impl Node {
             .create(true)
             .append(true)
             .open(self.data_dir.join("server.log"))?;
-        let child = Command::new(&self.chat_bin)
+        let mut command = match &self.net {
+            Some(net) => net.wrap(&self.name, &self.chat_bin)?,
+            None => Command::new(&self.chat_bin),
+        };
+        let child = command
             .arg("serve")
             .arg("--listen")
             .arg(self.addr())
@@ -150,6 +161,9 @@ pub struct Cluster {
     pub backend: Backend,
     pub nodes: Vec<Node>,
     pub broker: Option<Broker>,
+    /// The partition rules and cgroups; after `nodes`, so that it is
+    /// dropped once they are killed.
+    net: Option<Arc<Net>>,
     /// Where the nodes' data dirs and logs are; removed at the end unless
     /// the run was asked to keep them.
     pub root: PathBuf,
@@ -159,11 +173,15 @@ pub struct Cluster {
 impl Cluster {
     /// Builds and starts the cluster of `backend`, its files in a temporary
     /// directory or, when `keep` is given, there (left for inspection).
+    /// `cuts`: run each node in a cgroup of its own so that it can be cut
+    /// from the broker ([`Cluster::partition_one`]; needs a broker, root,
+    /// nftables and cgroup v2).
     pub async fn start(
         backend: Backend,
         chat_bin: &Path,
         partitions: u32,
         keep: Option<&Path>,
+        cuts: bool,
     ) -> anyhow::Result<Self> {
         let (dir, root) = match keep {
             Some(path) => {
@@ -194,6 +212,13 @@ impl Cluster {
                     &format!("sqlite:///{}", db.display()),
                 ))
             }
+        };
+        let net = match (&broker, cuts) {
+            (Some(b), true) => Some(Arc::new(
+                Net::new(b.port).context("setting up network partitions")?,
+            )),
+            (None, true) => bail!("network partitions need a broker to cut nodes from"),
+            (_, false) => None,
         };
         let mut specs: Vec<(String, Kind, Vec<String>)> = Vec::new();
         // A short send timeout, so that stalls of the broker make gateways
@@ -237,6 +262,7 @@ impl Cluster {
                 args,
                 child: None,
                 chat_bin: chat_bin.to_owned(),
+                net: net.clone(),
                 log_filter: std::env::var("CHAT_FAULTS_NODE_LOG")
                     .unwrap_or_else(|_| if keep.is_some() { "info" } else { "warn" }.to_owned()),
             };
@@ -247,6 +273,7 @@ impl Cluster {
             backend,
             nodes,
             broker,
+            net,
             root,
             temp: dir,
         })
@@ -300,6 +327,26 @@ impl Cluster {
         node.start()
             .await
             .with_context(|| format!("restarting {}", node.name))?;
+        Ok(node.name.clone())
+    }
+
+    /// Cuts a random node from the broker for `cut` (both ways, packets
+    /// dropped), then heals; returns its name.
+    pub async fn partition_one(
+        &mut self,
+        rng: &mut impl rand::Rng,
+        cut: Duration,
+    ) -> anyhow::Result<String> {
+        let net = self
+            .net
+            .clone()
+            .context("the cluster was started without partitions")?;
+        let node = &self.nodes[rng.random_range(0..self.nodes.len())];
+        tracing::info!(node = node.name, ?cut, "partitioned from the broker");
+        net.cut(&node.name)?;
+        tokio::time::sleep(cut).await;
+        net.heal()?;
+        tracing::info!(node = node.name, "partition healed");
         Ok(node.name.clone())
     }
 

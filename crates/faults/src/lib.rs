@@ -4,8 +4,9 @@
 //! POSTs they give up on after a few milliseconds and retry over the
 //! WebSocket) and records every ack and every message it receives;
 //! meanwhile faults hit the processes at random moments, in turn: a SIGKILL
-//! of a gateway or projector (restarted after a moment), or a stall
-//! (SIGSTOP, then SIGCONT) of a gateway, a projector or the broker; clients
+//! of a gateway or projector (restarted after a moment), a stall (SIGSTOP,
+//! then SIGCONT) of a gateway, a projector or the broker, or a network
+//! partition between a gateway or projector and the broker; clients
 //! reconnect to any gateway and resume with `since`. At the end the checker
 //! compares the history with what clients were acked and what they
 //! received, and reports every broken promise of the pipeline
@@ -18,6 +19,7 @@
 pub mod checker;
 pub mod client;
 pub mod cluster;
+pub mod net;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -40,6 +42,9 @@ pub enum Fault {
     /// SIGSTOP a gateway, a projector or the broker, SIGCONT it after
     /// `stall_for`: a paused VM, a long GC.
     Stall,
+    /// Cut a gateway or projector from the broker (packets dropped both
+    /// ways, [`net`]), heal after `partition_for`. Kafka backends only.
+    Partition,
 }
 
 /// A harness run.
@@ -63,6 +68,8 @@ pub struct Config {
     pub faults: Vec<Fault>,
     /// How long a stalled process stays stopped, drawn uniformly.
     pub stall_for: (Duration, Duration),
+    /// How long a partition lasts, drawn uniformly.
+    pub partition_for: (Duration, Duration),
     /// Every this many sends of a client goes as an HTTP POST that the
     /// client abandons after 1 to 50 ms and retries on its WebSocket with
     /// the same id; 0: none.
@@ -87,8 +94,14 @@ impl Config {
             rate: 40.0,
             fault_every: (Duration::from_millis(1500), Duration::from_millis(3000)),
             down_for: (Duration::from_millis(100), Duration::from_millis(800)),
-            faults: vec![Fault::Kill, Fault::Stall],
+            faults: match backend {
+                Backend::Embedded => vec![Fault::Kill, Fault::Stall],
+                Backend::Kafka | Backend::KafkaDurable => {
+                    vec![Fault::Kill, Fault::Stall, Fault::Partition]
+                }
+            },
             stall_for: (Duration::from_millis(500), Duration::from_millis(2500)),
+            partition_for: (Duration::from_millis(1000), Duration::from_millis(8000)),
             post_every: 10,
             partitions: 4,
             seed: 7,
@@ -156,6 +169,7 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
         &config.chat_bin,
         config.partitions,
         config.keep.as_deref(),
+        config.faults.contains(&Fault::Partition),
     )
     .await?;
     let rooms: Vec<String> = (0..config.rooms).map(|i| format!("room-{i}")).collect();
@@ -188,6 +202,7 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed);
     let mut kills: BTreeMap<String, u64> = BTreeMap::new();
     let mut stalls: BTreeMap<String, u64> = BTreeMap::new();
+    let mut cuts: BTreeMap<String, u64> = BTreeMap::new();
     let end = tokio::time::Instant::now() + config.duration;
     for turn in 0.. {
         let wait = rng.random_range(config.fault_every.0..=config.fault_every.1);
@@ -206,6 +221,11 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
                 let stopped = rng.random_range(config.stall_for.0..=config.stall_for.1);
                 let name = cluster.stall_one(&mut rng, stopped).await?;
                 *stalls.entry(name).or_default() += 1;
+            }
+            Fault::Partition => {
+                let cut = rng.random_range(config.partition_for.0..=config.partition_for.1);
+                let name = cluster.partition_one(&mut rng, cut).await?;
+                *cuts.entry(name).or_default() += 1;
             }
         }
     }
@@ -287,6 +307,7 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
     report.backend = config.backend;
     report.kills = kills;
     report.stalls = stalls;
+    report.partitions = cuts;
     report.duration_s = config.duration.as_secs_f64();
     Ok(report)
 }

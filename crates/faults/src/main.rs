@@ -30,14 +30,21 @@ struct Args {
     #[arg(long, default_value_t = 50.0)]
     rate: f64,
     /// The faults to inject, taken in turn: kill (SIGKILL, restart), stall
-    /// (SIGSTOP, then SIGCONT; the broker too).
-    #[arg(long, value_delimiter = ',', default_value = "kill,stall")]
-    faults: Vec<faults::Fault>,
+    /// (SIGSTOP, then SIGCONT; the broker too), partition (a node cut from
+    /// the broker; Kafka backends, as root, with nftables and cgroup v2).
+    /// Default: kill,stall on embedded, kill,stall,partition on Kafka.
+    #[arg(long, value_delimiter = ',')]
+    faults: Option<Vec<faults::Fault>>,
     /// Shortest and longest stall, in milliseconds.
     #[arg(long, default_value_t = 500)]
     stall_min_ms: u64,
     #[arg(long, default_value_t = 2500)]
     stall_max_ms: u64,
+    /// Shortest and longest partition, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    partition_min_ms: u64,
+    #[arg(long, default_value_t = 8000)]
+    partition_max_ms: u64,
     /// Every this many sends of a client goes as an HTTP POST abandoned
     /// after 1 to 50 ms and retried on the WebSocket; 0: none.
     #[arg(long, default_value_t = 10)]
@@ -71,6 +78,7 @@ async fn main() -> anyhow::Result<()> {
         Some(p) => p,
         None => std::env::current_exe()?.with_file_name("chat"),
     };
+    let smoke = faults::Config::smoke(args.backend, chat_bin);
     let config = faults::Config {
         duration: Duration::from_secs(args.seconds),
         clients: args.clients,
@@ -80,7 +88,11 @@ async fn main() -> anyhow::Result<()> {
             Duration::from_millis(args.fault_min_ms),
             Duration::from_millis(args.fault_max_ms),
         ),
-        faults: args.faults,
+        faults: args.faults.unwrap_or(smoke.faults.clone()),
+        partition_for: (
+            Duration::from_millis(args.partition_min_ms),
+            Duration::from_millis(args.partition_max_ms),
+        ),
         stall_for: (
             Duration::from_millis(args.stall_min_ms),
             Duration::from_millis(args.stall_max_ms),
@@ -88,7 +100,7 @@ async fn main() -> anyhow::Result<()> {
         post_every: args.post_every,
         seed: args.seed,
         keep: args.keep,
-        ..faults::Config::smoke(args.backend, chat_bin)
+        ..smoke
     };
     let report = faults::run(config).await?;
     if let Some(path) = args.report {

@@ -17,8 +17,9 @@
 //! have). It never holds up the other reads of its partition: with an
 //! overflow reader ([`Reader::start`]) and other reads on the partition, it
 //! is handed over there, with its batch, and goes on at its own pace; a
-//! partition whose reads all wait is paused, so nothing more than one batch
-//! per read is held.
+//! partition whose reads all wait is parked (unassigned, then assigned again
+//! from the lowest read with room), so nothing more than one batch per read
+//! is held.
 //!
 //! Promises, for each read: its records come in offset order from the
 //! offset asked, each once; a record past the next expected offset (a fetch
@@ -87,8 +88,8 @@ pub(crate) struct Overflow(SyncSender<Start>);
 pub(crate) struct Reader {
     consumer: Arc<BaseConsumer>,
     starts: SyncSender<Start>,
-    /// The fetch position of each assigned partition, and whether it is
-    /// paused, as of the thread's last round.
+    /// The fetch position of each partition with reads, and whether it is
+    /// parked, as of the thread's last round.
     positions: Arc<Mutex<HashMap<TopicPartition, (u64, bool)>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -148,14 +149,14 @@ impl Reader {
             .map(|&(next, _)| next)
     }
 
-    /// Whether `tp` is assigned and paused (every read of it waits).
+    /// Whether `tp` is parked (every read of it waits).
     #[cfg(test)]
-    fn paused(&self, tp: &TopicPartition) -> bool {
+    fn parked(&self, tp: &TopicPartition) -> bool {
         self.positions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(tp)
-            .is_some_and(|&(_, paused)| paused)
+            .is_some_and(|&(_, parked)| parked)
     }
 
     /// Reads `tp` from `from` on, then tails it.
@@ -201,10 +202,11 @@ struct Cursor {
     pending: Option<Vec<LogRecord>>,
 }
 
-/// An assigned partition.
+/// A partition with reads.
 struct Part {
     dense: Dense,
-    paused: bool,
+    /// Unassigned while every read waits for room in its queue.
+    parked: bool,
     cursors: Vec<Cursor>,
     /// Records fetched this round, in offset order.
     batch: Vec<LogRecord>,
@@ -272,7 +274,9 @@ impl Worker {
         };
         match self.parts.get_mut(&key) {
             Some(part) => {
-                if start.from < part.dense.next {
+                // A parked partition is assigned again by `tidy`, from its
+                // lowest read that has room.
+                if !part.parked && start.from < part.dense.next {
                     reposition(&self.consumer, topic, key.1, start.from);
                     part.dense = Dense::new(start.from);
                 }
@@ -292,7 +296,7 @@ impl Worker {
                     key,
                     Part {
                         dense: Dense::new(start.from),
-                        paused: false,
+                        parked: false,
                         cursors: vec![cursor],
                         batch: Vec::new(),
                     },
@@ -303,7 +307,7 @@ impl Worker {
 
     /// Drops ended reads, hands pending batches over where there is room,
     /// reads a partition again from a read that waited and fell behind,
-    /// pauses a partition whose reads all wait (and resumes it), and
+    /// parks a partition whose reads all wait (and assigns it again), and
     /// unassigns partitions nobody reads.
     fn tidy(&mut self) {
         let mut idle = Vec::new();
@@ -336,24 +340,37 @@ impl Worker {
                 .map(|c| c.next)
                 .min();
             match ready {
-                None if !part.paused => {
+                None if !part.parked => {
                     // Every read waits for room: fetch nothing meanwhile.
-                    if let Err(e) = tpl(topic, key.1, 0).and_then(|tpl| self.consumer.pause(&tpl)) {
-                        tracing::warn!(topic = &**topic, partition = key.1, error = %e, "pausing a partition failed");
+                    // Parked by unassigning, not by librdkafka's pause: a
+                    // pause outlives unassign and assign, and a pause, an
+                    // assign (a seek that failed assigns again) and a
+                    // resume can leave a partition paused for good
+                    // (librdkafka issues 1849 and 5591); under network
+                    // cuts, reads stood still that way.
+                    if let Err(e) = tpl(topic, key.1, 0)
+                        .and_then(|tpl| self.consumer.incremental_unassign(&tpl))
+                    {
+                        tracing::warn!(topic = &**topic, partition = key.1, error = %e, "parking a partition failed");
                     }
-                    part.paused = true;
+                    part.parked = true;
                 }
                 None => {}
-                Some(from) if part.paused => {
-                    // What was fetched while paused was dropped.
-                    reposition(&self.consumer, topic, key.1, from);
-                    part.dense = Dense::new(from);
-                    if let Err(e) =
-                        tpl(topic, key.1, from).and_then(|tpl| self.consumer.resume(&tpl))
+                Some(from) if part.parked => {
+                    // Assigned again from the lowest read with room; what
+                    // was fetched before it was parked was dropped.
+                    match tpl(topic, key.1, from)
+                        .and_then(|tpl| self.consumer.incremental_assign(&tpl))
                     {
-                        tracing::warn!(topic = &**topic, partition = key.1, error = %e, "resuming a partition failed");
+                        Ok(()) => {
+                            part.dense = Dense::new(from);
+                            part.parked = false;
+                        }
+                        Err(e) => {
+                            // Tried again next round.
+                            tracing::warn!(topic = &**topic, partition = key.1, error = %e, "assigning a parked partition again failed");
+                        }
                     }
-                    part.paused = false;
                 }
                 Some(from) if from < part.dense.next => {
                     // A read that waited missed what was fetched meanwhile.
@@ -364,19 +381,11 @@ impl Worker {
             }
         }
         for key in idle {
-            let part = self.parts.remove(&key).expect("idle parts are assigned");
-            let topic = &self.topics[key.0];
-            if part.paused {
-                // librdkafka keeps a partition's pause across unassign and
-                // assign: resumed now, or the next read of it would wait
-                // forever (a projector given its partition back did). Not
-                // resumed after the next assign instead: a resume right
-                // after an assign can make librdkafka drop the assign's
-                // offset (librdkafka issue 2190).
-                if let Err(e) = tpl(topic, key.1, 0).and_then(|tpl| self.consumer.resume(&tpl)) {
-                    tracing::warn!(topic = &**topic, partition = key.1, error = %e, "resuming a partition before unassigning it failed");
-                }
+            let part = self.parts.remove(&key).expect("idle parts are known");
+            if part.parked {
+                continue; // unassigned already
             }
+            let topic = &self.topics[key.0];
             let removed =
                 tpl(topic, key.1, 0).and_then(|tpl| self.consumer.incremental_unassign(&tpl));
             if let Err(e) = removed {
@@ -393,7 +402,7 @@ impl Worker {
                 topic: self.topics[*topic].clone(),
                 partition: *partition,
             };
-            positions.insert(tp, (part.dense.next, part.paused));
+            positions.insert(tp, (part.dense.next, part.parked));
         }
     }
 
@@ -424,8 +433,8 @@ impl Worker {
         let Some(part) = self.parts.get_mut(&key) else {
             return; // fetched before its partition was unassigned
         };
-        if part.paused {
-            return; // fetched again on resume
+        if part.parked {
+            return; // fetched again once it is assigned again
         }
         let offset = m.offset() as u64;
         match part.dense.offer(offset) {
@@ -610,13 +619,13 @@ mod tests {
         }
     }
 
-    /// A read nobody consumes pauses its partition; when it ends, the
-    /// partition is unassigned, and the next read of it must get records:
-    /// librdkafka keeps the pause across unassign and assign, so a reader
-    /// that did not resume it read nothing more, ever (a projector given
-    /// its partition back after a rebalance stood still).
+    /// A read nobody consumes parks its partition; when it ends, the next
+    /// read of the partition must get records. With librdkafka's pause in
+    /// place of parking, it did not: the pause outlived the unassign and
+    /// the next assign, and a projector given its partition back after a
+    /// rebalance stood still.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_partition_dropped_while_paused_is_read_again_by_the_next_read() {
+    async fn a_partition_dropped_while_parked_is_read_again_by_the_next_read() {
         const RECORDS: usize = 8_000;
         let broker = testing::Broker::start(None);
         let config = KafkaConfig::new(&broker.brokers(), "paused", 1);
@@ -637,8 +646,8 @@ mod tests {
             partition: 0,
         };
         let stalled = reader.read(tp.clone(), 0);
-        until("the unconsumed read pauses its partition", || {
-            reader.paused(&tp)
+        until("the unconsumed read parks its partition", || {
+            reader.parked(&tp)
         })
         .await;
         drop(stalled);

@@ -165,7 +165,7 @@ pub async fn run(
             interval,
             &stop_sending,
             &finish,
-            drain_deadline,
+            (drain, drain_deadline),
         )
         .await;
     }
@@ -218,7 +218,7 @@ async fn session(
     interval: Duration,
     stop_sending: &CancellationToken,
     finish: &CancellationToken,
-    drain_deadline: Option<tokio::time::Instant>,
+    (drain, drain_deadline): (Duration, Option<tokio::time::Instant>),
 ) {
     let (mut sink, mut stream) = ws.split();
     let mut outbox: VecDeque<Value> = VecDeque::new();
@@ -316,15 +316,29 @@ async fn session(
             }
             _ = overdue.tick() => {
                 let now = tokio::time::Instant::now();
+                let mut late = Vec::new();
                 outstanding.retain(|id, since| {
-                    let late = now.duration_since(*since) > REQUEST_BOUND;
-                    if late {
-                        st.rec.never_ended.push(id.clone());
+                    let overdue = now.duration_since(*since) > REQUEST_BOUND;
+                    if overdue {
+                        late.push(id.clone());
                     }
-                    !late
+                    !overdue
                 });
+                for id in late {
+                    tracing::warn!(user = config.user, id, "a send was never answered");
+                    // Counted, then sent again, as a client would.
+                    if let Some((room, body)) = st.pending.get(&id) {
+                        outbox.push_back(json!({"type": "send", "room": room, "id": id, "body": body}));
+                    }
+                    st.rec.never_ended.push(id);
+                }
             }
-            _ = finish.cancelled(), if !finish.is_cancelled() => {}
+            _ = finish.cancelled(), if !finish.is_cancelled() => {
+                // The drain starts now for a session that began before it.
+                if drain_deadline.is_none() {
+                    drain_check.as_mut().reset(tokio::time::Instant::now() + drain);
+                }
+            }
             _ = &mut drain_check => return,
             msg = tokio::time::timeout(Duration::from_secs(2), stream.next()) => {
                 let msg = match msg {

@@ -102,7 +102,14 @@ async fn main() -> anyhow::Result<()> {
         keep: args.keep,
         ..smoke
     };
-    let report = faults::run(config).await?;
+    // On SIGINT or SIGTERM the run is dropped, and with it the cluster: its
+    // processes are killed and the partition rules and cgroups removed.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let report = tokio::select! {
+        report = faults::run(config) => report?,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+        _ = term.recv() => anyhow::bail!("terminated"),
+    };
     if let Some(path) = args.report {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;

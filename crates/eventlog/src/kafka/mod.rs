@@ -589,9 +589,17 @@ fn exact_end(
         .map_err(unavailable)?;
     probe.assign(&tpl).map_err(unavailable)?;
     let mut end = high;
-    let deadline = std::time::Instant::now() + timeout;
+    let mut deadline = std::time::Instant::now() + timeout;
     let mut seen = false;
-    loop {
+    // Bounded whatever the broker does: the deadline is checked on every
+    // turn (errors and records included), and once the batch at `high - 1`
+    // is seen, only what is already fetched is read, for at most
+    // `BATCH_READ`. Records appended meanwhile only move the end further,
+    // which a caller may take (everything up to it is in the log); an
+    // unbounded loop here, under steady traffic, held the probe and with it
+    // every join that asked the log for a partition's end.
+    const BATCH_READ: Duration = Duration::from_millis(100);
+    while std::time::Instant::now() < deadline {
         let wait = if seen {
             Duration::ZERO
         } else {
@@ -599,11 +607,14 @@ fn exact_end(
         };
         match probe.poll(wait) {
             Some(Ok(m)) => {
-                seen = true;
+                if !seen {
+                    seen = true;
+                    deadline = deadline.min(std::time::Instant::now() + BATCH_READ);
+                }
                 end = end.max(m.offset() as u64 + 1);
             }
             Some(Err(e)) => tracing::debug!(error = %e, "probe read error"),
-            None if seen || std::time::Instant::now() > deadline => break,
+            None if seen => break,
             None => {}
         }
     }

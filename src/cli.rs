@@ -231,6 +231,12 @@ pub struct ServeArgs {
     /// before it is answered `unavailable` (never sent, so retry is safe).
     #[arg(long, default_value_t = crate::KafkaTuning::default().enqueue_timeout.as_millis() as u64)]
     log_enqueue_timeout_ms: u64,
+    /// Kafka log: how long the brokers may hold a read that finds nothing
+    /// new (`fetch.wait.max.ms`). Kafka and Redpanda answer as soon as a
+    /// record arrives; the test broker, tansu, gives up a fetch whose work
+    /// takes longer than this, which long partitions need.
+    #[arg(long, default_value_t = crate::KafkaTuning::default().fetch_wait.as_millis() as u64, env = "CHAT_LOG_FETCH_WAIT_MS")]
+    log_fetch_wait_ms: u64,
     /// How long a send handed to the log waits for the log's answer before
     /// it is answered `unavailable` with `"pending":true`: the append goes
     /// on, and a retry with the same id gets its outcome. 0: no limit.
@@ -699,6 +705,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         kafka: crate::KafkaTuning {
             queue_kbytes: args.log_queue_kbytes,
             enqueue_timeout: std::time::Duration::from_millis(args.log_enqueue_timeout_ms),
+            fetch_wait: std::time::Duration::from_millis(args.log_fetch_wait_ms.max(1)),
             ..args.topics.tuning()
         },
         store: args.store,

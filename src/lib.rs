@@ -129,6 +129,9 @@ pub struct KafkaTuning {
     /// How long a send waits for room in a full producer queue before it is
     /// answered `unavailable`.
     pub enqueue_timeout: std::time::Duration,
+    /// How long the brokers may hold a reader's fetch that finds nothing
+    /// new (`fetch.wait.max.ms`).
+    pub fetch_wait: std::time::Duration,
     /// Replication factor of the topics chat creates, and the fewest
     /// replicas an existing topic may have.
     pub replication: i32,
@@ -147,6 +150,7 @@ impl Default for KafkaTuning {
         KafkaTuning {
             queue_kbytes: c.queue_kbytes,
             enqueue_timeout: c.enqueue_timeout,
+            fetch_wait: c.fetch_wait,
             replication: 3,
             min_insync_replicas: 2,
             accept_topic_config: false,
@@ -161,6 +165,7 @@ impl KafkaTuning {
         KafkaConfig {
             queue_kbytes: self.queue_kbytes,
             enqueue_timeout: self.enqueue_timeout,
+            fetch_wait: self.fetch_wait,
             replication: self.replication,
             min_insync_replicas: self.min_insync_replicas,
             accept_topic_config: self.accept_topic_config,
@@ -177,6 +182,7 @@ impl Default for KafkaTuning {
         KafkaTuning {
             queue_kbytes: 65_536,
             enqueue_timeout: std::time::Duration::from_millis(5_000),
+            fetch_wait: std::time::Duration::from_millis(250),
             replication: 3,
             min_insync_replicas: 2,
             accept_topic_config: false,
@@ -596,6 +602,7 @@ mod tests {
         let tuning = KafkaTuning::default();
         assert_eq!(tuning.queue_kbytes, backend.queue_kbytes);
         assert_eq!(tuning.enqueue_timeout, backend.enqueue_timeout);
+        assert_eq!(tuning.fetch_wait, backend.fetch_wait);
         assert_eq!((tuning.replication, tuning.min_insync_replicas), (3, 2));
     }
 

@@ -120,8 +120,8 @@ impl ProducerOptions {
 
 /// Consumers that tail every partition of `topic` from its end, as a
 /// gateway's readers do, until dropped: records fetched are counted and
-/// thrown away. The fetch settings are the log's readers' (a 10 ms
-/// `fetch.wait.max.ms`).
+/// thrown away. The fetch settings are the log's readers' (its default
+/// `fetch.wait.max.ms`, [`eventlog::kafka::FETCH_WAIT`]).
 struct Fetchers {
     stop: Arc<std::sync::atomic::AtomicBool>,
     threads: Vec<std::thread::JoinHandle<u64>>,
@@ -216,7 +216,10 @@ fn consumer(brokers: &str) -> anyhow::Result<BaseConsumer> {
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "10")
+        .set(
+            "fetch.wait.max.ms",
+            eventlog::kafka::FETCH_WAIT.as_millis().to_string(),
+        )
         .set("enable.partition.eof", "false")
         .create()
         .context("creating the kafka consumer")

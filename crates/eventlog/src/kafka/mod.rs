@@ -68,7 +68,26 @@ pub struct KafkaConfig {
     pub enqueue_timeout: Duration,
     /// Bound of the producer queue, in KiB.
     pub queue_kbytes: u32,
+    /// `fetch.wait.max.ms` of every reader: how long the brokers may hold a
+    /// fetch that finds nothing new. Kafka and Redpanda answer as soon as a
+    /// record arrives, so it costs no latency there; it bounds how long a
+    /// partition newly given to a reader waits for the fetch in flight, and
+    /// how often an idle reader asks. The test broker, tansu, holds an idle
+    /// fetch up to about half of it, and gives up a fetch whose work takes
+    /// longer (see [`FETCH_WAIT`]).
+    pub fetch_wait: Duration,
 }
+
+/// The default [`KafkaConfig::fetch_wait`]. tansu 0.6's memory engine lists
+/// every batch of a partition on each fetch that has records to return and
+/// stops at the fetch's wait: measured here, a partition of 30,000 batches
+/// could no longer be read at all with 10 or 20 ms (not even its new
+/// records, nor the other partitions of the same fetch, whose share of the
+/// wait the listing used up), and could with 50 ms. 10 ms was the setting
+/// before; a gateway restarted after ten minutes of the fault harness then
+/// read nothing. 250 ms leaves that listing room for partitions ten times
+/// longer, and costs an idle reader on Kafka four requests a second.
+pub const FETCH_WAIT: Duration = Duration::from_millis(250);
 
 impl KafkaConfig {
     pub fn new(brokers: &str, topic: &str, partitions: u32) -> Self {
@@ -82,6 +101,7 @@ impl KafkaConfig {
             timeout: Duration::from_secs(10),
             enqueue_timeout: Duration::from_secs(5),
             queue_kbytes: 64 * 1024,
+            fetch_wait: FETCH_WAIT,
         }
     }
 
@@ -93,6 +113,12 @@ impl KafkaConfig {
             // connections a process holds do not change with what it does.
             .set("enable.sparse.connections", "false")
             .set("log_level", "4");
+        // librdkafka's own debug contexts (`fetch,consumer,protocol`, `all`
+        // …), logged under the `librdkafka` target: for chasing a client
+        // that stands still, never needed otherwise.
+        if let Ok(contexts) = std::env::var("CHAT_KAFKA_DEBUG") {
+            c.set("debug", contexts).set("log_level", "7");
+        }
         c
     }
 
@@ -128,7 +154,7 @@ impl KafkaConfig {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "10")
+            .set("fetch.wait.max.ms", self.fetch_wait.as_millis().to_string())
             .set("enable.partition.eof", "false");
         c
     }
@@ -963,6 +989,52 @@ mod tests {
             .into_iter()
             .filter_map(|e| Some((e.name, e.value?)))
             .collect()
+    }
+
+    /// A partition of many small batches, as a chat's steady trickle of
+    /// sends makes, is read behind its end, at its end, and its end offset
+    /// is found. With a 10 ms fetch wait the test broker gave up every fetch
+    /// of such a partition (its listing of the batches took longer), so a
+    /// gateway restarted late in a long run read nothing at all.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_long_partition_is_read_behind_its_end_and_at_it() {
+        const BATCHES: u64 = 20_000;
+        let broker = testing::Broker::start(None);
+        let config = KafkaConfig::new(&broker.brokers(), "long", 1);
+        let log = KafkaLog::connect(config.clone()).await.unwrap();
+        let record = |i: u64| Record {
+            key: b"room".to_vec(),
+            value: i.to_string().into_bytes(),
+            ts: 1,
+        };
+        // A batch per record, as fast as the broker takes them.
+        let producer: FutureProducer = config
+            .producer()
+            .set("linger.ms", "0")
+            .set("batch.num.messages", "1")
+            .create()
+            .unwrap();
+        let sent: Vec<_> = (0..BATCHES)
+            .map(|i| {
+                let value = i.to_string();
+                producer
+                    .send_result(FutureRecord::to("long").key("room").payload(&value))
+                    .unwrap()
+            })
+            .collect();
+        for (i, delivery) in sent.into_iter().enumerate() {
+            let placed = delivery.await.unwrap().unwrap();
+            assert_eq!(placed.offset, i as i64);
+        }
+        assert_eq!(log.end_offset(0).await.unwrap(), BATCHES);
+        let mut behind = log.read(0, BATCHES - 100);
+        let got = crate::conformance::take(&mut behind, 100).await;
+        let offsets: Vec<u64> = got.iter().map(|r| r.offset).collect();
+        assert_eq!(offsets, (BATCHES - 100..BATCHES).collect::<Vec<u64>>());
+        log.append(vec![record(BATCHES)]).await.unwrap();
+        let next = crate::conformance::take(&mut behind, 1).await;
+        assert_eq!(next[0].offset, BATCHES, "the tail is read too");
+        assert_eq!(next[0].value, BATCHES.to_string().into_bytes());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -120,8 +120,8 @@ impl ProducerOptions {
 
 /// Consumers that tail every partition of `topic` from its end, as a
 /// gateway's readers do, until dropped: records fetched are counted and
-/// thrown away. The fetch settings are the log's readers' (its default
-/// `fetch.wait.max.ms`, [`eventlog::kafka::FETCH_WAIT`]).
+/// thrown away. The fetch settings are the log's readers'
+/// ([`eventlog::kafka::KafkaConfig::consumer`]).
 struct Fetchers {
     stop: Arc<std::sync::atomic::AtomicBool>,
     threads: Vec<std::thread::JoinHandle<u64>>,
@@ -210,17 +210,11 @@ fn producer(brokers: &str) -> anyhow::Result<FutureProducer> {
         .context("creating the kafka producer")
 }
 
+/// A consumer with the log's readers' settings, setting for setting (the
+/// same configuration, as for the producer).
 fn consumer(brokers: &str) -> anyhow::Result<BaseConsumer> {
-    client(brokers)
-        .set("group.id", "chat-load-read-back")
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set(
-            "fetch.wait.max.ms",
-            eventlog::kafka::FETCH_WAIT.as_millis().to_string(),
-        )
-        .set("enable.partition.eof", "false")
+    eventlog::kafka::KafkaConfig::new(brokers, DEFAULT_TOPIC, 0)
+        .consumer("chat-load-read-back")
         .create()
         .context("creating the kafka consumer")
 }

@@ -242,6 +242,12 @@ pub struct ServeArgs {
     /// on, and a retry with the same id gets its outcome. 0: no limit.
     #[arg(long, default_value_t = ingest::GatewayConfig::default().send_timeout.as_millis() as u64, env = "CHAT_SEND_TIMEOUT_MS")]
     send_timeout_ms: u64,
+    /// How often this node announces its users of every room to the other
+    /// nodes (presence heartbeat). A node not heard for three heartbeats
+    /// (a SIGKILL, a cut from the broker) is taken as gone: its users leave
+    /// everyone's presence within three heartbeats and a second.
+    #[arg(long, default_value_t = fanout::presence::PresenceConfig::default().heartbeat.as_millis() as u64, env = "CHAT_PRESENCE_HEARTBEAT_MS")]
+    presence_heartbeat_ms: u64,
     #[command(flatten)]
     topics: TopicArgs,
     /// The history store: `embedded` (in the data dir) or
@@ -711,6 +717,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         store: args.store,
         roles: args.roles,
         group: args.group,
+        presence: fanout::presence::PresenceConfig::with_heartbeat(
+            std::time::Duration::from_millis(args.presence_heartbeat_ms.max(10)),
+        ),
         gateway: ingest::GatewayConfig {
             node: args.node,
             client_queue: args.client_queue,

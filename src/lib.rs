@@ -29,6 +29,7 @@ use eventlog::file::FileLog;
 #[cfg(feature = "kafka")]
 use eventlog::kafka::{KafkaConfig, KafkaLog};
 use eventlog::EventLog;
+use fanout::presence::{Presence, PresenceConfig, EPHEMERAL_TOPIC};
 use fanout::{Fanout, FanoutConfig};
 use history::embedded::{EmbeddedStore, EmbeddedVersions};
 #[cfg(feature = "scylla")]
@@ -289,6 +290,8 @@ pub struct ServeConfig {
     /// Consumer group of the projector; defaults to one named after the store.
     pub group: Option<String>,
     pub gateway: GatewayConfig,
+    /// Heartbeats and bounds of presence across nodes.
+    pub presence: PresenceConfig,
     /// How the gateway identifies users.
     pub auth: ingest::auth::Auth,
 }
@@ -330,14 +333,28 @@ pub async fn open_log(
     })
 }
 
-/// Opens the messages log and its dead-letter log; on Kafka the second
-/// shares the first one's clients, so it adds no connection to the brokers.
+/// How long the ephemeral topic keeps records: a notice is worth nothing
+/// after a few heartbeats.
+pub const EPHEMERAL_RETENTION: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The logs of a node: the messages, their dead letters, and the
+/// ephemeral channel between nodes (presence, typing), which only a
+/// shared log has: on the embedded log this process is the only node.
+pub struct Logs {
+    pub messages: Arc<dyn EventLog>,
+    pub dlq: Arc<dyn EventLog>,
+    pub ephemeral: Option<Arc<dyn EventLog>>,
+}
+
+/// Opens the messages log, its dead-letter log and, on Kafka, the
+/// ephemeral topic; on Kafka the others share the first one's clients, so
+/// they add no connection to the brokers.
 pub async fn open_logs(
     spec: &LogSpec,
     data_dir: &std::path::Path,
     partitions: u32,
     tuning: &KafkaTuning,
-) -> anyhow::Result<(Arc<dyn EventLog>, Arc<dyn EventLog>)> {
+) -> anyhow::Result<Logs> {
     #[cfg(feature = "kafka")]
     if let LogSpec::Kafka(brokers) = spec {
         let log = KafkaLog::connect(tuning.config(brokers, MESSAGES_TOPIC, partitions))
@@ -347,11 +364,23 @@ pub async fn open_logs(
             .sibling(DLQ_TOPIC, 1)
             .await
             .with_context(|| format!("opening topic {DLQ_TOPIC} on {brokers}"))?;
-        return Ok((Arc::new(log), Arc::new(dlq)));
+        let ephemeral = log
+            .ephemeral_sibling(EPHEMERAL_TOPIC, 1, EPHEMERAL_RETENTION)
+            .await
+            .with_context(|| format!("opening topic {EPHEMERAL_TOPIC} on {brokers}"))?;
+        return Ok(Logs {
+            messages: Arc::new(log),
+            dlq: Arc::new(dlq),
+            ephemeral: Some(Arc::new(ephemeral)),
+        });
     }
-    let log = open_log(spec, data_dir, MESSAGES_TOPIC, partitions, tuning).await?;
+    let messages = open_log(spec, data_dir, MESSAGES_TOPIC, partitions, tuning).await?;
     let dlq = open_log(spec, data_dir, DLQ_TOPIC, 1, tuning).await?;
-    Ok((log, dlq))
+    Ok(Logs {
+        messages,
+        dlq,
+        ephemeral: None,
+    })
 }
 
 /// Opens the history store and names its projector group.
@@ -450,7 +479,11 @@ pub async fn serve(
     metrics: Option<PrometheusHandle>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (log, dlq) = open_logs(
+    let Logs {
+        messages: log,
+        dlq,
+        ephemeral,
+    } = open_logs(
         &config.log,
         &config.data_dir,
         config.partitions,
@@ -521,10 +554,19 @@ pub async fn serve(
         .roles
         .has(Role::Fanout)
         .then(|| Fanout::with_history(log.clone(), store.clone(), FanoutConfig::default()));
+    let presence = fanout.clone().map(|fanout| {
+        Presence::start(
+            fanout,
+            ephemeral,
+            &config.gateway.node,
+            config.presence.clone(),
+        )
+    });
     let gateway = Gateway {
         log,
         auth: config.auth,
         fanout: fanout.clone(),
+        presence: presence.clone(),
         store,
         metrics,
         config: GatewayConfig {
@@ -534,6 +576,10 @@ pub async fn serve(
     };
     let served = ingest::serve(listener, gateway, shutdown).await;
 
+    // After the drain: the goodbye tells the other nodes these users left.
+    if let Some(presence) = presence {
+        presence.shutdown().await;
+    }
     if let Some(fanout) = fanout {
         fanout.shutdown().await;
     }
@@ -697,6 +743,7 @@ mod tests {
             roles: Roles::all(),
             group: None,
             gateway: GatewayConfig::default(),
+            presence: PresenceConfig::default(),
             auth: ingest::auth::Auth::Dev,
         };
         let served = tokio::time::timeout(

@@ -749,3 +749,125 @@ async fn an_unreadable_record_is_told_to_its_rooms_members_not_skipped() {
     expect(&resumed);
     assert_eq!(server.metric("fanout_unreadable_records_total").await, 1.0);
 }
+
+/// The next `presence` change (a frame with `join` or `leave`) `c` gets,
+/// skipping other frames.
+async fn presence_change(c: &mut Client) -> Value {
+    loop {
+        let f = c.recv_type("presence").await;
+        if f.get("join").is_some() || f.get("leave").is_some() {
+            return f;
+        }
+    }
+}
+
+/// Asks `c`'s node who is in `room` until the answer is `want`.
+async fn presence_becomes(c: &mut Client, room: &str, want: &[&str]) {
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    loop {
+        c.send_json(serde_json::json!({"type": "presence", "room": room}))
+            .await;
+        let f = loop {
+            let f = c.recv_type("presence").await;
+            if f.get("users").is_some() {
+                break f;
+            }
+        };
+        if f["users"] == serde_json::json!(want) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "presence of {room} stayed {f}, not {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_and_typing_cross_gateways_and_a_killed_gateways_users_leave() {
+    const HEARTBEAT_MS: u64 = 1000;
+    let broker = Broker::start(None);
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let heartbeat = HEARTBEAT_MS.to_string();
+    let a = gateway(
+        da.path(),
+        &broker,
+        &["--node", "gw-a", "--presence-heartbeat-ms", &heartbeat],
+    )
+    .await;
+    let b = gateway(
+        db.path(),
+        &broker,
+        &["--node", "gw-b", "--presence-heartbeat-ms", &heartbeat],
+    )
+    .await;
+    let room = "lobby";
+    let mut alice = a.connect("alice").await;
+    alice.join(room, None).await;
+    presence_becomes(&mut alice, room, &["alice"]).await;
+
+    // bob on the other gateway: each sees the other, over WebSocket and HTTP.
+    let mut bob = b.connect("bob").await;
+    bob.join(room, None).await;
+    assert_eq!(
+        presence_change(&mut alice).await,
+        serde_json::json!({"type": "presence", "room": room, "join": ["bob"]})
+    );
+    presence_becomes(&mut bob, room, &["alice", "bob"]).await;
+    for server in [&a, &b] {
+        let (status, body) = server
+            .get_as(&format!("/rooms/{room}/presence"), None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body,
+            serde_json::json!({"room": room, "users": ["alice", "bob"]})
+        );
+    }
+
+    // bob's typing reaches alice on the other gateway.
+    bob.send_json(serde_json::json!({"type": "typing", "room": room}))
+        .await;
+    let typing = alice.recv_type("typing").await;
+    assert_eq!(typing["user"], "bob", "{typing}");
+    assert!(typing["ttl_ms"].as_u64().is_some_and(|t| t > 0), "{typing}");
+
+    // A second tab of bob's: one entry; closing one tab is no leave. carol
+    // joins on bob's gateway after the tab closed: that gateway announces
+    // in order, so a leave of bob would reach alice before carol's join.
+    let mut tab = b.connect("bob").await;
+    tab.join(room, None).await;
+    tab.close().await;
+    let mut carol = b.connect("carol").await;
+    carol.join(room, None).await;
+    assert_eq!(
+        presence_change(&mut alice).await,
+        serde_json::json!({"type": "presence", "room": room, "join": ["carol"]}),
+        "a tab closing while another is open is no leave"
+    );
+    bob.close().await;
+    assert_eq!(
+        presence_change(&mut alice).await,
+        serde_json::json!({"type": "presence", "room": room, "leave": ["bob"]})
+    );
+
+    // The gateway dies: its users leave alice's presence within the bound
+    // (three heartbeats and a sweep), plus the channel's own delay.
+    let bound = Duration::from_millis(3 * HEARTBEAT_MS + 1000);
+    let killed = tokio::time::Instant::now();
+    b.kill();
+    let left = presence_change(&mut alice).await;
+    let took = killed.elapsed();
+    assert_eq!(
+        left,
+        serde_json::json!({"type": "presence", "room": room, "leave": ["carol"]})
+    );
+    assert!(
+        took <= bound + Duration::from_secs(3),
+        "carol left after {took:?}; the bound is {bound:?}"
+    );
+    let (_, body) = a.get_as(&format!("/rooms/{room}/presence"), None).await;
+    assert_eq!(body["users"], serde_json::json!(["alice"]));
+    drop(carol);
+}

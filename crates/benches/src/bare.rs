@@ -314,12 +314,22 @@ fn handle(
             if !joined.contains(&room) {
                 return member.offer(not_joined(&room));
             }
-            let f = frame(ServerFrame::Typing { room: &room, user });
+            let f = frame(ServerFrame::Typing {
+                room: &room,
+                user,
+                ttl_ms: 3000,
+            });
             if let Some(r) = state.rooms.lock().unwrap().get(&room) {
                 for m in &r.members {
                     let _dropped_when_full = m.tx.try_send(f.clone());
                 }
             }
+        }
+        ClientFrame::Presence { room } => {
+            // The baseline keeps no presence: it answers as a node without it.
+            let e =
+                FrameError::new(ErrorCode::Unavailable, "no presence here", None).in_room(&room);
+            member.offer(frame(e.to_frame()));
         }
         ClientFrame::Send { room, id, body } => {
             let ts = now_ms();

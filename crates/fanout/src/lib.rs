@@ -35,6 +35,7 @@ mod join;
 mod member;
 pub mod metrics;
 mod partition;
+pub mod presence;
 mod retry;
 mod seen;
 

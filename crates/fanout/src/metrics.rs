@@ -16,6 +16,21 @@ pub const DUPLICATES_DROPPED_TOTAL: &str = "fanout_duplicates_dropped_total";
 pub const UNREADABLE_RECORDS_TOTAL: &str = "fanout_unreadable_records_total";
 /// Message frames handed to members' queues.
 pub const DELIVERIES_TOTAL: &str = "fanout_deliveries_total";
+/// Notices this node sent on the ephemeral channel, by kind (rooms,
+/// typing, bye).
+pub const PRESENCE_NOTICES_SENT_TOTAL: &str = "presence_notices_sent_total";
+/// Bytes of the notices this node sent on the ephemeral channel.
+pub const PRESENCE_BYTES_SENT_TOTAL: &str = "presence_bytes_sent_total";
+/// Notices of other nodes this node read from the ephemeral channel.
+pub const PRESENCE_NOTICES_RECEIVED_TOTAL: &str = "presence_notices_received_total";
+/// Records of the ephemeral channel this node could not read (skipped).
+pub const PRESENCE_NOTICES_UNREADABLE_TOTAL: &str = "presence_notices_unreadable_total";
+/// Typing notices dropped because the publisher's queue was full.
+pub const PRESENCE_NOTICES_DROPPED_TOTAL: &str = "presence_notices_dropped_total";
+/// Other nodes whose presence this node holds.
+pub const PRESENCE_NODES: &str = "presence_nodes";
+/// (room, user) entries present, over every node.
+pub const PRESENCE_ENTRIES: &str = "presence_entries";
 
 /// Every metric above: (name, kind, help).
 pub const CATALOGUE: &[(&str, &str, &str)] = &[
@@ -48,5 +63,40 @@ pub const CATALOGUE: &[(&str, &str, &str)] = &[
         DELIVERIES_TOTAL,
         "counter",
         "message frames handed to members' queues",
+    ),
+    (
+        PRESENCE_NOTICES_SENT_TOTAL,
+        "counter",
+        "notices this node sent on the ephemeral channel, by kind: rooms, typing, bye",
+    ),
+    (
+        PRESENCE_BYTES_SENT_TOTAL,
+        "counter",
+        "bytes of the notices this node sent on the ephemeral channel",
+    ),
+    (
+        PRESENCE_NOTICES_RECEIVED_TOTAL,
+        "counter",
+        "notices of other nodes read from the ephemeral channel, by kind",
+    ),
+    (
+        PRESENCE_NOTICES_UNREADABLE_TOTAL,
+        "counter",
+        "records of the ephemeral channel this node could not read (skipped)",
+    ),
+    (
+        PRESENCE_NOTICES_DROPPED_TOTAL,
+        "counter",
+        "typing notices dropped because the publisher's queue was full",
+    ),
+    (
+        PRESENCE_NODES,
+        "gauge",
+        "other nodes whose presence this node holds",
+    ),
+    (
+        PRESENCE_ENTRIES,
+        "gauge",
+        "room and user pairs present, over every node",
     ),
 ];

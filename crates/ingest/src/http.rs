@@ -92,6 +92,31 @@ pub(crate) struct HistoryQuery {
     before: Option<u64>,
 }
 
+/// Whether the request may read `room` (its history, its presence): a
+/// valid room name, and a user who may use it. With tokens the request
+/// must carry one; in dev mode public rooms are open to all, and a
+/// direct-message room needs a user that is one of its two. The refusal
+/// is the answer to send.
+async fn may_read(
+    state: &AppState,
+    room: &str,
+    params: &HashMap<String, String>,
+    headers: &HeaderMap,
+) -> Result<(), Response> {
+    if !valid_room(room) {
+        return Err(error_response(&bad_room()));
+    }
+    let identity = match state.gw.auth.identify_http(params, headers).await {
+        Ok(identity) => Some(identity),
+        Err(AuthError::NoDevUser) if dm_members(room).is_none() => None,
+        Err(e) => return Err(unauthorized(&e)),
+    };
+    if identity.as_ref().is_some_and(|i| !i.may_use(room)) {
+        return Err(forbidden(room, None));
+    }
+    Ok(())
+}
+
 /// `GET /rooms/{room}/messages`: the newest `limit` messages before
 /// `before`, oldest first; `before` in the answer is the cursor of the next
 /// older page, or null when there is none.
@@ -106,16 +131,8 @@ pub(crate) async fn history(
     headers: HeaderMap,
     query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    if !valid_room(&room) {
-        return error_response(&bad_room());
-    }
-    let identity = match state.gw.auth.identify_http(&params, &headers).await {
-        Ok(identity) => Some(identity),
-        Err(AuthError::NoDevUser) if dm_members(&room).is_none() => None,
-        Err(e) => return unauthorized(&e),
-    };
-    if identity.as_ref().is_some_and(|i| !i.may_use(&room)) {
-        return forbidden(&room, None);
+    if let Err(refused) = may_read(&state, &room, &params, &headers).await {
+        return refused;
     }
     let Ok(Query(query)) = query else {
         return error_response(&FrameError::new(
@@ -151,6 +168,33 @@ pub(crate) async fn history(
             ))
         }
     }
+}
+
+/// `GET /rooms/{room}/presence`: `{"room":R,"users":[…]}`, the users
+/// present in the room on every node this one hears from (and `more` when
+/// the list was cut at its bound). Access as for history.
+pub(crate) async fn presence(
+    State(state): State<Arc<AppState>>,
+    Path(room): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = may_read(&state, &room, &params, &headers).await {
+        return refused;
+    }
+    let Some(presence) = &state.gw.presence else {
+        return error_response(&FrameError::new(
+            ErrorCode::Unavailable,
+            "this node keeps no presence",
+            None,
+        ));
+    };
+    let (users, more) = presence.users(&room);
+    let mut answer = json!({ "room": room, "users": users });
+    if more > 0 {
+        answer["more"] = json!(more);
+    }
+    Json(answer).into_response()
 }
 
 #[derive(Deserialize)]
@@ -382,6 +426,7 @@ mod tests {
                 log: log.clone(),
                 auth: crate::auth::Auth::Dev,
                 fanout: None,
+                presence: None,
                 store: None,
                 metrics: None,
                 config: GatewayConfig {

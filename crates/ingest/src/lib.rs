@@ -86,6 +86,8 @@ pub struct Gateway {
     /// How users are identified: tokens, or open dev mode.
     pub auth: auth::Auth,
     pub fanout: Option<Arc<Fanout>>,
+    /// Who is in which room across nodes; with the fan-out role.
+    pub presence: Option<Arc<fanout::presence::Presence>>,
     pub store: Option<Arc<dyn HistoryStore>>,
     pub metrics: Option<PrometheusHandle>,
     pub config: GatewayConfig,
@@ -306,6 +308,7 @@ fn router(state: Arc<AppState>) -> Router {
             "/rooms/{room}/messages",
             get(http::history).post(http::post_message),
         )
+        .route("/rooms/{room}/presence", get(http::presence))
         .route("/healthz", get(http::healthz))
         .route("/readyz", get(http::readyz))
         .route("/metrics", get(http::metrics))

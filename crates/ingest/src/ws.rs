@@ -398,10 +398,18 @@ impl Connection {
     }
 
     fn leave_all(&mut self) {
+        for room in std::mem::take(&mut self.rooms) {
+            self.leave_room(&room);
+        }
+    }
+
+    /// Ends the connection's membership of `room` (it was a member).
+    fn leave_room(&self, room: &str) {
+        if let Some(presence) = &self.state.gw.presence {
+            presence.left(room, &self.member);
+        }
         if let Some(fanout) = &self.state.gw.fanout {
-            for room in self.rooms.drain() {
-                fanout.leave(&room, &self.member);
-            }
+            fanout.leave(room, &self.member);
         }
     }
 
@@ -572,9 +580,7 @@ impl Connection {
                 if !self.rooms.remove(&room) {
                     return self.push(not_joined(&room));
                 }
-                if let Some(fanout) = &self.state.gw.fanout {
-                    fanout.leave(&room, &self.member);
-                }
+                self.leave_room(&room);
             }
             ClientFrame::Typing { room } => {
                 if !self.rooms.contains(&room) {
@@ -583,13 +589,25 @@ impl Connection {
                 if let Err(e) = self.take_send(None) {
                     return self.push(error_frame(&e));
                 }
-                if let Some(fanout) = &self.state.gw.fanout {
-                    let frame = ServerFrame::Typing {
-                        room: &room,
-                        user: &self.user,
-                    };
-                    fanout.broadcast_ephemeral(&room, Frame::from(frame.to_json()));
+                if let Some(presence) = &self.state.gw.presence {
+                    presence.typing(&room, &self.user);
                 }
+            }
+            ClientFrame::Presence { room } => {
+                if self.refuse_room(&room, None) {
+                    return;
+                }
+                let Some(presence) = &self.state.gw.presence else {
+                    return self.push(error_frame(
+                        &FrameError::new(
+                            ErrorCode::Unavailable,
+                            "this node keeps no presence",
+                            None,
+                        )
+                        .in_room(&room),
+                    ));
+                };
+                presence.ask(&room, &self.member, self.rooms.contains(&room));
             }
         }
     }
@@ -687,23 +705,36 @@ impl Connection {
                 .in_room(&room),
             ));
         }
-        if self.rooms.remove(&room) {
+        // A join again replaces the fan-out membership; presence keeps
+        // the user in the room meanwhile.
+        let again = self.rooms.remove(&room);
+        if again {
             fanout.leave(&room, &self.member);
         }
         let joined = tokio::select! {
             r = fanout.join(&room, &self.member, since.as_ref()) => r,
             _ = self.kick.cancelled() => Err(fanout::FanoutError::Slow),
-            _ = self.state.shutdown.cancelled() => return,
-        };
-        match joined {
-            Ok(()) => {
-                self.rooms.insert(room);
+            _ = self.state.shutdown.cancelled() => {
+                if again {
+                    self.rooms.insert(room);
+                }
+                return;
             }
-            Err(fanout::FanoutError::Slow) => {
-                // Joined as far as the fan-out is concerned; leave_all cleans up.
+        };
+        let presence = self.state.gw.presence.clone();
+        match joined {
+            Ok(()) | Err(fanout::FanoutError::Slow) => {
+                // A slow member is joined as far as the fan-out is
+                // concerned too; leave_all cleans up.
+                if let (Some(presence), false) = (&presence, again) {
+                    presence.joined(&room, &self.member);
+                }
                 self.rooms.insert(room);
             }
             Err(fanout::FanoutError::Log(e)) => {
+                if let (Some(presence), true) = (&presence, again) {
+                    presence.left(&room, &self.member);
+                }
                 tracing::warn!(error = %e, room, "join failed");
                 self.push(error_frame(
                     &FrameError::new(

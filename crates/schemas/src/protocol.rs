@@ -44,6 +44,10 @@ pub enum ClientFrame {
     Typing {
         room: String,
     },
+    /// Extension: who is in the room, across nodes.
+    Presence {
+        room: String,
+    },
 }
 
 /// The error codes of the client protocol (docs/protocol.md, Error codes).
@@ -334,6 +338,9 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
         "typing" => Ok(ClientFrame::Typing {
             room: check_room(str_field("room"), id)?,
         }),
+        "presence" => Ok(ClientFrame::Presence {
+            room: check_room(str_field("room"), id)?,
+        }),
         "send" => {
             let Some(id) = id else {
                 return Err(FrameError::new(
@@ -404,6 +411,24 @@ pub enum ServerFrame<'a> {
     Typing {
         room: &'a str,
         user: &'a str,
+        /// Extension: how long the notice holds, in milliseconds, unless
+        /// another one of the user renews it.
+        ttl_ms: u64,
+    },
+    /// Extension: who is in a room. The answer to a `presence` request
+    /// carries `users` (and `more` when the list was cut at its bound); a
+    /// change told to a watching member carries `join` or `leave`.
+    Presence {
+        room: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        users: Option<&'a [String]>,
+        /// Users present beyond those listed in `users`.
+        #[serde(skip_serializing_if = "is_zero")]
+        more: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        join: Option<&'a [String]>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        leave: Option<&'a [String]>,
     },
     Error {
         code: ErrorCode,
@@ -425,6 +450,10 @@ pub enum ServerFrame<'a> {
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         pending: bool,
     },
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl ServerFrame<'_> {

@@ -76,6 +76,12 @@ pub struct KafkaConfig {
     /// fetch up to about half of it, and gives up a fetch whose work takes
     /// longer (see [`FETCH_WAIT`]).
     pub fetch_wait: Duration,
+    /// `None` for a topic that is a source of truth: created keeping every
+    /// record, and refused when it would delete some. `Some(t)` for an
+    /// ephemeral topic (presence, typing): created with `retention.ms` of
+    /// `t`, its retention and replicas never checked, its partition count
+    /// taken as found.
+    pub retention: Option<Duration>,
 }
 
 /// The default [`KafkaConfig::fetch_wait`]. tansu 0.6's memory engine lists
@@ -102,6 +108,7 @@ impl KafkaConfig {
             enqueue_timeout: Duration::from_secs(5),
             queue_kbytes: 64 * 1024,
             fetch_wait: FETCH_WAIT,
+            retention: None,
         }
     }
 
@@ -281,18 +288,40 @@ impl KafkaLog {
         Self::open(self.clients.clone(), config).await
     }
 
-    async fn open(clients: Arc<Clients>, config: KafkaConfig) -> Result<Self, LogError> {
+    /// An ephemeral topic on this log's clients (no new connections):
+    /// created when missing with `partitions` partitions and records kept
+    /// for `retention`; an existing one is used as it is, whatever its
+    /// partition count and retention. Nothing of it is a source of truth.
+    pub async fn ephemeral_sibling(
+        &self,
+        topic: &str,
+        partitions: u32,
+        retention: Duration,
+    ) -> Result<Self, LogError> {
+        let config = KafkaConfig {
+            topic: topic.to_owned(),
+            partitions,
+            retention: Some(retention),
+            ..self.config.clone()
+        };
+        Self::open(self.clients.clone(), config).await
+    }
+
+    async fn open(clients: Arc<Clients>, mut config: KafkaConfig) -> Result<Self, LogError> {
         // A short-lived client: its connections close once the topic is
         // checked.
         let admin: AdminClient<DefaultClientContext> =
             config.client().create().map_err(unavailable)?;
         let min_insync = config.min_insync_replicas.to_string();
+        let retention_ms = config
+            .retention
+            .map_or("-1".to_owned(), |t| t.as_millis().max(1).to_string());
         let topic = NewTopic::new(
             &config.topic,
             config.partitions as i32,
             TopicReplication::Fixed(config.replication),
         )
-        .set("retention.ms", "-1")
+        .set("retention.ms", &retention_ms)
         .set("retention.bytes", "-1")
         .set("min.insync.replicas", &min_insync);
         let opts = AdminOptions::new().request_timeout(Some(config.timeout));
@@ -320,13 +349,18 @@ impl KafkaLog {
                 .blocking(move || partition_count(&meta, &topic, timeout))
                 .await?
         };
-        if found != config.partitions {
-            return Err(LogError::PartitionMismatch {
-                found,
-                wanted: config.partitions,
-            });
+        if config.retention.is_some() {
+            // Ephemeral: nothing depends on where a key lives over time.
+            config.partitions = found;
+        } else {
+            if found != config.partitions {
+                return Err(LogError::PartitionMismatch {
+                    found,
+                    wanted: config.partitions,
+                });
+            }
+            check_topic(&admin, &meta, &config).await?;
         }
-        check_topic(&admin, &meta, &config).await?;
         let epoch = {
             let (client, topic, timeout) = (admin, config.topic.clone(), config.timeout);
             clients
@@ -1067,6 +1101,48 @@ mod tests {
         KafkaLog::connect(KafkaConfig::new(&broker.brokers(), &topic, 2))
             .await
             .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_ephemeral_topic_is_created_short_lived_and_used_as_found() {
+        let broker = testing::Broker::start(None);
+        let log = KafkaLog::connect(KafkaConfig::new(&broker.brokers(), "messages", 2))
+            .await
+            .unwrap();
+        let minute = Duration::from_secs(60);
+        let fresh = log.ephemeral_sibling("fresh", 1, minute).await.unwrap();
+        assert_eq!(fresh.partitions(), 1);
+        let configs = configs(&broker, "fresh").await;
+        assert_eq!(
+            configs.get("retention.ms").map(String::as_str),
+            Some("60000"),
+            "{configs:?}"
+        );
+        // One made by someone else, with other partitions and retention: used
+        // as it is, since nothing in it must last.
+        let admin: AdminClient<DefaultClientContext> = log.config.client().create().unwrap();
+        let other =
+            NewTopic::new("other", 3, TopicReplication::Fixed(1)).set("retention.ms", "604800000");
+        for created in admin
+            .create_topics([&other], &AdminOptions::new())
+            .await
+            .unwrap()
+        {
+            created.unwrap();
+        }
+        let found = log.ephemeral_sibling("other", 1, minute).await.unwrap();
+        assert_eq!(found.partitions(), 3);
+        let at = found
+            .append(vec![Record {
+                key: b"gw-1/x".to_vec(),
+                value: b"{}".to_vec(),
+                ts: 1,
+            }])
+            .await
+            .unwrap();
+        let mut read = found.read(at[0].partition, at[0].offset);
+        let got = crate::conformance::take(&mut read, 1).await;
+        assert_eq!(got[0].value, b"{}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -66,10 +66,15 @@ impl Node {
         );
         let store =
             Arc::new(EmbeddedStore::open(&dir.path().join("history"), "v1").expect("store"));
+        let fanout = fanout.then(|| Fanout::new(log.clone(), FanoutConfig::default()));
+        let presence = fanout
+            .clone()
+            .map(|f| fanout::presence::Presence::start(f, None, "gw-1", Default::default()));
         let gw = Gateway {
             log: log.clone(),
             auth: crate::auth::Auth::Dev,
-            fanout: fanout.then(|| Fanout::new(log.clone(), FanoutConfig::default())),
+            fanout,
+            presence,
             store: Some(store.clone() as Arc<dyn HistoryStore>),
             metrics: None,
             config,
@@ -609,10 +614,69 @@ async fn typing_reaches_the_members_the_sender_included() {
     alice.join(ROOM, None).await;
     bob.join(ROOM, None).await;
     bob.send(json!({"type": "typing", "room": ROOM}));
-    let typing = json!({"type": "typing", "room": ROOM, "user": "bob"});
+    let typing = json!({"type": "typing", "room": ROOM, "user": "bob", "ttl_ms": 3000});
     assert_eq!(alice.recv().await, typing);
     assert_eq!(bob.recv().await, typing);
     assert_eq!(node.end(ROOM).await, 0, "typing is not stored");
+    // A repeat right away is absorbed: the next frame alice gets is bob's
+    // message, not a second notice.
+    bob.send(json!({"type": "typing", "room": ROOM}));
+    bob.send(json!({"type": "send", "room": ROOM, "id": "m1", "body": "hi"}));
+    assert_eq!(alice.recv().await["type"], "message");
+}
+
+#[tokio::test]
+async fn presence_lists_the_room_and_tells_each_user_once() {
+    let node = Node::new();
+    let mut alice = Client::connect(&node, "alice").await;
+    alice.join(ROOM, None).await;
+    alice.send(json!({"type": "presence", "room": ROOM}));
+    assert_eq!(
+        alice.recv().await,
+        json!({"type": "presence", "room": ROOM, "users": ["alice"]})
+    );
+    let change = |kind: &str, user: &str| json!({"type": "presence", "room": ROOM, kind: [user]});
+    // Two tabs of bob: one join, one leave, when the last tab closes.
+    let mut tab1 = Client::connect(&node, "bob").await;
+    tab1.join(ROOM, None).await;
+    assert_eq!(alice.recv().await, change("join", "bob"));
+    let mut tab2 = Client::connect(&node, "bob").await;
+    tab2.join(ROOM, None).await;
+    tab1.send(json!({"type": "leave", "room": ROOM}));
+    let mut carol = Client::connect(&node, "carol").await;
+    carol.join(ROOM, None).await;
+    assert_eq!(alice.recv().await, change("join", "carol"));
+    drop(tab2);
+    assert_eq!(alice.recv().await, change("leave", "bob"));
+    // Joining again is no change; a room alice has not joined tells her
+    // nothing, though she may ask.
+    carol.join(ROOM, None).await;
+    alice.send(json!({"type": "presence", "room": "elsewhere"}));
+    assert_eq!(
+        alice.recv().await,
+        json!({"type": "presence", "room": "elsewhere", "users": []})
+    );
+    carol.join("elsewhere", None).await;
+    let mut dave = Client::connect(&node, "dave").await;
+    dave.join(ROOM, None).await;
+    assert_eq!(alice.recv().await, change("join", "dave"));
+    // Asked again: the whole list, sorted.
+    alice.send(json!({"type": "presence", "room": ROOM}));
+    assert_eq!(
+        alice.recv().await,
+        json!({"type": "presence", "room": ROOM, "users": ["alice", "carol", "dave"]})
+    );
+}
+
+#[tokio::test]
+async fn presence_of_a_room_the_user_may_not_use_is_forbidden() {
+    let node = Node::new();
+    let mut alice = Client::connect(&node, "alice").await;
+    alice.send(json!({"type": "presence", "room": "dm:bob:carol"}));
+    let refused = alice.expect_error("forbidden").await;
+    assert_eq!(refused["room"], "dm:bob:carol");
+    alice.send(json!({"type": "presence"}));
+    alice.expect_error("bad_frame").await;
 }
 
 #[tokio::test]
@@ -627,6 +691,8 @@ async fn without_roles_joins_and_sends_are_unavailable() {
     alice.expect_error("unavailable").await;
     alice.send(json!({"type": "send", "room": ROOM, "id": "m1", "body": "hi"}));
     assert_eq!(alice.expect_error("unavailable").await["id"], "m1");
+    alice.send(json!({"type": "presence", "room": ROOM}));
+    assert_eq!(alice.expect_error("unavailable").await["room"], ROOM);
     assert_eq!(node.end(ROOM).await, 0);
 }
 

@@ -296,15 +296,13 @@ impl Presence {
                         let most = self.config.bounds.users_per_room;
                         if now >= next_full || asked {
                             st.want_full = false;
-                            st.dirty.clear();
                             next_full = now + self.config.heartbeat;
                             last_full = Some(now);
-                            Some(st.local_rooms(None, most))
+                            Some(st.announcement(true, most))
                         } else if st.dirty.is_empty() {
                             None
                         } else {
-                            let dirty = std::mem::take(&mut st.dirty);
-                            Some(st.local_rooms(Some(&dirty), most))
+                            Some(st.announcement(false, most))
                         }
                     };
                     self.gauges();

@@ -162,28 +162,29 @@ impl State {
         (users, more)
     }
 
-    /// This node's users of each of `rooms` (every room of this node when
-    /// `None`), each list sorted and at most `most`; a room nobody here is
-    /// in any more has an empty list.
-    pub(crate) fn local_rooms(
-        &self,
-        rooms: Option<&HashSet<String>>,
-        most: usize,
-    ) -> Vec<(String, Vec<String>)> {
-        let list = |room: &String| {
-            let mut users: Vec<String> = self
-                .local
-                .get(room)
-                .map(|u| u.keys().cloned().collect())
-                .unwrap_or_default();
-            users.sort_unstable();
-            users.truncate(most);
-            (room.clone(), users)
-        };
-        let mut out: Vec<(String, Vec<String>)> = match rooms {
-            Some(rooms) => rooms.iter().map(list).collect(),
-            None => self.local.keys().map(list).collect(),
-        };
+    /// What this node announces now: its users of each room that changed
+    /// since the last announcement, and with `full` of every room it has
+    /// users in too; each list sorted and at most `most`. A room nobody
+    /// here is in any more has an empty list (the others must hear that,
+    /// heartbeat or not).
+    pub(crate) fn announcement(&mut self, full: bool, most: usize) -> Vec<(String, Vec<String>)> {
+        let mut rooms = std::mem::take(&mut self.dirty);
+        if full {
+            rooms.extend(self.local.keys().cloned());
+        }
+        let mut out: Vec<(String, Vec<String>)> = rooms
+            .into_iter()
+            .map(|room| {
+                let mut users: Vec<String> = self
+                    .local
+                    .get(&room)
+                    .map(|u| u.keys().cloned().collect())
+                    .unwrap_or_default();
+                users.sort_unstable();
+                users.truncate(most);
+                (room, users)
+            })
+            .collect();
         out.sort_unstable();
         out
     }
@@ -537,19 +538,24 @@ mod tests {
     }
 
     #[test]
-    fn local_rooms_name_every_room_or_the_dirty_ones_with_empty_lists() {
+    fn an_announcement_names_the_changed_rooms_and_a_full_one_every_room_too() {
         let mut st = State::default();
         let (a, _) = member("ann");
         st.joined("r1", &a);
+        assert_eq!(
+            st.announcement(false, 10),
+            vec![("r1".into(), names(&["ann"]))]
+        );
+        assert_eq!(st.announcement(false, 10), vec![], "nothing changed since");
         st.joined("r2", &a);
         st.left("r2", &a);
-        let dirty = std::mem::take(&mut st.dirty);
+        // A heartbeat while r2 emptied: it still says r2 is empty.
         assert_eq!(
-            st.local_rooms(Some(&dirty), 10),
+            st.announcement(true, 10),
             vec![("r1".into(), names(&["ann"])), ("r2".into(), vec![])]
         );
         assert_eq!(
-            st.local_rooms(None, 10),
+            st.announcement(true, 10),
             vec![("r1".into(), names(&["ann"]))]
         );
     }

@@ -15,6 +15,9 @@
 //! - The Kafka-mode baseline ([`kafka`]): a raw rdkafka producer with the
 //!   log's settings, running the same scenario against the brokers of
 //!   `--log kafka://...` (`compare --baseline kafka-producer`).
+//! - `presence-load` (binary; [`presence`]): presence across gateways on
+//!   one broker, connections moving between rooms: what the ephemeral
+//!   channel carries and what it costs.
 //! - Micro-benchmarks (criterion, `benches/`): Avro codec, partitioner,
 //!   embedded log append, history store apply.
 //!
@@ -30,9 +33,20 @@ pub mod fleet;
 pub mod flood;
 pub mod ids;
 pub mod kafka;
+pub mod presence;
 pub mod report;
 pub mod run;
 pub mod scenario;
 pub mod stats;
 pub mod sys;
 pub mod target;
+
+/// Logs of a benchmark binary to stderr, `warn` unless `RUST_LOG` says.
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -356,3 +356,37 @@ fn kafka_producer_baseline_needs_a_kafka_log() {
     assert!(!out.status.success());
     assert!(stderr.contains("--log kafka://HOST:PORT"), "{stderr}");
 }
+
+/// `presence-load` at a tiny size: its own broker, two gateways, clients
+/// that move between rooms; presence must be empty once they closed, and
+/// the report must count what happened.
+#[test]
+fn presence_load_counts_the_churn_and_ends_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("presence.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_presence-load"))
+        .args(["--connections", "20", "--rooms", "4", "--seconds", "3"])
+        .args(["--dwell-ms", "200..600", "--settle", "30"])
+        .arg("--chat-bin")
+        .arg(chat_bin())
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .expect("presence-load runs");
+    assert!(
+        out.status.success(),
+        "presence-load failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["empty_after_close"], true, "{r}");
+    assert!(r["moves_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(r["change_frames_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(r["notices_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(r["notices_read_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    // Each gateway has 10 of the 20 users; more than that means it holds
+    // the other gateway's users too (a sample may catch a move midway).
+    let entries = r["entries_during"].as_f64().unwrap();
+    assert!(entries > 10.0 && entries <= 20.0, "{r}");
+}

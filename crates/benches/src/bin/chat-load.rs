@@ -6,12 +6,7 @@ use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
     let cli = benches::cli::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    benches::init_tracing();
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     let ok = runtime.block_on(benches::cli::main(cli))?;
     if !ok {

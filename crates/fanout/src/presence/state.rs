@@ -64,6 +64,8 @@ pub(crate) struct State {
     pub(crate) want_full: bool,
     /// Announcements (or parts of them) left out for a bound.
     pub(crate) over_bounds: u64,
+    /// (room, user) entries in `holders`, kept as they change.
+    entries: usize,
 }
 
 /// A change of one room's users.
@@ -286,13 +288,13 @@ impl State {
 
     /// (room, user) entries present, over every node.
     pub(crate) fn entries(&self) -> usize {
-        self.holders.values().map(HashMap::len).sum()
+        self.entries
     }
 
     /// True when no node (this one included) has anyone in any room.
     #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
-        self.holders.is_empty() && self.local.is_empty()
+        self.holders.is_empty() && self.local.is_empty() && self.entries == 0
     }
 
     /// One node more holds `user` in `room`; true when the user was not
@@ -305,7 +307,9 @@ impl State {
             .entry(user.to_owned())
             .or_insert(0);
         *count += 1;
-        *count == 1
+        let new = *count == 1;
+        self.entries += usize::from(new);
+        new
     }
 
     /// One node fewer holds `user` in `room`; true when nobody does now.
@@ -324,6 +328,7 @@ impl State {
         if users.is_empty() {
             self.holders.remove(room);
         }
+        self.entries -= 1;
         true
     }
 

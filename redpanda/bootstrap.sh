@@ -8,6 +8,9 @@
 #     truth: retention.ms=-1, retention.bytes=-1);
 #   - chat.dlq: the dead-letter topic of the projector, 1 partition (what the
 #     chat opens it with), same replication and retention;
+#   - chat.ephemeral: presence and typing between gateways, 1 partition,
+#     same replication, retention.ms=60000 (nothing in it lasts; the chat
+#     uses an existing one as it is);
 #   - the Avro schemas in Redpanda's schema registry, subject
 #     chat.messages-value: every released version (schemas/avro/history/vN)
 #     in order, then the current one, under BACKWARD_TRANSITIVE compatibility
@@ -53,6 +56,12 @@ ensure_topic() {
 
 ensure_topic chat.messages "$PARTITIONS"
 ensure_topic chat.dlq 1
+if [[ -z "$(rpk topic list | awk '$1 == "chat.ephemeral" { print $2 }')" ]]; then
+    rpk topic create chat.ephemeral -p 1 -r "$REPLICAS" \
+        -c retention.ms=60000 -c cleanup.policy=delete
+else
+    echo "topic chat.ephemeral exists"
+fi
 
 rpk registry compatibility-level set "$SUBJECT" --level BACKWARD_TRANSITIVE
 for schema in $(ls -d "$SCHEMAS"/history/v*/ | sort -V) "$SCHEMAS/"; do

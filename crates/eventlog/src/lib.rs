@@ -127,6 +127,17 @@ pub trait EventLog: Send + Sync + 'static {
     /// every record is gone. A reader asking for less gets a gap.
     async fn start_offset(&self, partition: u32) -> Result<u64, LogError>;
 
+    /// Whether every partition can be read and appended to now: the
+    /// readiness of a node. The default asks each partition's end; a
+    /// backend with a cheaper question (Kafka: one metadata request) answers
+    /// it instead.
+    async fn readable(&self) -> Result<(), LogError> {
+        for partition in 0..self.partitions() {
+            self.end_offset(partition).await?;
+        }
+        Ok(())
+    }
+
     /// Reads `partition` from offset `from` on, then tails it.
     fn read(&self, partition: u32, from: u64) -> RecordStream;
 

@@ -304,13 +304,27 @@ pub(crate) async fn healthz() -> &'static str {
 }
 
 /// Ready when the log answers and, on a node with history, the store does.
+/// How long `/readyz` waits for each thing it asks: a probe must get an
+/// answer, and one that waits on dead brokers is no answer.
+const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// `GET /readyz`: `ready` when every partition of the log can be read (on
+/// Kafka: each has a leader) and, on a node with a history store, the
+/// store answers; else 503 with what is not (`log: …`, `store: …`), each
+/// question bounded by [`READY_WITHIN`].
 pub(crate) async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    if let Err(e) = state.gw.log.end_offset(0).await {
-        return (StatusCode::SERVICE_UNAVAILABLE, format!("log: {e}")).into_response();
+    let not_ready = |why: String| (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+    let within = |what: &str| format!("{what}: no answer within {} s", READY_WITHIN.as_secs());
+    match tokio::time::timeout(READY_WITHIN, state.gw.log.readable()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return not_ready(format!("log: {e}")),
+        Err(_) => return not_ready(within("log")),
     }
     if let Some(store) = &state.gw.store {
-        if let Err(e) = store.position(0).await {
-            return (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}")).into_response();
+        match tokio::time::timeout(READY_WITHIN, store.position(0)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return not_ready(format!("store: {e}")),
+            Err(_) => return not_ready(within("store")),
         }
     }
     "ready".into_response()

@@ -479,8 +479,13 @@ fn topic_problems(
     problems
 }
 
-/// The fewest replicas any partition of `topic` has.
-fn fewest_replicas(meta: &BaseConsumer, topic: &str, timeout: Duration) -> Result<usize, LogError> {
+/// `f` of what the brokers say of `topic`, asked now.
+fn with_topic<T>(
+    meta: &BaseConsumer,
+    topic: &str,
+    timeout: Duration,
+    f: impl FnOnce(&rdkafka::metadata::MetadataTopic) -> Result<T, LogError>,
+) -> Result<T, LogError> {
     let md = meta
         .fetch_metadata(Some(topic), timeout)
         .map_err(unavailable)?;
@@ -489,11 +494,56 @@ fn fewest_replicas(meta: &BaseConsumer, topic: &str, timeout: Duration) -> Resul
         .iter()
         .find(|t| t.name() == topic)
         .ok_or_else(|| LogError::Unavailable(format!("topic {topic} has no metadata")))?;
-    Ok(t.partitions()
-        .iter()
-        .map(|p| p.replicas().len())
-        .min()
-        .unwrap_or(0))
+    f(t)
+}
+
+/// The fewest replicas any partition of `topic` has.
+fn fewest_replicas(meta: &BaseConsumer, topic: &str, timeout: Duration) -> Result<usize, LogError> {
+    with_topic(meta, topic, timeout, |t| {
+        Ok(t.partitions()
+            .iter()
+            .map(|p| p.replicas().len())
+            .min()
+            .unwrap_or(0))
+    })
+}
+
+/// The longest a readiness check waits for the brokers.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Ok when the brokers name a leader for each of the `wanted` partitions of
+/// `topic`; else the first partition without one.
+fn leaders(
+    meta: &BaseConsumer,
+    topic: &str,
+    wanted: u32,
+    timeout: Duration,
+) -> Result<(), LogError> {
+    with_topic(meta, topic, timeout, |t| has_leaders(t, topic, wanted))
+}
+
+fn has_leaders(
+    t: &rdkafka::metadata::MetadataTopic,
+    topic: &str,
+    wanted: u32,
+) -> Result<(), LogError> {
+    if let Some(e) = t.error() {
+        return Err(LogError::Unavailable(format!("topic {topic}: {e:?}")));
+    }
+    for p in 0..wanted {
+        let leader = t
+            .partitions()
+            .iter()
+            .find(|m| m.id() == p as i32)
+            .filter(|m| m.error().is_none())
+            .map(|m| m.leader());
+        if leader.is_none_or(|l| l < 0) {
+            return Err(LogError::Unavailable(format!(
+                "partition {p} of {topic} has no leader"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The partition count of `topic`, waiting for a just-created topic to show.
@@ -769,6 +819,18 @@ impl EventLog for KafkaLog {
                 let probe = clients.probe.lock().unwrap_or_else(|p| p.into_inner());
                 exact_end(&probe, &topic, partition, high.max(0) as u64, timeout)
             })
+            .await
+    }
+
+    /// One metadata request: every partition of the topic has a leader.
+    /// Bounded by [`READY_TIMEOUT`], so a readiness probe against dead
+    /// brokers holds a blocking thread that long at most.
+    async fn readable(&self) -> Result<(), LogError> {
+        let meta = self.clients.live.consumer().clone();
+        let (topic, wanted) = (self.config.topic.clone(), self.config.partitions);
+        let timeout = self.config.timeout.min(READY_TIMEOUT);
+        self.clients
+            .blocking(move || leaders(&meta, &topic, wanted, timeout))
             .await
     }
 

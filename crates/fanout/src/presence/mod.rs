@@ -177,16 +177,20 @@ impl Presence {
 
     /// A connection of `member` joined `room`.
     pub fn joined(&self, room: &str, member: &Arc<Member>) {
-        self.state.lock().unwrap().joined(room, member);
+        let mut st = self.state.lock().unwrap();
+        st.joined(room, member);
+        set_gauges(&st);
+        drop(st);
         self.changed.notify_one();
-        self.gauges();
     }
 
     /// A connection of `member` left `room` (or closed).
     pub fn left(&self, room: &str, member: &Member) {
-        self.state.lock().unwrap().left(room, member);
+        let mut st = self.state.lock().unwrap();
+        st.left(room, member);
+        set_gauges(&st);
+        drop(st);
         self.changed.notify_one();
-        self.gauges();
     }
 
     /// Answers `member`, who asked for `room`, with a `presence` frame of
@@ -253,15 +257,6 @@ impl Presence {
         self.tasks.wait().await;
     }
 
-    fn gauges(&self) {
-        let (nodes, entries) = {
-            let st = self.state.lock().unwrap();
-            (st.nodes(), st.entries())
-        };
-        metrics::gauge!(crate::metrics::PRESENCE_NODES).set(nodes as f64);
-        metrics::gauge!(crate::metrics::PRESENCE_ENTRIES).set(entries as f64);
-    }
-
     /// The publisher: typing notices as they come, changed rooms after
     /// [`PresenceConfig::flush`], every room each heartbeat, goodbye at the
     /// end.
@@ -289,6 +284,7 @@ impl Presence {
                         let mut st = self.state.lock().unwrap();
                         if now.duration_since(last_sweep) >= SWEEP_EVERY {
                             st.expire(now, self.config.expiry);
+                            set_gauges(&st);
                             last_sweep = now;
                         }
                         let asked = st.want_full
@@ -305,7 +301,6 @@ impl Presence {
                             Some(st.announcement(false, most))
                         }
                     };
-                    self.gauges();
                     if let Some(rooms) = notices {
                         let notices = notice::rooms_notices(&self.source, rooms, NAMES_PER_NOTICE);
                         self.send(&bus, notices).await;
@@ -420,21 +415,24 @@ impl Presence {
             Notice::Rooms { source, rooms } => {
                 if age < self.config.expiry {
                     let rooms = rooms.into_iter().map(|r| (r.room, r.users)).collect();
-                    self.state.lock().unwrap().announce(
-                        &source,
-                        rooms,
-                        Instant::now(),
-                        self.config.bounds,
-                    );
-                    self.gauges();
+                    let mut st = self.state.lock().unwrap();
+                    st.announce(&source, rooms, Instant::now(), self.config.bounds);
+                    set_gauges(&st);
                 }
             }
             Notice::Bye { source } => {
-                self.state.lock().unwrap().bye(&source);
-                self.gauges();
+                let mut st = self.state.lock().unwrap();
+                st.bye(&source);
+                set_gauges(&st);
             }
         }
     }
+}
+
+/// The presence gauges from `st`, under the lock that changed it.
+fn set_gauges(st: &State) {
+    metrics::gauge!(crate::metrics::PRESENCE_NODES).set(st.nodes() as f64);
+    metrics::gauge!(crate::metrics::PRESENCE_ENTRIES).set(st.entries() as f64);
 }
 
 fn users_frame(room: &str, users: &[String], more: u64) -> Frame {

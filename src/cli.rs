@@ -260,6 +260,23 @@ pub struct ServeArgs {
     /// everyone's presence within three heartbeats and a second.
     #[arg(long, default_value_t = fanout::presence::PresenceConfig::default().heartbeat.as_millis() as u64, env = "CHAT_PRESENCE_HEARTBEAT_MS")]
     presence_heartbeat_ms: u64,
+    /// Rooms whose members see each other's read positions (`read` frames,
+    /// `GET /rooms/{room}/reads`): room names and prefix patterns (`team.*`,
+    /// `dm:*`, `*`), comma-separated. In the other rooms a user's read
+    /// position is the user's own.
+    #[arg(
+        long,
+        default_value = "dm:*",
+        value_delimiter = ',',
+        env = "CHAT_SHARED_READS"
+    )]
+    shared_reads: Vec<String>,
+    /// Whether this node appends read positions (`read` frames, `POST
+    /// /rooms/{room}/reads`). Turn it off while a rolling upgrade from a
+    /// release before read positions still runs old projectors or
+    /// gateways, which cannot read them (docs/operations.md).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "CHAT_READ_POSITIONS")]
+    read_positions: bool,
     #[command(flatten)]
     topics: TopicArgs,
     /// The history store: `embedded` (in the data dir) or
@@ -709,6 +726,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Before binding: a server refused for its auth never listens.
     let auth = args.auth().await?;
     let limits = args.limits.limits()?;
+    let shared_reads = schemas::protocol::RoomPatterns::parse(&args.shared_reads)
+        .map_err(|e| anyhow::anyhow!("--shared-reads: {e}"))?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -738,6 +757,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             send_timeout: std::time::Duration::from_millis(args.send_timeout_ms),
             jwks_refresh: args.jwks_refresh,
             limits,
+            read_positions: args.read_positions,
+            shared_reads: std::sync::Arc::new(shared_reads),
             ..Default::default()
         },
         auth,

@@ -550,10 +550,13 @@ pub async fn serve(
     };
     let store = history_for_reads(&config, current);
 
-    let fanout = config
-        .roles
-        .has(Role::Fanout)
-        .then(|| Fanout::with_history(log.clone(), store.clone(), FanoutConfig::default()));
+    let fanout = config.roles.has(Role::Fanout).then(|| {
+        let config = FanoutConfig {
+            shared_reads: config.gateway.shared_reads.clone(),
+            ..FanoutConfig::default()
+        };
+        Fanout::with_history(log.clone(), store.clone(), config)
+    });
     let presence = fanout.clone().map(|fanout| {
         Presence::start(
             fanout,

@@ -670,7 +670,9 @@ async fn a_direct_message_reaches_its_two_users_across_gateways_and_no_one_else(
     let topic = whole_topic(&broker).await;
     assert_eq!(topic.len(), sent.len(), "{topic:?}");
     for (key, event) in &topic {
-        let schemas::ChatEvent::MessagePosted(m) = event;
+        let schemas::ChatEvent::MessagePosted(m) = event else {
+            panic!("only messages were sent: {event:?}");
+        };
         assert_eq!(key, DM);
         assert_ne!(m.user, "carol");
     }

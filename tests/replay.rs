@@ -48,6 +48,24 @@ async fn chat_json(args: &[&str]) -> Value {
         .unwrap_or_else(|e| panic!("chat {args:?} printed no JSON ({e}): {stdout}\n{stderr}"))
 }
 
+/// `chat replay --switch` of the Kafka log at `url` into the store of
+/// `data_dir` (inside the server holding it, if one does); its report.
+async fn replay_and_switch(url: &str, data_dir: &str) -> Value {
+    let partitions = PARTITIONS.to_string();
+    chat_json(&[
+        "replay",
+        "--log",
+        url,
+        "--data-dir",
+        data_dir,
+        "--partitions",
+        &partitions,
+        "--switch",
+        "--json",
+    ])
+    .await
+}
+
 /// Waits for the control socket of the server on `dir`.
 async fn control_socket(dir: &Path) {
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -461,18 +479,7 @@ async fn replay_on_the_broker_inside_a_server_and_on_its_own() {
     let events = counts.values().sum::<usize>();
 
     // Inside the server holding data dir A.
-    let args = [
-        "replay",
-        "--log",
-        &url,
-        "--data-dir",
-        &a_dir,
-        "--partitions",
-        "4",
-        "--switch",
-        "--json",
-    ];
-    let report = chat_json(&args).await;
+    let report = replay_and_switch(&url, &a_dir).await;
     assert_eq!(report["version"], "v2");
     assert_eq!(report["events"], events);
     assert_eq!(report["dead_lettered"], 2);
@@ -483,18 +490,7 @@ async fn replay_on_the_broker_inside_a_server_and_on_its_own() {
     );
 
     // On its own, into a fresh store B, then served from B.
-    let args = [
-        "replay",
-        "--log",
-        &url,
-        "--data-dir",
-        &b_dir,
-        "--partitions",
-        "4",
-        "--switch",
-        "--json",
-    ];
-    let report = chat_json(&args).await;
+    let report = replay_and_switch(&url, &b_dir).await;
     assert_eq!(report["events"], events);
     assert_eq!(report["dead_lettered"], 2);
     assert_eq!(report["switched"], true);
@@ -507,4 +503,179 @@ async fn replay_on_the_broker_inside_a_server_and_on_its_own() {
         live,
         "the replay into B equals A's live history"
     );
+}
+
+/// Sends `n` messages to `room` and waits for their acks; their offsets,
+/// and every other frame read meanwhile is added to `heard`.
+async fn acked_offsets(c: &mut Client, room: &str, n: usize, heard: &mut Vec<Value>) -> Vec<i64> {
+    for i in 0..n {
+        c.send_message(room, &id(), &format!("{} says {i}", c.user))
+            .await;
+    }
+    let mut offsets = Vec::new();
+    while offsets.len() < n {
+        let f = c.recv().await;
+        if f["type"] == "ack" {
+            offsets.push(f["offset"].as_i64().unwrap());
+        } else {
+            heard.push(f);
+        }
+    }
+    offsets
+}
+
+/// Frames of `c` up to the first one `until` accepts, added to `heard`.
+async fn hear_until(c: &mut Client, heard: &mut Vec<Value>, until: impl Fn(&Value) -> bool) {
+    loop {
+        let f = c.recv().await;
+        let done = until(&f);
+        heard.push(f);
+        if done {
+            return;
+        }
+    }
+}
+
+/// `GET /me/rooms` of `user` on `server`, by room.
+async fn my_rooms(server: &Server, user: &str) -> HashMap<String, Value> {
+    let (status, body) = server.get_as(&format!("/me/rooms?user={user}"), None).await;
+    assert_eq!(status, 200, "{body}");
+    body["rooms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["room"].as_str().unwrap().to_owned(), r.clone()))
+        .collect()
+}
+
+/// Waits until `GET /me/rooms` of `user` on `server` lists `room` as `want`
+/// (`last_offset`, `read_offset`, `unread`).
+async fn rooms_say(server: &Server, user: &str, room: &str, want: (i64, Option<i64>, u64)) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let got = my_rooms(server, user).await.get(room).map(|r| {
+            (
+                r["last_offset"].as_i64().unwrap_or(-1),
+                r["read_offset"].as_i64(),
+                r["unread"].as_u64().unwrap(),
+            )
+        });
+        if got == Some(want) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{user}'s {room} on {} is {got:?}, not {want:?}",
+            server.addr
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Read positions and unread counts (issue 19, point 2), on two gateways
+/// of one broker: alice reads up to an offset on A, bob sends 5, alice asks
+/// B: 5 unread; a replay into a new projection version says the same. In a
+/// direct-message room read positions are shared across gateways; in a
+/// public one they are the reader's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_counts_hold_on_another_gateway_and_after_a_replay() {
+    let broker = eventlog::kafka::testing::Broker::start(None);
+    let url = broker.url();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let b_dir = db.path().to_str().unwrap().to_owned();
+    let a = Server::start_with(da.path(), PARTITIONS, &["--log", &url, "--node", "gw-a"]).await;
+    let b = Server::start_with(db.path(), PARTITIONS, &["--log", &url, "--node", "gw-b"]).await;
+    control_socket(db.path()).await;
+    const DM: &str = "dm:alice:bob";
+    let mut alice = a.connect("alice").await;
+    let mut bob = b.connect("bob").await;
+    for room in ["general", DM] {
+        alice.join(room, None).await;
+        bob.join(room, None).await;
+    }
+
+    // Every frame bob's connection gets.
+    let mut heard = Vec::new();
+    let first = acked_offsets(&mut bob, "general", 3, &mut heard).await;
+    let read_to = *first.last().unwrap();
+    alice
+        .send_json(serde_json::json!({"type": "read", "room": "general", "offset": read_to}))
+        .await;
+    // Alice's own connection hears it back from the log.
+    let echo = alice.recv_type("read").await;
+    assert_eq!(
+        echo,
+        serde_json::json!({"type": "read", "room": "general", "user": "alice", "offset": read_to})
+    );
+    let later = acked_offsets(&mut bob, "general", 5, &mut heard).await;
+    let last = *later.last().unwrap();
+    // Alice's read of general is before bob's last message in its
+    // partition: had bob been sent it, he would have it by then.
+    hear_until(&mut bob, &mut heard, |f| {
+        f["type"] == "message" && f["offset"] == last
+    })
+    .await;
+    assert!(
+        !heard.iter().any(|f| f["type"] == "read"),
+        "alice's read of the public room reached bob: {heard:?}"
+    );
+
+    // A direct message: bob writes twice, alice reads the first.
+    let dm = acked_offsets(&mut bob, DM, 2, &mut heard).await;
+    alice
+        .send_json(serde_json::json!({"type": "read", "room": DM, "offset": dm[0]}))
+        .await;
+    // Shared in a DM: bob, on the other gateway, is told.
+    let told = bob.recv_type("read").await;
+    assert_eq!(told["room"], DM, "{told}");
+    assert_eq!(
+        told,
+        serde_json::json!({"type": "read", "room": DM, "user": "alice", "offset": dm[0]})
+    );
+
+    alice.close().await;
+    let mut alice = b.connect("alice").await;
+    alice.join("general", None).await;
+    rooms_say(&b, "alice", "general", (last, Some(read_to), 5)).await;
+    rooms_say(&b, "alice", DM, (dm[1], Some(dm[0]), 1)).await;
+    // Bob's own messages are read by him.
+    rooms_say(&b, "bob", "general", (last, Some(last), 0)).await;
+    rooms_say(&a, "alice", "general", (last, Some(read_to), 5)).await;
+
+    // Public rooms keep read positions to their reader; DMs share them.
+    let (status, reads) = b.get_as("/rooms/general/reads?user=bob", None).await;
+    assert_eq!(status, 200, "{reads}");
+    assert_eq!(reads["shared"], false);
+    assert_eq!(
+        reads["reads"],
+        serde_json::json!([{"user": "bob", "offset": last}])
+    );
+    let (_, reads) = b.get_as(&format!("/rooms/{DM}/reads?user=bob"), None).await;
+    assert_eq!(reads["shared"], true);
+    assert_eq!(
+        reads["reads"],
+        serde_json::json!([{"user": "alice", "offset": dm[0]}, {"user": "bob", "offset": dm[1]}])
+    );
+    let (status, _) = b
+        .get_as(&format!("/rooms/{DM}/reads?user=carol"), None)
+        .await;
+    assert_eq!(status, 403, "carol may not read the DM's positions");
+
+    // A replay into a new projection version rebuilds the same answers.
+    let report = replay_and_switch(&url, &b_dir).await;
+    assert_eq!(report["version"], "v2");
+    assert_eq!(report["switched"], true);
+    let rooms = my_rooms(&b, "alice").await;
+    let general = &rooms["general"];
+    assert_eq!(
+        (
+            general["last_offset"].as_i64(),
+            general["read_offset"].as_i64(),
+            general["unread"].as_u64()
+        ),
+        (Some(last), Some(read_to), Some(5)),
+        "after the replay: {general}"
+    );
+    assert_eq!(rooms[DM]["unread"], 1, "{}", rooms[DM]);
+    alice.close().await;
 }

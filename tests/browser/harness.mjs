@@ -142,6 +142,28 @@ export async function startBroker() {
   }
 }
 
+// One test broker and two gateways on it (`gw-a`, `gw-b`), for a suite's
+// `before`; `stop()`, for its `after`, stops them all. The test broker is a
+// single broker: one replica, one in sync.
+export async function startTwoGateways() {
+  const env = { CHAT_LOG_REPLICATION_FACTOR: '1', CHAT_LOG_MIN_INSYNC_REPLICAS: '1' };
+  const cluster = { broker: null, gateways: [] };
+  cluster.stop = async () => {
+    for (const g of cluster.gateways) await g.stop();
+    if (cluster.broker) await cluster.broker.stop();
+  };
+  try {
+    cluster.broker = await startBroker();
+    for (const node of ['gw-a', 'gw-b']) {
+      cluster.gateways.push(await startChat(env, ['--log', cluster.broker.url, '--node', node]));
+    }
+  } catch (e) {
+    await cluster.stop(); // what started, before the failure
+    throw e;
+  }
+  return cluster;
+}
+
 // A token for `user`, minted by `chat token` with the given environment
 // (CHAT_JWT_SECRET).
 export function mintToken(env, user) {

@@ -8,15 +8,12 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  failureTracker, joinRoom, launchBrowser, openDevUser, startBroker, startChat, WAIT_MS,
+  failureTracker, joinRoom, launchBrowser, openDevUser, startTwoGateways, WAIT_MS,
 } from './harness.mjs';
 
 const ROOM = 'lobby';
-// The test broker is a single broker: one replica, one in sync.
-const ENV = { CHAT_LOG_REPLICATION_FACTOR: '1', CHAT_LOG_MIN_INSYNC_REPLICAS: '1' };
-
-let broker;
-const gateways = [];
+let cluster;
+let gateways = [];
 let browser;
 const pageLog = [];
 const pages = {};
@@ -37,10 +34,8 @@ async function waitOnline(page, users) {
 
 describe('presence and typing across two gateways', { timeout: 120_000 }, () => {
   before(() => guard(async () => {
-    broker = await startBroker();
-    for (const node of ['gw-a', 'gw-b']) {
-      gateways.push(await startChat(ENV, ['--log', broker.url, '--node', node]));
-    }
+    cluster = await startTwoGateways();
+    gateways = cluster.gateways;
     browser = await launchBrowser();
   }));
 
@@ -48,8 +43,7 @@ describe('presence and typing across two gateways', { timeout: 120_000 }, () => 
     if (browser) await browser.close().catch(() => {});
     report(gateways[0], pageLog);
     if (gateways[1]) report(gateways[1], []);
-    for (const g of gateways) await g.stop();
-    if (broker) await broker.stop();
+    if (cluster) await cluster.stop();
   });
 
   step('each page shows the other user online', async () => {

@@ -331,6 +331,12 @@ fn handle(
                 FrameError::new(ErrorCode::Unavailable, "no presence here", None).in_room(&room);
             member.offer(frame(e.to_frame()));
         }
+        ClientFrame::Read { room, .. } => {
+            // Nor read positions: it answers as a node that appends none.
+            let e = FrameError::new(ErrorCode::Unavailable, "no read positions here", None)
+                .in_room(&room);
+            member.offer(frame(e.to_frame()));
+        }
         ClientFrame::Send { room, id, body } => {
             let ts = now_ms();
             let mut rooms = state.rooms.lock().unwrap();

@@ -34,6 +34,8 @@ pub(crate) struct Dispatcher {
     pub(crate) ring: usize,
     /// First wait after a log error.
     pub(crate) retry: Duration,
+    /// Rooms whose members see each other's read positions.
+    pub(crate) shared_reads: Arc<schemas::protocol::RoomPatterns>,
     /// Cancelled when the dispatcher must stop (its partition was released,
     /// or the fan-out shuts down).
     pub(crate) stop: CancellationToken,
@@ -104,6 +106,7 @@ impl Dispatcher {
                 .iter()
                 .filter(|r| r.offset < end)
                 .filter_map(|r| decode(r).ok())
+                .filter(|e| e.reader.is_none())
                 .map(|e| (e.key, e.offset))
                 .collect();
             let mut st = self.state.lock().unwrap();
@@ -122,7 +125,12 @@ impl Dispatcher {
         let entries: Vec<Entry> = batch
             .iter()
             .filter_map(|record| match decode(record) {
-                Ok(e) => Some(e),
+                Ok(mut e) => {
+                    if let Some(reader) = &mut e.reader {
+                        reader.shared = self.shared_reads.covers(&e.room);
+                    }
+                    Some(e)
+                }
                 Err(u) => {
                     // Never a silent gap: counted, logged, and the room's
                     // members are told in the message's place.

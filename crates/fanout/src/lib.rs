@@ -75,6 +75,9 @@ pub struct FanoutConfig {
     /// How long a catch-up waits for room in a member's queue before the
     /// member is kicked as a slow consumer.
     pub catch_up_stall: Duration,
+    /// Rooms whose members see each other's read positions; in the others
+    /// a user's read position reaches only that user's own connections.
+    pub shared_reads: Arc<schemas::protocol::RoomPatterns>,
 }
 
 impl Default for FanoutConfig {
@@ -85,6 +88,7 @@ impl Default for FanoutConfig {
             seen_ids: 65_536,
             catch_up_reads: 256,
             catch_up_stall: Duration::from_secs(10),
+            shared_reads: Arc::new(default_shared_reads()),
         }
     }
 }
@@ -123,6 +127,11 @@ pub struct Fanout {
 }
 
 /// Serializes a message frame once.
+/// The rooms that share read positions unless configured: direct messages.
+pub fn default_shared_reads() -> schemas::protocol::RoomPatterns {
+    schemas::protocol::RoomPatterns::parse(&["dm:*"]).expect("dm:* is a room pattern")
+}
+
 pub fn message_frame(m: &MessageView) -> Frame {
     Frame::from(ServerFrame::Message(m).to_json())
 }
@@ -225,6 +234,7 @@ impl Fanout {
             state: state.clone(),
             ring: self.config.ring,
             retry: self.config.retry,
+            shared_reads: self.config.shared_reads.clone(),
             stop,
         };
         self.tasks.spawn(dispatcher.run());

@@ -34,6 +34,18 @@ pub(crate) struct Entry {
     /// Hash of (room, client id): the identity a retried send keeps.
     pub(crate) key: u64,
     pub(crate) frame: Frame,
+    /// Set for a read position: live only, never in the ring or a
+    /// catch-up, and shown to the reader's own connections, or to every
+    /// member where the room shares read positions.
+    pub(crate) reader: Option<Box<Reader>>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Reader {
+    pub(crate) user: String,
+    /// The room shares its members' read positions (decided by the
+    /// dispatcher, from its configuration).
+    pub(crate) shared: bool,
 }
 
 /// A record this build cannot read as a chat message (a newer schema
@@ -50,6 +62,7 @@ pub(crate) struct Unreadable {
 pub(crate) fn decode(record: &LogRecord) -> Result<Entry, Unreadable> {
     let m = match schemas::decode(&record.value) {
         Ok(schemas::ChatEvent::MessagePosted(m)) => m,
+        Ok(schemas::ChatEvent::ReadPositionMoved(r)) => return Ok(read_entry(record, r)),
         Err(e) => return Err(unreadable(record, e.to_string())),
     };
     let view = MessageView {
@@ -65,7 +78,30 @@ pub(crate) fn decode(record: &LogRecord) -> Result<Entry, Unreadable> {
         key: identity(&view.room, &view.id),
         frame: message_frame(&view),
         room: view.room,
+        reader: None,
     })
+}
+
+/// A read position as its frame: cut, as the projector cuts it, at the
+/// offset before its own record.
+fn read_entry(record: &LogRecord, r: schemas::ReadPositionMoved) -> Entry {
+    let offset = r.offset.min(record.offset as i64 - 1).max(-1);
+    let frame = schemas::protocol::ServerFrame::Read {
+        room: &r.room,
+        user: &r.user,
+        offset,
+    }
+    .to_json();
+    Entry {
+        offset: record.offset,
+        key: identity(&r.room, &format!("\0read{}", record.offset)),
+        frame: Frame::from(frame),
+        room: r.room,
+        reader: Some(Box::new(Reader {
+            user: r.user,
+            shared: false,
+        })),
+    }
 }
 
 fn unreadable(record: &LogRecord, error: String) -> Unreadable {
@@ -82,6 +118,7 @@ fn unreadable(record: &LogRecord, error: String) -> Unreadable {
             record.offset as i64,
         )),
         room: room.to_owned(),
+        reader: None,
     });
     Unreadable { error, notice }
 }
@@ -157,6 +194,18 @@ impl PartitionState {
     pub(crate) fn dispatch(&mut self, entries: Vec<Entry>, next: u64, ring: usize) -> u64 {
         let mut delivered = 0u64;
         for e in entries {
+            if let Some(reader) = &e.reader {
+                // Live only: offered where it fits, never kicking.
+                if let Some(members) = self.rooms.get(&e.room) {
+                    for s in members.iter().filter(|s| e.offset >= s.from) {
+                        if reader.shared || s.member.user() == reader.user {
+                            s.member.offer_ephemeral(e.frame.clone());
+                            delivered += 1;
+                        }
+                    }
+                }
+                continue;
+            }
             if !self.seen.first_sighting(e.key, e.offset) {
                 ::metrics::counter!(crate::metrics::DUPLICATES_DROPPED_TOTAL).increment(1);
                 continue;
@@ -201,6 +250,7 @@ pub(crate) mod tests {
             room: room.to_owned(),
             key: identity(room, id),
             frame: Frame::from(format!("{room}/{id}@{offset}")),
+            reader: None,
         }
     }
 
@@ -212,6 +262,54 @@ pub(crate) mod tests {
 
     fn drain(rx: &mut mpsc::Receiver<Frame>) -> Vec<String> {
         std::iter::from_fn(|| rx.try_recv().ok().map(|f| f.as_str().to_owned())).collect()
+    }
+
+    fn read_record(offset: u64, room: &str, user: &str, upto: i64) -> LogRecord {
+        let event = schemas::ChatEvent::ReadPositionMoved(schemas::ReadPositionMoved {
+            room: room.into(),
+            user: user.into(),
+            offset: upto,
+            ts: 1,
+        });
+        LogRecord {
+            partition: 0,
+            offset,
+            key: room.as_bytes().to_vec(),
+            value: schemas::encode(&event),
+            ts: 1,
+        }
+    }
+
+    #[test]
+    fn a_read_position_reaches_the_readers_connections_or_every_member_where_shared() {
+        let mut st = PartitionState::new(0, 64);
+        let user = |name: &str| {
+            let (tx, rx) = mpsc::channel(16);
+            (Member::new(name, tx, CancellationToken::new()), rx)
+        };
+        let (ada, mut ra) = user("ada");
+        let (bob, mut rb) = user("bob");
+        st.subscribe("r", ada, 0);
+        st.subscribe("r", bob, 0);
+        // ada claims 9 at offset 3: cut at 2.
+        let mut private = decode(&read_record(3, "r", "ada", 9)).unwrap();
+        let mut shared = decode(&read_record(4, "r", "ada", 3)).unwrap();
+        shared.reader.as_mut().unwrap().shared = true;
+        private.reader.as_mut().unwrap().shared = false;
+        st.dispatch(vec![private, shared], 5, 16);
+        assert_eq!(
+            drain(&mut ra),
+            [
+                r#"{"type":"read","room":"r","user":"ada","offset":2}"#,
+                r#"{"type":"read","room":"r","user":"ada","offset":3}"#
+            ]
+        );
+        assert_eq!(
+            drain(&mut rb),
+            [r#"{"type":"read","room":"r","user":"ada","offset":3}"#]
+        );
+        assert!(st.ring.is_empty(), "read positions are live only");
+        assert_eq!(st.next, 5);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use schemas::protocol::MessageView;
 
-use crate::HistoryStore;
+use crate::{Batch, HistoryStore, ReadMark};
 
 /// How a backend makes stores for the suite.
 #[async_trait]
@@ -56,6 +56,11 @@ macro_rules! store_conformance_suite {
             find_id_returns_the_first_offset,
             find_ids_answers_each_key,
             unicode_bodies_round_trip,
+            read_positions_keep_the_highest,
+            read_positions_are_per_room_and_user,
+            a_covered_batch_moves_no_read_position,
+            rooms_are_listed_per_user_once,
+            unread_counts_messages_after_the_read_position,
         );
     };
     ($($input:tt)*) => {
@@ -72,6 +77,22 @@ pub fn message(room: &str, offset: u64, id: &str) -> MessageView {
         user: "alice".to_owned(),
         body: format!("body {offset}"),
         ts: 1_700_000_000_000 + offset as i64,
+    }
+}
+
+/// `user`'s read position `offset` in `room`.
+pub fn read(room: &str, user: &str, offset: u64) -> ReadMark {
+    ReadMark {
+        room: room.to_owned(),
+        user: user.to_owned(),
+        offset,
+    }
+}
+
+fn reads(marks: Vec<ReadMark>) -> Batch {
+    Batch {
+        reads: marks,
+        ..Batch::default()
     }
 }
 
@@ -203,4 +224,102 @@ pub async fn unicode_bodies_round_trip(h: &impl StoreHarness) {
     m.user = "zoë".into();
     s.apply(0, vec![m.clone()], 1).await.unwrap();
     assert_eq!(s.page("r", None, 1).await.unwrap(), vec![m]);
+}
+
+pub async fn read_positions_keep_the_highest(h: &impl StoreHarness) {
+    let s = h.fresh().await;
+    assert_eq!(s.read_position("r", "ada").await.unwrap(), None);
+    s.apply_batch(0, reads(vec![read("r", "ada", 5), read("r", "ada", 3)]), 6)
+        .await
+        .unwrap();
+    assert_eq!(s.read_position("r", "ada").await.unwrap(), Some(5));
+    // A later, lower position (an older message read again) moves nothing.
+    s.apply_batch(0, reads(vec![read("r", "ada", 2)]), 7)
+        .await
+        .unwrap();
+    assert_eq!(s.read_position("r", "ada").await.unwrap(), Some(5));
+    s.apply_batch(0, reads(vec![read("r", "ada", 9)]), 10)
+        .await
+        .unwrap();
+    assert_eq!(s.read_position("r", "ada").await.unwrap(), Some(9));
+}
+
+pub async fn read_positions_are_per_room_and_user(h: &impl StoreHarness) {
+    let s = h.fresh().await;
+    let marks = vec![
+        read("r", "ada", 4),
+        read("r", "bob", 2),
+        read("q", "ada", 7),
+    ];
+    s.apply_batch(0, reads(marks), 8).await.unwrap();
+    assert_eq!(s.read_position("r", "bob").await.unwrap(), Some(2));
+    assert_eq!(s.read_position("q", "ada").await.unwrap(), Some(7));
+    assert_eq!(s.read_position("q", "bob").await.unwrap(), None);
+    assert_eq!(
+        s.reads("r").await.unwrap(),
+        vec![("ada".to_owned(), 4), ("bob".to_owned(), 2)]
+    );
+    assert!(s.reads("nowhere").await.unwrap().is_empty());
+}
+
+pub async fn a_covered_batch_moves_no_read_position(h: &impl StoreHarness) {
+    let s = h.fresh().await;
+    s.apply_batch(0, reads(vec![read("r", "ada", 1)]), 5)
+        .await
+        .unwrap();
+    let replayed = Batch {
+        reads: vec![read("r", "ada", 4)],
+        members: vec![("ada".to_owned(), "elsewhere".to_owned())],
+        ..Batch::default()
+    };
+    s.apply_batch(0, replayed, 5).await.unwrap();
+    assert_eq!(s.read_position("r", "ada").await.unwrap(), Some(1));
+    assert!(s.user_rooms("ada").await.unwrap().is_empty());
+}
+
+pub async fn rooms_are_listed_per_user_once(h: &impl StoreHarness) {
+    let s = h.fresh().await;
+    let member = |u: &str, r: &str| (u.to_owned(), r.to_owned());
+    let batch = Batch {
+        messages: vec![message("general", 0, "1")],
+        reads: Vec::new(),
+        members: vec![
+            member("alice", "general"),
+            member("alice", "dm:alice:bob"),
+            member("bob", "dm:alice:bob"),
+            member("alice", "general"),
+        ],
+    };
+    s.apply_batch(0, batch, 1).await.unwrap();
+    s.apply_batch(
+        0,
+        Batch {
+            members: vec![member("alice", "general"), member("alice", "a-team")],
+            ..Batch::default()
+        },
+        2,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.user_rooms("alice").await.unwrap(),
+        ["a-team", "dm:alice:bob", "general"]
+    );
+    assert_eq!(s.user_rooms("bob").await.unwrap(), ["dm:alice:bob"]);
+    assert!(s.user_rooms("carol").await.unwrap().is_empty());
+}
+
+pub async fn unread_counts_messages_after_the_read_position(h: &impl StoreHarness) {
+    let s = h.fresh().await;
+    // Two rooms interleaved in one partition.
+    let batch: Vec<_> = (0..40)
+        .map(|o| message(if o % 2 == 0 { "r" } else { "q" }, o, &format!("id{o}")))
+        .collect();
+    s.apply(0, batch, 40).await.unwrap();
+    assert_eq!(s.count_after("r", None, 1000).await.unwrap(), 20);
+    assert_eq!(s.count_after("r", Some(29), 1000).await.unwrap(), 5);
+    assert_eq!(s.count_after("r", Some(30), 1000).await.unwrap(), 4);
+    assert_eq!(s.count_after("r", Some(39), 1000).await.unwrap(), 0);
+    assert_eq!(s.count_after("r", None, 7).await.unwrap(), 7);
+    assert_eq!(s.count_after("nowhere", None, 1000).await.unwrap(), 0);
 }

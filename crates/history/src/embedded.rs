@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::versions::{check_name, VersionError, VersionInfo, VersionState, Versions};
-use crate::{HistoryStore, StoreError};
+use crate::{Batch, HistoryStore, StoreError, MAX_LISTED};
 
 /// What a message row holds besides its key (room, offset).
 #[derive(Serialize, Deserialize)]
@@ -40,6 +40,8 @@ struct Tables {
     messages: String,
     ids: String,
     positions: String,
+    reads: String,
+    members: String,
 }
 
 impl Tables {
@@ -48,7 +50,19 @@ impl Tables {
             messages: format!("messages@{namespace}"),
             ids: format!("ids@{namespace}"),
             positions: format!("positions@{namespace}"),
+            reads: format!("reads@{namespace}"),
+            members: format!("members@{namespace}"),
         }
+    }
+
+    /// (room, user) -> the highest read position stored.
+    fn reads(&self) -> TableDefinition<'_, (&'static str, &'static str), u64> {
+        TableDefinition::new(&self.reads)
+    }
+
+    /// (user, room): the rooms listed for a user.
+    fn members(&self) -> TableDefinition<'_, (&'static str, &'static str), ()> {
+        TableDefinition::new(&self.members)
     }
 
     fn messages(&self) -> TableDefinition<'_, (&'static str, u64), &'static [u8]> {
@@ -127,6 +141,8 @@ impl EmbeddedStore {
         txn.open_table(tables.messages()).map_err(storage)?;
         txn.open_table(tables.ids()).map_err(storage)?;
         txn.open_table(tables.positions()).map_err(storage)?;
+        txn.open_table(tables.reads()).map_err(storage)?;
+        txn.open_table(tables.members()).map_err(storage)?;
         let id = {
             let mut meta = txn.open_table(META).map_err(storage)?;
             let existing = meta
@@ -169,14 +185,16 @@ impl EmbeddedStore {
 
 /// Writes one apply into `txn`: nothing when the stored position already
 /// covers `next`, else the new messages (ids already in their room
-/// skipped) and the position, together.
+/// skipped), read positions (where higher), room listings and the
+/// position, together.
 fn apply_in(
     txn: &redb::WriteTransaction,
     tables: &Tables,
     partition: u32,
-    messages: &[MessageView],
+    batch: &Batch,
     next: u64,
 ) -> Result<(), StoreError> {
+    let messages = &batch.messages;
     let mut positions = txn.open_table(tables.positions()).map_err(storage)?;
     let stored = positions
         .get(partition)
@@ -209,6 +227,24 @@ fn apply_in(
         rows.insert((m.room.as_str(), offset), row.as_slice())
             .map_err(storage)?;
     }
+    if !batch.reads.is_empty() {
+        let mut reads = txn.open_table(tables.reads()).map_err(storage)?;
+        for r in &batch.reads {
+            let key = (r.room.as_str(), r.user.as_str());
+            let stored = reads.get(key).map_err(storage)?.map(|v| v.value());
+            if stored.is_none_or(|s| s < r.offset) {
+                reads.insert(key, r.offset).map_err(storage)?;
+            }
+        }
+    }
+    if !batch.members.is_empty() {
+        let mut members = txn.open_table(tables.members()).map_err(storage)?;
+        for (user, room) in &batch.members {
+            members
+                .insert((user.as_str(), room.as_str()), ())
+                .map_err(storage)?;
+        }
+    }
     positions.insert(partition, next).map_err(storage)?;
     Ok(())
 }
@@ -238,7 +274,7 @@ const COMMIT_MESSAGES: usize = 1024;
 /// One `apply` call, on its way to the committer.
 struct Apply {
     partition: u32,
-    messages: Vec<MessageView>,
+    batch: Batch,
     next: u64,
     reply: oneshot::Sender<Result<(), StoreError>>,
 }
@@ -354,7 +390,7 @@ fn gather(
     until: std::time::Instant,
 ) {
     let until = tokio::time::Instant::from_std(until);
-    let mut messages: usize = batch.iter().map(|a| a.messages.len()).sum();
+    let mut messages: usize = batch.iter().map(|a| a.batch.messages.len()).sum();
     while batch.len() < MAX_APPLIES_PER_COMMIT && messages < COMMIT_MESSAGES {
         let next = match rx.try_recv() {
             Ok(apply) => Some(apply),
@@ -366,7 +402,7 @@ fn gather(
                 .flatten(),
         };
         let Some(apply) = next else { break };
-        messages += apply.messages.len();
+        messages += apply.batch.messages.len();
         batch.push(apply);
     }
 }
@@ -403,7 +439,7 @@ fn commit(
         Durability::None
     });
     for a in applies {
-        apply_in(&txn, tables, a.partition, &a.messages, a.next)?;
+        apply_in(&txn, tables, a.partition, &a.batch, a.next)?;
     }
     txn.commit().map_err(storage)?;
     metrics::counter!(crate::metrics::STORE_COMMITS_TOTAL).increment(1);
@@ -441,12 +477,7 @@ fn answer(db: &Database, tables: &Tables, batch: &mut Vec<Apply>, durable: bool)
 
 #[async_trait]
 impl HistoryStore for EmbeddedStore {
-    async fn apply(
-        &self,
-        partition: u32,
-        messages: Vec<MessageView>,
-        next: u64,
-    ) -> Result<(), StoreError> {
+    async fn apply_batch(&self, partition: u32, batch: Batch, next: u64) -> Result<(), StoreError> {
         let (reply, answer) = oneshot::channel();
         let queue = self
             .committer
@@ -456,7 +487,7 @@ impl HistoryStore for EmbeddedStore {
         queue
             .send(Apply {
                 partition,
-                messages,
+                batch,
                 next,
                 reply,
             })
@@ -511,6 +542,88 @@ impl HistoryStore for EmbeddedStore {
             }
             page.reverse();
             Ok(page)
+        })
+        .await
+    }
+
+    async fn read_position(&self, room: &str, user: &str) -> Result<Option<u64>, StoreError> {
+        let (room, user) = (room.to_owned(), user.to_owned());
+        self.blocking(move |db, tables| {
+            let txn = db.begin_read().map_err(storage)?;
+            let reads = txn.open_table(tables.reads()).map_err(storage)?;
+            let value = reads
+                .get((room.as_str(), user.as_str()))
+                .map_err(storage)?
+                .map(|v| v.value());
+            Ok(value)
+        })
+        .await
+    }
+
+    async fn reads(&self, room: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let room = room.to_owned();
+        self.blocking(move |db, tables| {
+            let txn = db.begin_read().map_err(storage)?;
+            let reads = txn.open_table(tables.reads()).map_err(storage)?;
+            let mut found = Vec::new();
+            // Every user name sorts after "" and before "\u{7f}" (names
+            // are ASCII letters, digits and `_.-`).
+            for entry in reads
+                .range((room.as_str(), "")..(room.as_str(), "\u{7f}"))
+                .map_err(storage)?
+                .take(MAX_LISTED)
+            {
+                let (key, value) = entry.map_err(storage)?;
+                found.push((key.value().1.to_owned(), value.value()));
+            }
+            Ok(found)
+        })
+        .await
+    }
+
+    async fn user_rooms(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        let user = user.to_owned();
+        self.blocking(move |db, tables| {
+            let txn = db.begin_read().map_err(storage)?;
+            let members = txn.open_table(tables.members()).map_err(storage)?;
+            let mut rooms = Vec::new();
+            for entry in members
+                .range((user.as_str(), "")..(user.as_str(), "\u{7f}"))
+                .map_err(storage)?
+                .take(MAX_LISTED)
+            {
+                let (key, _) = entry.map_err(storage)?;
+                rooms.push(key.value().1.to_owned());
+            }
+            Ok(rooms)
+        })
+        .await
+    }
+
+    async fn count_after(
+        &self,
+        room: &str,
+        after: Option<u64>,
+        cap: u64,
+    ) -> Result<u64, StoreError> {
+        let room = room.to_owned();
+        self.blocking(move |db, tables| {
+            let txn = db.begin_read().map_err(storage)?;
+            let rows = txn.open_table(tables.messages()).map_err(storage)?;
+            let from = after.map_or(0, |a| a.saturating_add(1));
+            // Keys only: the rows' values are never read.
+            let mut count = 0;
+            for entry in rows
+                .range((room.as_str(), from)..=(room.as_str(), u64::MAX))
+                .map_err(storage)?
+            {
+                entry.map_err(storage)?;
+                count += 1;
+                if count >= cap {
+                    break;
+                }
+            }
+            Ok(count)
         })
         .await
     }
@@ -908,7 +1021,7 @@ mod tests {
     fn queued(partition: u32, messages: usize) -> Apply {
         Apply {
             partition,
-            messages: vec![message(0); messages],
+            batch: Batch::messages(vec![message(0); messages]),
             next: 1,
             reply: oneshot::channel().0,
         }

@@ -226,13 +226,16 @@ impl CurrentVersion {
 
 #[async_trait]
 impl HistoryStore for CurrentVersion {
-    async fn apply(
+    async fn apply_batch(
         &self,
         partition: u32,
-        messages: Vec<MessageView>,
+        batch: crate::Batch,
         next: u64,
     ) -> Result<(), StoreError> {
-        self.active().store.apply(partition, messages, next).await
+        self.active()
+            .store
+            .apply_batch(partition, batch, next)
+            .await
     }
 
     async fn position(&self, partition: u32) -> Result<Option<u64>, StoreError> {
@@ -250,6 +253,27 @@ impl HistoryStore for CurrentVersion {
 
     async fn find_id(&self, room: &str, id: &str) -> Result<Option<u64>, StoreError> {
         self.active().store.find_id(room, id).await
+    }
+
+    async fn read_position(&self, room: &str, user: &str) -> Result<Option<u64>, StoreError> {
+        self.active().store.read_position(room, user).await
+    }
+
+    async fn reads(&self, room: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        self.active().store.reads(room).await
+    }
+
+    async fn user_rooms(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        self.active().store.user_rooms(user).await
+    }
+
+    async fn count_after(
+        &self,
+        room: &str,
+        after: Option<u64>,
+        cap: u64,
+    ) -> Result<u64, StoreError> {
+        self.active().store.count_after(room, after, cap).await
     }
 
     async fn find_ids(

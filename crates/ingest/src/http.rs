@@ -8,6 +8,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
+use futures::{StreamExt, TryStreamExt};
 use schemas::protocol::{check_body, check_id, dm_members, valid_room, ErrorCode, FrameError};
 use serde::Deserialize;
 use serde_json::json;
@@ -195,6 +196,203 @@ pub(crate) async fn presence(
         answer["more"] = json!(more);
     }
     Json(answer).into_response()
+}
+
+/// The `unavailable` answer of a node without a history store.
+fn no_history() -> Response {
+    error_response(&FrameError::new(
+        ErrorCode::Unavailable,
+        "this node keeps no history",
+        None,
+    ))
+}
+
+/// The `unavailable` answer to a store that failed.
+fn store_failed(e: &history::StoreError) -> Response {
+    tracing::warn!(error = %e, "history read failed");
+    error_response(&FrameError::new(
+        ErrorCode::Unavailable,
+        "history store unavailable",
+        None,
+    ))
+}
+
+/// `GET /rooms/{room}/reads`: `{"room":R,"shared":B,"reads":[{"user":U,
+/// "offset":N}, …]}`, the read positions of the room's users, sorted by
+/// user, where the room shares them (`shared: true`); elsewhere only the
+/// asking user's own. The request must name its user (a token, or `?user=`
+/// in dev mode) and may use the room.
+pub(crate) async fn reads(
+    State(state): State<Arc<AppState>>,
+    Path(room): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let identity = match user_of(&state, &room, &params, &headers).await {
+        Ok(identity) => identity,
+        Err(refused) => return refused,
+    };
+    let Some(store) = &state.gw.store else {
+        return no_history();
+    };
+    let shared = state.gw.config.shared_reads.covers(&room);
+    let found = if shared {
+        store.reads(&room).await
+    } else {
+        store.read_position(&room, &identity.user).await.map(|own| {
+            own.map(|o| (identity.user.clone(), o))
+                .into_iter()
+                .collect()
+        })
+    };
+    match found {
+        Ok(found) => {
+            let reads: Vec<_> = found
+                .into_iter()
+                .map(|(user, offset)| json!({ "user": user, "offset": offset }))
+                .collect();
+            Json(json!({ "room": room, "shared": shared, "reads": reads })).into_response()
+        }
+        Err(e) => store_failed(&e),
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ReadBody {
+    offset: i64,
+}
+
+/// `POST /rooms/{room}/reads` with `{"offset":N}`: the same as a `read`
+/// frame; answered `{"type":"read","room":R,"user":U,"offset":N}` once the
+/// position is in the log.
+pub(crate) async fn post_read(
+    State(state): State<Arc<AppState>>,
+    Path(room): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Result<Json<ReadBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let identity = match user_of(&state, &room, &params, &headers).await {
+        Ok(identity) => identity,
+        Err(refused) => return refused,
+    };
+    let offset = match body {
+        Ok(Json(ReadBody { offset })) if offset >= 0 => offset,
+        _ => {
+            return error_response(&FrameError::new(
+                ErrorCode::BadFrame,
+                "the body is a json object {offset}, offset an integer, 0 or more",
+                None,
+            ))
+        }
+    };
+    if let Err(e) = state.refuse_read(&room) {
+        return error_response(&e);
+    }
+    if let Err(e) = state.guard.take_send(None, &identity.user, None) {
+        ::metrics::counter!(crate::metrics::BAD_FRAMES_TOTAL, "code" => ErrorCode::RateLimited.as_str())
+            .increment(1);
+        return error_response(&e);
+    }
+    match state.append_read(&room, &identity.user, offset).await {
+        Ok(()) => Json(json!({
+            "type": "read", "room": room, "user": identity.user, "offset": offset
+        }))
+        .into_response(),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// The user of a request for `room`, which must name one (a token, or
+/// `?user=` in dev mode) who may use the room.
+async fn user_of(
+    state: &AppState,
+    room: &str,
+    params: &HashMap<String, String>,
+    headers: &HeaderMap,
+) -> Result<Identity, Response> {
+    if !valid_room(room) {
+        return Err(error_response(&bad_room()));
+    }
+    let identity = state
+        .gw
+        .auth
+        .identify_http(params, headers)
+        .await
+        .map_err(|e| unauthorized(&e))?;
+    if !identity.may_use(room) {
+        return Err(forbidden(room, None));
+    }
+    Ok(identity)
+}
+
+/// Rooms of one `GET /me/rooms` asked of the store at once.
+const ROOMS_AT_ONCE: usize = 8;
+
+/// `GET /me/rooms`: `{"rooms":[{"room":R,"last_offset":N,"last_ts":T,
+/// "read_offset":M,"unread":K}, …]}` for the rooms listed for the user
+/// (sent to, marked read, or a direct message of theirs someone sent to)
+/// that the user may still use, the most recently active first.
+/// `read_offset` is null before the first read, `last_offset` and
+/// `last_ts` null in a room without messages; `unread` counts the messages
+/// after the read position up to 1000, with `"unread_more":true` when
+/// there are more.
+pub(crate) async fn my_rooms(
+    State(state): State<Arc<AppState>>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let identity = match state.gw.auth.identify_http(&params, &headers).await {
+        Ok(identity) => identity,
+        Err(e) => return unauthorized(&e),
+    };
+    let Some(store) = &state.gw.store else {
+        return no_history();
+    };
+    let rooms = match store.user_rooms(&identity.user).await {
+        Ok(rooms) => rooms,
+        Err(e) => return store_failed(&e),
+    };
+    let rooms: Vec<String> = rooms.into_iter().filter(|r| identity.may_use(r)).collect();
+    let user = identity.user.as_str();
+    let summaries: Result<Vec<_>, history::StoreError> = futures::stream::iter(rooms)
+        .map(|room| async move {
+            let last = store.page(&room, None, 1).await?.pop();
+            let read = store.read_position(&room, user).await?;
+            let unread = store
+                .count_after(&room, read, history::UNREAD_CAP + 1)
+                .await?;
+            Ok((room, last, read, unread))
+        })
+        .buffered(ROOMS_AT_ONCE)
+        .try_collect()
+        .await;
+    let mut summaries = match summaries {
+        Ok(summaries) => summaries,
+        Err(e) => return store_failed(&e),
+    };
+    summaries.sort_by(|a, b| {
+        let ts =
+            |s: &(String, Option<schemas::protocol::MessageView>, _, _)| s.1.as_ref().map(|m| m.ts);
+        ts(b).cmp(&ts(a)).then_with(|| a.0.cmp(&b.0))
+    });
+    let rooms: Vec<_> = summaries
+        .into_iter()
+        .map(|(room, last, read, unread)| {
+            let mut entry = json!({
+                "room": room,
+                "last_offset": last.as_ref().map(|m| m.offset),
+                "last_ts": last.as_ref().map(|m| m.ts),
+                "read_offset": read,
+                "unread": unread.min(history::UNREAD_CAP),
+            });
+            if unread > history::UNREAD_CAP {
+                entry["unread_more"] = json!(true);
+            }
+            entry
+        })
+        .collect();
+    Json(json!({ "rooms": rooms })).into_response()
 }
 
 #[derive(Deserialize)]

@@ -26,7 +26,7 @@ use fanout::Fanout;
 use history::HistoryStore;
 use metrics_exporter_prometheus::PrometheusHandle;
 use schemas::protocol::{ErrorCode, FrameError};
-use schemas::{ChatEvent, MessagePosted};
+use schemas::{ChatEvent, MessagePosted, ReadPositionMoved};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -60,6 +60,13 @@ pub struct GatewayConfig {
     pub jwks_refresh: Duration,
     /// Rates, counts, sizes, the idle timeout and the Origin check.
     pub limits: limits::Limits,
+    /// Whether `read` frames and posts are appended. Off while a rolling
+    /// upgrade from a release before read positions (schema v1) still has
+    /// old projectors or gateways: they cannot read the new event.
+    pub read_positions: bool,
+    /// Rooms whose members see each other's read positions (the fan-out is
+    /// given the same).
+    pub shared_reads: Arc<schemas::protocol::RoomPatterns>,
 }
 
 impl Default for GatewayConfig {
@@ -75,6 +82,8 @@ impl Default for GatewayConfig {
             check_history: true,
             jwks_refresh: Duration::from_secs(300),
             limits: limits::Limits::default(),
+            read_positions: true,
+            shared_reads: Arc::new(fanout::default_shared_reads()),
         }
     }
 }
@@ -135,6 +144,63 @@ impl PendingSend {
 }
 
 impl AppState {
+    /// Why this node appends no read position now, if it does not.
+    pub(crate) fn refuse_read(&self, room: &str) -> Result<(), FrameError> {
+        let why = if !self.gw.config.ingest {
+            "this node does not accept writes"
+        } else if !self.gw.config.read_positions {
+            "read positions are turned off on this node"
+        } else {
+            return Ok(());
+        };
+        Err(FrameError::new(ErrorCode::Unavailable, why, None).in_room(room))
+    }
+
+    /// Appends `user`'s read position `offset` in `room`, waiting at most
+    /// the send timeout. An error says it may not be stored (a position
+    /// appended late is harmless: the highest one counts).
+    pub(crate) async fn append_read(
+        &self,
+        room: &str,
+        user: &str,
+        offset: i64,
+    ) -> Result<(), FrameError> {
+        let ts = now_ms();
+        let event = ChatEvent::ReadPositionMoved(ReadPositionMoved {
+            room: room.to_owned(),
+            user: user.to_owned(),
+            offset,
+            ts,
+        });
+        let record = Record {
+            key: room.as_bytes().to_vec(),
+            value: schemas::encode(&event),
+            ts,
+        };
+        let append = self.gw.log.append(vec![record]);
+        let timeout = self.gw.config.send_timeout;
+        let appended = if timeout.is_zero() {
+            Ok(append.await)
+        } else {
+            tokio::time::timeout(timeout, append).await
+        };
+        let why = match appended {
+            Ok(Ok(_)) => {
+                ::metrics::counter!(crate::metrics::READS_TOTAL).increment(1);
+                return Ok(());
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_elapsed) => "the log did not answer in time".to_owned(),
+        };
+        tracing::warn!(room, error = why, "a read position was not appended");
+        Err(FrameError::new(
+            ErrorCode::Unavailable,
+            format!("the read position may not be stored ({why}); send it again"),
+            None,
+        )
+        .in_room(room))
+    }
+
     /// Appends `batch` on a task of its own and answers each send within
     /// the send timeout. The task is tracked with the connections and never
     /// cancelled: whatever happens to the request or connection that
@@ -309,6 +375,11 @@ fn router(state: Arc<AppState>) -> Router {
             get(http::history).post(http::post_message),
         )
         .route("/rooms/{room}/presence", get(http::presence))
+        .route(
+            "/rooms/{room}/reads",
+            get(http::reads).post(http::post_read),
+        )
+        .route("/me/rooms", get(http::my_rooms))
         .route("/healthz", get(http::healthz))
         .route("/readyz", get(http::readyz))
         .route("/metrics", get(http::metrics))

@@ -22,6 +22,8 @@ pub const MESSAGES_ACKED_TOTAL: &str = "ingest_messages_acked_total";
 /// Sends (first attempts and retries) whose outcome the log did not give
 /// within the send timeout, answered `unavailable` with `pending`.
 pub const SEND_TIMEOUTS_TOTAL: &str = "ingest_send_timeouts_total";
+/// Read positions appended to the log.
+pub const READS_TOTAL: &str = "ingest_reads_total";
 
 /// Every metric above: (name, kind, help).
 pub const CATALOGUE: &[(&str, &str, &str)] = &[
@@ -57,4 +59,5 @@ pub const CATALOGUE: &[(&str, &str, &str)] = &[
         "counter",
         "sends the log did not answer within the send timeout (answered unavailable, pending)",
     ),
+    (READS_TOTAL, "counter", "read positions appended to the log"),
 ];

@@ -605,6 +605,7 @@ impl Connection {
                     presence.typing(&room, &self.user);
                 }
             }
+            ClientFrame::Read { room, offset } => self.read(room, offset),
             ClientFrame::Presence { room } => {
                 if self.refuse_room(&room, None) {
                     return;
@@ -622,6 +623,30 @@ impl Connection {
                 presence.ask(&room, &self.member, self.rooms.contains(&room));
             }
         }
+    }
+
+    /// Appends the user's read position in `room`, on a task of its own
+    /// (tracked with the connections, bounded by the send timeout): the
+    /// connection reads on meanwhile. Not answered when it went well (the
+    /// user's connections that joined the room get the `read` frame from
+    /// the log); an `unavailable` error with the room when it did not.
+    fn read(&mut self, room: String, offset: i64) {
+        if self.refuse_room(&room, None) {
+            return;
+        }
+        if let Err(e) = self.state.refuse_read(&room) {
+            return self.push(error_frame(&e));
+        }
+        if let Err(e) = self.take_send(None) {
+            return self.push(error_frame(&e));
+        }
+        let (state, user, tx) = (self.state.clone(), self.user.clone(), self.tx.clone());
+        self.state.connections.spawn(async move {
+            if let Err(e) = state.append_read(&room, &user, offset).await {
+                // Best effort: a client whose queue is full misses it.
+                let _dropped_when_full = tx.try_send(error_frame(&e));
+            }
+        });
     }
 
     /// Refuses a request for a room this user may not use: `forbidden`,

@@ -99,9 +99,9 @@ impl Progress {
 /// What a finished replay did.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
-    /// Messages applied.
+    /// Events applied: messages and read positions.
     pub events: u64,
-    /// Rooms those messages belong to.
+    /// Rooms the messages applied belong to.
     pub rooms: u64,
     pub dead_lettered: u64,
     /// Records older than the start time, left out.
@@ -193,6 +193,7 @@ impl Replay {
             log,
             target,
             applier: Applier {
+                decoder: schemas::Decoder::new(),
                 dlq,
                 consumer: "replay".into(),
                 backoff: config.backoff,
@@ -326,14 +327,12 @@ impl Replay {
                 continue;
             }
             let decoded = self.applier.decode(&batch, not_before).await;
-            rooms.extend(decoded.messages.iter().map(|m| m.room.clone()));
+            rooms.extend(decoded.batch.messages.iter().map(|m| m.room.clone()));
             self.applier
                 .store(&*self.target, partition, &decoded)
                 .await?;
             position = decoded.next;
-            shared
-                .events
-                .fetch_add(decoded.messages.len() as u64, Ordering::Relaxed);
+            shared.events.fetch_add(decoded.events, Ordering::Relaxed);
             shared
                 .dead_lettered
                 .fetch_add(decoded.dead_lettered, Ordering::Relaxed);

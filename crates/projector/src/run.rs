@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use history::versions::Active;
-use history::{HistoryStore, StoreError};
+use history::{Batch, HistoryStore, ReadMark, StoreError};
 
 /// Name of the dead-letter topic.
 pub const DLQ_TOPIC: &str = "chat.dlq";
@@ -68,17 +68,62 @@ pub struct Projector {
     config: ProjectorConfig,
 }
 
-/// Turns a log record into the message it holds.
-pub fn to_message(record: &LogRecord) -> Result<MessageView, schemas::DecodeError> {
-    let ChatEvent::MessagePosted(m) = schemas::decode(&record.value)?;
-    Ok(MessageView {
+/// Turns a log record into the message it holds; `None` for an event that
+/// is not a message (a read position).
+pub fn to_message(record: &LogRecord) -> Result<Option<MessageView>, schemas::DecodeError> {
+    Ok(match schemas::decode(&record.value)? {
+        ChatEvent::MessagePosted(m) => Some(view(record, m)),
+        ChatEvent::ReadPositionMoved(_) => None,
+    })
+}
+
+fn view(record: &LogRecord, m: schemas::MessagePosted) -> MessageView {
+    MessageView {
         room: m.room,
         offset: record.offset as i64,
         id: m.client_id,
         user: m.user,
         body: m.body,
         ts: m.ts,
-    })
+    }
+}
+
+/// Adds what `event`, read at `record`, changes to `batch`:
+/// - a message is stored; it is listed among its sender's rooms (and, in a
+///   direct-message room, the other user's), and its sender has read the
+///   room up to it;
+/// - a read position is kept, never beyond the offset before its own (it
+///   is appended after every message its user can have seen: a claim
+///   further on is cut there), and lists the room among the reader's.
+pub fn project(batch: &mut Batch, record: &LogRecord, event: ChatEvent) {
+    match event {
+        ChatEvent::MessagePosted(m) => {
+            let room = m.room.clone();
+            if let Some((a, b)) = schemas::protocol::dm_members(&room) {
+                let other = if a == m.user { b } else { a };
+                batch.members.push((other.to_owned(), room.clone()));
+            }
+            batch.members.push((m.user.clone(), room.clone()));
+            batch.reads.push(ReadMark {
+                room,
+                user: m.user.clone(),
+                offset: record.offset,
+            });
+            batch.messages.push(view(record, m));
+        }
+        ChatEvent::ReadPositionMoved(r) => {
+            batch.members.push((r.user.clone(), r.room.clone()));
+            let claimed = u64::try_from(r.offset).ok();
+            let upto = claimed.zip(record.offset.checked_sub(1));
+            if let Some((claimed, before)) = upto {
+                batch.reads.push(ReadMark {
+                    room: r.room,
+                    user: r.user,
+                    offset: claimed.min(before),
+                });
+            }
+        }
+    }
 }
 
 /// The dead-letter record for a record that `consumer` (the projector, or
@@ -102,7 +147,9 @@ pub fn dead_letter(record: &LogRecord, reason: &str, consumer: &str) -> Record {
 /// A batch of the log, decoded: what to store, and up to where.
 #[derive(Debug, Default)]
 pub(crate) struct Decoded {
-    pub messages: Vec<MessageView>,
+    pub batch: Batch,
+    /// Events decoded (messages and read positions).
+    pub events: u64,
     /// The partition's position once the batch is applied.
     pub next: u64,
     /// Records sent to the dead-letter topic.
@@ -116,6 +163,9 @@ pub(crate) struct Decoded {
 /// topic (counted in `projector_dead_letters_total`, labelled with the
 /// consumer) and never stop the partition.
 pub(crate) struct Applier {
+    /// The writer schemas read: the released ones, but for a test playing
+    /// an older build.
+    pub decoder: schemas::Decoder,
     pub dlq: Option<Arc<dyn EventLog>>,
     /// Who dead-letters: `projector`, or `replay`.
     pub consumer: String,
@@ -172,7 +222,7 @@ impl Applier {
     /// until it takes the record).
     pub async fn decode(&self, batch: &[LogRecord], not_before: Option<i64>) -> Decoded {
         let mut decoded = Decoded {
-            messages: Vec::with_capacity(batch.len()),
+            batch: Batch::messages(Vec::with_capacity(batch.len())),
             next: batch.last().map_or(0, |r| r.offset + 1),
             ..Decoded::default()
         };
@@ -181,8 +231,11 @@ impl Applier {
                 decoded.skipped += 1;
                 continue;
             }
-            match to_message(record) {
-                Ok(m) => decoded.messages.push(m),
+            match self.decoder.decode(&record.value) {
+                Ok(event) => {
+                    project(&mut decoded.batch, record, event);
+                    decoded.events += 1;
+                }
                 Err(e) => {
                     self.dead_letter(record, &e.to_string()).await;
                     decoded.dead_lettered += 1;
@@ -200,7 +253,7 @@ impl Applier {
         partition: u32,
         decoded: &Decoded,
     ) -> Result<(), StoreError> {
-        (|| store.apply(partition, decoded.messages.clone(), decoded.next))
+        (|| store.apply_batch(partition, decoded.batch.clone(), decoded.next))
             .retry(self.policy())
             .when(StoreError::is_retriable)
             .notify(|e, wait| {
@@ -264,6 +317,7 @@ impl Projector {
             stores,
             _fixed: None,
             applier: Applier {
+                decoder: schemas::Decoder::new(),
                 dlq,
                 consumer: "projector".into(),
                 backoff: config.backoff,
@@ -271,6 +325,14 @@ impl Projector {
             },
             config,
         }
+    }
+
+    /// Reads only the writer schemas `decoder` accepts, dead-lettering the
+    /// rest: what a build of an older release does
+    /// ([`schemas::Decoder::released_through`]), for tests of an upgrade.
+    pub fn with_decoder(mut self, decoder: schemas::Decoder) -> Self {
+        self.applier.decoder = decoder;
+        self
     }
 
     /// Runs until `shutdown` is cancelled. Projects the partitions the
@@ -417,7 +479,7 @@ impl Projector {
             tracing::error!(partition, error = %e, "store apply gave up");
             return;
         }
-        metrics::counter!(crate::metrics::EVENTS_TOTAL).increment(decoded.messages.len() as u64);
+        metrics::counter!(crate::metrics::EVENTS_TOTAL).increment(decoded.events);
         metrics::gauge!(crate::metrics::POSITION, "partition" => partition.to_string())
             .set(decoded.next as f64);
     }
@@ -577,6 +639,16 @@ mod tests {
         let page = store.page("r", None, 100).await.unwrap();
         assert_eq!(bodies(&page), ["message 0", "message 2"]);
         assert_eq!(store.position(0).await.unwrap(), Some(3));
+        let letter = only_dead_letter(&*dlq).await;
+        assert_eq!(letter["partition"], 0);
+        assert_eq!(letter["offset"], 1);
+        assert_eq!(letter["consumer"], "projector");
+        assert_eq!(letter["value_hex"], "6e6f74206176726f");
+        assert!(!letter["reason"].as_str().unwrap().is_empty());
+    }
+
+    /// The one record of the dead-letter topic, as JSON.
+    async fn only_dead_letter(dlq: &dyn EventLog) -> serde_json::Value {
         assert_eq!(dlq.end_offset(0).await.unwrap(), 1, "one dead letter");
         let mut read = dlq.read(0, 0);
         let letter = tokio::time::timeout(WAIT, read.next())
@@ -584,12 +656,90 @@ mod tests {
             .unwrap()
             .unwrap()
             .unwrap();
-        let letter: serde_json::Value = serde_json::from_slice(&letter[0].value).unwrap();
-        assert_eq!(letter["partition"], 0);
+        serde_json::from_slice(&letter[0].value).unwrap()
+    }
+
+    fn read(room: &str, user: &str, offset: i64) -> Record {
+        let event = ChatEvent::ReadPositionMoved(schemas::ReadPositionMoved {
+            room: room.into(),
+            user: user.into(),
+            offset,
+            ts: 2_000,
+        });
+        Record {
+            key: room.as_bytes().to_vec(),
+            value: schemas::encode(&event),
+            ts: 2_000,
+        }
+    }
+
+    #[tokio::test]
+    async fn read_positions_are_kept_cut_at_their_own_record_and_rooms_listed_per_user() {
+        let dir = tempfile::tempdir().unwrap();
+        let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(dir.path(), "m", 1).unwrap());
+        let store: Arc<dyn HistoryStore> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("h"), "v1").unwrap());
+        let dm = Record {
+            key: b"dm:ada:bob".to_vec(),
+            ..posted("dm:ada:bob", 9)
+        };
+        log.append(vec![
+            posted("r", 0),        // 0: ada has read r up to 0
+            read("r", "bob", 0),   // 1
+            posted("r", 2),        // 2: ada up to 2
+            read("r", "bob", 500), // 3: bob claims 500, is cut at 2
+            read("r", "carl", 1),  // 4
+            read("r", "bob", 1),   // 5: lower: bob stays at 2
+            dm,                    // 6: ada writes to bob
+        ])
+        .await
+        .unwrap();
+        project(log.clone(), store.clone(), None).await;
+        assert_eq!(store.read_position("r", "ada").await.unwrap(), Some(2));
+        assert_eq!(store.read_position("r", "bob").await.unwrap(), Some(2));
+        assert_eq!(store.read_position("r", "carl").await.unwrap(), Some(1));
+        assert_eq!(store.user_rooms("ada").await.unwrap(), ["dm:ada:bob", "r"]);
+        assert_eq!(store.user_rooms("bob").await.unwrap(), ["dm:ada:bob", "r"]);
+        assert_eq!(store.user_rooms("carl").await.unwrap(), ["r"]);
+        let page = store.page("r", None, 100).await.unwrap();
+        assert_eq!(bodies(&page), ["message 0", "message 2"]);
+    }
+
+    /// The upgrade order: a projector of the release before read positions
+    /// (schema v1) meets one on the log, sends it to the dead-letter topic
+    /// with the reason, and projects what follows.
+    #[tokio::test]
+    async fn a_v1_build_dead_letters_a_read_position_and_moves_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(dir.path(), "m", 1).unwrap());
+        let dlq: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(dir.path(), DLQ_TOPIC, 1).unwrap());
+        let store: Arc<dyn HistoryStore> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("h"), "v1").unwrap());
+        log.append(vec![posted("r", 0), read("r", "bob", 0), posted("r", 2)])
+            .await
+            .unwrap();
+        let v1 = schemas::Decoder::released_through("v1").unwrap();
+        let stop = CancellationToken::new();
+        let projector = Projector::new(log.clone(), store.clone(), Some(dlq.clone()), config())
+            .with_decoder(v1);
+        let task = tokio::spawn(projector.run(stop.clone()));
+        caught_up(&*log, &*store).await;
+        stop.cancel();
+        tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+        let page = store.page("r", None, 100).await.unwrap();
+        assert_eq!(bodies(&page), ["message 0", "message 2"]);
+        assert_eq!(store.read_position("r", "bob").await.unwrap(), None);
+        let letter = only_dead_letter(&*dlq).await;
         assert_eq!(letter["offset"], 1);
         assert_eq!(letter["consumer"], "projector");
-        assert_eq!(letter["value_hex"], "6e6f74206176726f");
-        assert!(!letter["reason"].as_str().unwrap().is_empty());
+        let reason = letter["reason"].as_str().unwrap();
+        assert_eq!(
+            reason,
+            format!(
+                "unknown schema fingerprint {:#018x}",
+                schemas::event::fingerprint()
+            )
+        );
     }
 
     /// An embedded store whose first `failures` applies fail, retriable or
@@ -603,10 +753,10 @@ mod tests {
 
     #[async_trait]
     impl HistoryStore for Flaky {
-        async fn apply(
+        async fn apply_batch(
             &self,
             partition: u32,
-            messages: Vec<MessageView>,
+            batch: history::Batch,
             next: u64,
         ) -> Result<(), StoreError> {
             if self.calls.fetch_add(1, Ordering::SeqCst) < self.failures {
@@ -616,11 +766,23 @@ mod tests {
                     StoreError::Storage("broken for the test".into())
                 });
             }
-            self.inner.apply(partition, messages, next).await
+            self.inner.apply_batch(partition, batch, next).await
         }
 
         async fn position(&self, partition: u32) -> Result<Option<u64>, StoreError> {
             self.inner.position(partition).await
+        }
+
+        async fn read_position(&self, room: &str, user: &str) -> Result<Option<u64>, StoreError> {
+            self.inner.read_position(room, user).await
+        }
+
+        async fn reads(&self, room: &str) -> Result<Vec<(String, u64)>, StoreError> {
+            self.inner.reads(room).await
+        }
+
+        async fn user_rooms(&self, user: &str) -> Result<Vec<String>, StoreError> {
+            self.inner.user_rooms(user).await
         }
 
         async fn page(

@@ -264,28 +264,58 @@ async fn fixtures_of_every_released_schema_version_replay() {
         fixtures.iter().any(|(v, _)| v == "v1"),
         "the v1 fixtures are found: {fixtures:?}"
     );
+    assert!(
+        fixtures.iter().any(|(v, _)| v == "v2"),
+        "the v2 fixtures are found: {fixtures:?}"
+    );
     let s = setup(4);
     let mut expected = Vec::new();
+    let mut read_positions = Vec::new();
     for (i, (_, path)) in fixtures.iter().enumerate() {
         let bytes = std::fs::read(path).unwrap();
         // What the build that wrote it meant, by the codec's own reading.
-        let ChatEvent::MessagePosted(m) = schemas::decode(&bytes).unwrap();
+        let event = schemas::decode(&bytes).unwrap();
+        let (room, ts) = match &event {
+            ChatEvent::MessagePosted(m) => (m.room.clone(), m.ts),
+            ChatEvent::ReadPositionMoved(r) => (r.room.clone(), r.ts),
+        };
         // Appended raw, as the old writer put it on the log, between
         // records of today's schema.
-        s.log
+        let offsets = s
+            .log
             .append(vec![
-                posted(&m.room, 1000 + i as u64, m.ts),
-                raw(&m.room, bytes, m.ts),
-                posted(&m.room, 2000 + i as u64, m.ts),
+                posted(&room, 1000 + i as u64, ts),
+                raw(&room, bytes, ts),
+                posted(&room, 2000 + i as u64, ts),
             ])
             .await
             .unwrap();
-        expected.push(m);
+        match event {
+            ChatEvent::MessagePosted(m) => expected.push(m),
+            ChatEvent::ReadPositionMoved(r) => {
+                // Kept, cut at the offset before its own record; then the
+                // reader's own message after it (grace sends them all)
+                // moves it on to that message.
+                let own = offsets[1].offset;
+                let cut = (r.offset as u64).min(own - 1);
+                let after = if r.user == "grace" {
+                    offsets[2].offset
+                } else {
+                    cut
+                };
+                read_positions.push((r.room, r.user, after));
+            }
+        }
     }
     let v2 = s.versions.create("v2", "earliest").await.unwrap();
     let summary = replay(&s.log, v2.clone(), Some(s.dlq.clone()), StartAt::Earliest).await;
     assert_eq!(summary.dead_lettered, 0);
     assert_eq!(summary.events, 3 * fixtures.len() as u64);
+    assert!(!read_positions.is_empty());
+    for (room, user, offset) in read_positions {
+        assert_eq!(v2.read_position(&room, &user).await.unwrap(), Some(offset));
+        assert!(v2.user_rooms(&user).await.unwrap().contains(&room));
+    }
     for m in expected {
         let page = v2.page(&m.room, None, 1000).await.unwrap();
         let got = page

@@ -7,7 +7,9 @@
 pub mod event;
 pub mod protocol;
 
-pub use event::{decode, encode, ChatEvent, DecodeError, MessagePosted};
+pub use event::{
+    decode, encode, ChatEvent, DecodeError, Decoder, MessagePosted, ReadPositionMoved,
+};
 
 /// The log topic of the chat's events, partitioned by room.
 pub const MESSAGES_TOPIC: &str = "chat.messages";

@@ -48,6 +48,11 @@ pub enum ClientFrame {
     Presence {
         room: String,
     },
+    /// Extension: the user has read the room up to `offset`, inclusive.
+    Read {
+        room: String,
+        offset: i64,
+    },
 }
 
 /// The error codes of the client protocol (docs/protocol.md, Error codes).
@@ -258,6 +263,48 @@ pub fn dm_members(room: &str) -> Option<(&str, &str)> {
     (valid_user(a) && valid_user(b) && a < b).then_some((a, b))
 }
 
+/// A set of rooms named by room names and prefix patterns: `team-a.*` is
+/// every room whose name starts with `team-a.`, `dm:*` every
+/// direct-message room, `*` every room. What a token's `rooms` claim
+/// grants, and which rooms share their members' read positions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoomPatterns {
+    exact: std::collections::HashSet<String>,
+    prefixes: Vec<String>,
+}
+
+impl RoomPatterns {
+    /// Parses room names and prefix patterns (`PREFIX*`, the prefix made of
+    /// room-name characters and `:`); one entry that is neither refuses
+    /// them all, naming it.
+    pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<RoomPatterns, String> {
+        let mut patterns = RoomPatterns::default();
+        for entry in entries {
+            let entry = entry.as_ref();
+            if let Some(prefix) = entry.strip_suffix('*') {
+                let ok = prefix.len() <= 2 * MAX_ROOM_LEN
+                    && prefix.bytes().all(|b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':')
+                    });
+                if !ok {
+                    return Err(format!("bad room pattern {entry:?}"));
+                }
+                patterns.prefixes.push(prefix.to_owned());
+            } else if valid_room(entry) {
+                patterns.exact.insert(entry.to_owned());
+            } else {
+                return Err(format!("bad room {entry:?}"));
+            }
+        }
+        Ok(patterns)
+    }
+
+    /// True when one of the patterns covers `room`.
+    pub fn covers(&self, room: &str) -> bool {
+        self.exact.contains(room) || self.prefixes.iter().any(|p| room.starts_with(p.as_str()))
+    }
+}
+
 /// Checks a message body against the protocol limits.
 pub fn check_body(body: &str, id: Option<&str>) -> Result<(), FrameError> {
     let id = id.map(str::to_owned);
@@ -341,6 +388,22 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
         "presence" => Ok(ClientFrame::Presence {
             room: check_room(str_field("room"), id)?,
         }),
+        "read" => {
+            let room = check_room(str_field("room"), id)?;
+            let offset = obj
+                .get("offset")
+                .and_then(Value::as_i64)
+                .filter(|&offset| offset >= 0)
+                .ok_or_else(|| {
+                    FrameError::new(
+                        ErrorCode::BadFrame,
+                        "read needs an offset: an integer, 0 or more",
+                        None,
+                    )
+                    .in_room(&room)
+                })?;
+            Ok(ClientFrame::Read { room, offset })
+        }
         "send" => {
             let Some(id) = id else {
                 return Err(FrameError::new(
@@ -429,6 +492,12 @@ pub enum ServerFrame<'a> {
         join: Option<&'a [String]>,
         #[serde(skip_serializing_if = "Option::is_none")]
         leave: Option<&'a [String]>,
+    },
+    /// Extension: `user` has read `room` up to `offset`, inclusive.
+    Read {
+        room: &'a str,
+        user: &'a str,
+        offset: i64,
     },
     Error {
         code: ErrorCode,

@@ -79,6 +79,8 @@ impl<'a> CatchUp<'a> {
             return (Verdict::Skip, last);
         }
         let e = match decode(record) {
+            // A read position is live only: a catch-up leaves it out.
+            Ok(e) if e.reader.is_some() => return (Verdict::Skip, last),
             Ok(e) => e,
             // The member is told in the message's place (the dispatcher
             // counted and logged it).

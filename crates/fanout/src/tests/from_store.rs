@@ -119,7 +119,16 @@ struct Down;
 
 #[async_trait]
 impl HistoryStore for Down {
-    async fn apply(&self, _: u32, _: Vec<MessageView>, _: u64) -> Result<(), StoreError> {
+    async fn apply_batch(&self, _: u32, _: history::Batch, _: u64) -> Result<(), StoreError> {
+        Err(StoreError::Unavailable("down".into()))
+    }
+    async fn read_position(&self, _: &str, _: &str) -> Result<Option<u64>, StoreError> {
+        Err(StoreError::Unavailable("down".into()))
+    }
+    async fn reads(&self, _: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        Err(StoreError::Unavailable("down".into()))
+    }
+    async fn user_rooms(&self, _: &str) -> Result<Vec<String>, StoreError> {
         Err(StoreError::Unavailable("down".into()))
     }
     async fn position(&self, _: u32) -> Result<Option<u64>, StoreError> {

@@ -174,6 +174,7 @@ pub(crate) fn expected(records: &[Record], rooms: &[&str]) -> Vec<(String, Strin
             schemas::ChatEvent::MessagePosted(m) => rooms
                 .contains(&m.room.as_str())
                 .then_some((m.room, m.client_id)),
+            schemas::ChatEvent::ReadPositionMoved(_) => None,
         })
         .collect()
 }

@@ -180,6 +180,11 @@ struct Prepared {
     select_buckets: PreparedStatement,
     select_rows: PreparedStatement,
     select_positions: PreparedStatement,
+    insert_read: PreparedStatement,
+    select_read: PreparedStatement,
+    select_reads: PreparedStatement,
+    insert_member: PreparedStatement,
+    select_member_rooms: PreparedStatement,
 }
 
 /// Prepares `text`, marked idempotent (every write of the store is, so the
@@ -205,6 +210,11 @@ impl Prepared {
             select_buckets: prepare_idempotent(session, &texts.select_buckets).await?,
             select_rows: prepare_idempotent(session, &texts.select_rows).await?,
             select_positions: prepare_idempotent(session, &texts.select_positions).await?,
+            insert_read: prepare_idempotent(session, &texts.insert_read).await?,
+            select_read: prepare_idempotent(session, &texts.select_read).await?,
+            select_reads: prepare_idempotent(session, &texts.select_reads).await?,
+            insert_member: prepare_idempotent(session, &texts.insert_member).await?,
+            select_member_rooms: prepare_idempotent(session, &texts.select_member_rooms).await?,
         })
     }
 }
@@ -402,6 +412,74 @@ impl Tables for CqlTables {
             })
             .collect()
     }
+
+    async fn read_position(&self, room: &str, user: &str) -> Result<Option<i64>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.prepared.select_read, (room, user))
+            .await
+            .map_err(exec)?
+            .into_rows_result()
+            .map_err(rows)?;
+        let row = result.maybe_first_row::<(i64,)>().map_err(rows)?;
+        Ok(row.map(|(offset,)| offset))
+    }
+
+    async fn write_read_position(
+        &self,
+        room: &str,
+        user: &str,
+        offset: i64,
+    ) -> Result<(), StoreError> {
+        // The write timestamp is the offset: a lower position loses.
+        self.session
+            .execute_unpaged(&self.prepared.insert_read, (room, user, offset, offset))
+            .await
+            .map_err(exec)?;
+        Ok(())
+    }
+
+    async fn read_positions(
+        &self,
+        room: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.prepared.select_reads, (room, cql_limit(limit)))
+            .await
+            .map_err(exec)?
+            .into_rows_result()
+            .map_err(rows)?;
+        result
+            .rows::<(String, i64)>()
+            .map_err(rows)?
+            .map(|row| row.map_err(rows))
+            .collect()
+    }
+
+    async fn write_member(&self, user: &str, room: &str) -> Result<(), StoreError> {
+        self.session
+            .execute_unpaged(&self.prepared.insert_member, (user, room))
+            .await
+            .map_err(exec)?;
+        Ok(())
+    }
+
+    async fn user_rooms(&self, user: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.prepared.select_member_rooms, (user, cql_limit(limit)))
+            .await
+            .map_err(exec)?
+            .into_rows_result()
+            .map_err(rows)?;
+        result
+            .rows::<(String,)>()
+            .map_err(rows)?
+            .map(|row| row.map(|(room,)| room).map_err(rows))
+            .collect()
+    }
 }
 
 /// The history store on ScyllaDB. Cheap to clone.
@@ -512,13 +590,13 @@ pub(super) async fn open_session(target: &ScyllaUri) -> Result<Arc<Session>, Scy
 
 #[async_trait]
 impl HistoryStore for ScyllaStore {
-    async fn apply(
+    async fn apply_batch(
         &self,
         partition: u32,
-        messages: Vec<MessageView>,
+        batch: crate::Batch,
         next: u64,
     ) -> Result<(), StoreError> {
-        self.inner.apply(partition, messages, next).await
+        self.inner.apply_batch(partition, batch, next).await
     }
 
     async fn position(&self, partition: u32) -> Result<Option<u64>, StoreError> {
@@ -536,6 +614,27 @@ impl HistoryStore for ScyllaStore {
 
     async fn find_id(&self, room: &str, id: &str) -> Result<Option<u64>, StoreError> {
         self.inner.find_id(room, id).await
+    }
+
+    async fn read_position(&self, room: &str, user: &str) -> Result<Option<u64>, StoreError> {
+        self.inner.read_position(room, user).await
+    }
+
+    async fn reads(&self, room: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        self.inner.reads(room).await
+    }
+
+    async fn user_rooms(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        self.inner.user_rooms(user).await
+    }
+
+    async fn count_after(
+        &self,
+        room: &str,
+        after: Option<u64>,
+        cap: u64,
+    ) -> Result<u64, StoreError> {
+        self.inner.count_after(room, after, cap).await
     }
 
     async fn find_ids(

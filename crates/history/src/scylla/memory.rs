@@ -37,6 +37,11 @@ struct State {
     buckets: HashMap<String, (u32, BTreeSet<i64>)>,
     /// messages: (room, bucket) -> log_offset -> row (read descending).
     rows: HashMap<(String, i64), BTreeMap<i64, MessageView>>,
+    /// room_reads: room -> user -> read_offset (written USING TIMESTAMP
+    /// read_offset: the highest wins).
+    reads: HashMap<String, BTreeMap<String, i64>>,
+    /// user_rooms: user -> rooms.
+    members: HashMap<String, BTreeSet<String>>,
 }
 
 /// The tables in memory. The lock is never held across an await: every
@@ -189,6 +194,61 @@ impl Tables for MemTables {
                         .map(|(_, m)| m.clone())
                         .collect()
                 })
+                .unwrap_or_default()
+        }))
+    }
+
+    async fn read_position(&self, room: &str, user: &str) -> Result<Option<i64>, StoreError> {
+        Ok(self.with(|s| s.reads.get(room).and_then(|r| r.get(user)).copied()))
+    }
+
+    async fn write_read_position(
+        &self,
+        room: &str,
+        user: &str,
+        offset: i64,
+    ) -> Result<(), StoreError> {
+        // USING TIMESTAMP read_offset: the highest wins.
+        self.with(|s| {
+            let stored = s
+                .reads
+                .entry(room.to_owned())
+                .or_default()
+                .entry(user.to_owned())
+                .or_insert(offset);
+            *stored = (*stored).max(offset);
+        });
+        Ok(())
+    }
+
+    async fn read_positions(
+        &self,
+        room: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(self.with(|s| {
+            s.reads
+                .get(room)
+                .map(|r| r.iter().take(limit).map(|(u, o)| (u.clone(), *o)).collect())
+                .unwrap_or_default()
+        }))
+    }
+
+    async fn write_member(&self, user: &str, room: &str) -> Result<(), StoreError> {
+        self.with(|s| {
+            s.members
+                .entry(user.to_owned())
+                .or_default()
+                .insert(room.to_owned())
+        });
+        Ok(())
+    }
+
+    async fn user_rooms(&self, user: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        Ok(self.with(|s| {
+            s.members
+                .get(user)
+                .map(|r| r.iter().take(limit).cloned().collect())
                 .unwrap_or_default()
         }))
     }

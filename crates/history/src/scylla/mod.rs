@@ -23,7 +23,8 @@
 //! skipped otherwise.
 //!
 //! Namespaces are projection versions: the tables of version `v1` are
-//! `messages_v1`, `room_buckets_v1`, `message_ids_v1`, `positions_v1`, so a
+//! `messages_v1`, `room_buckets_v1`, `message_ids_v1`, `positions_v1`,
+//! `room_reads_v1`, `user_rooms_v1`, so a
 //! rebuild writes `v2` beside them while `v1` serves reads; the
 //! `projection_versions` table says which versions exist and which one is
 //! current.

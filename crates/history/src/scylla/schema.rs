@@ -64,13 +64,23 @@ impl Names {
         self.table("positions")
     }
 
+    pub fn room_reads(&self) -> String {
+        self.table("room_reads")
+    }
+
+    pub fn user_rooms(&self) -> String {
+        self.table("user_rooms")
+    }
+
     /// Every table of the version, as [`table_statements`] creates them.
-    pub fn tables(&self) -> [String; 4] {
+    pub fn tables(&self) -> [String; 6] {
         [
             self.messages(),
             self.room_buckets(),
             self.message_ids(),
             self.positions(),
+            self.room_reads(),
+            self.user_rooms(),
         ]
     }
 }
@@ -182,6 +192,16 @@ pub struct Statements {
     /// () -> (next_offset) of every log partition: a scan of the (small)
     /// positions table, for the records a version covers
     pub select_positions: String,
+    /// (room, reader, read_offset, timestamp = read_offset)
+    pub insert_read: String,
+    /// (room, reader) -> (read_offset)
+    pub select_read: String,
+    /// (room, limit) -> (reader, read_offset), by reader
+    pub select_reads: String,
+    /// (member, room)
+    pub insert_member: String,
+    /// (member, limit) -> (room), by room
+    pub select_member_rooms: String,
 }
 
 impl Statements {
@@ -192,6 +212,7 @@ impl Statements {
             names.message_ids(),
             names.positions(),
         );
+        let (reads, members) = (names.room_reads(), names.user_rooms());
         Statements {
             insert_message: format!(
                 "INSERT INTO {messages} (room, bucket, log_offset, msg_id, author, body, ts) \
@@ -221,6 +242,14 @@ impl Statements {
                  WHERE room = ? AND bucket = ? AND log_offset < ? LIMIT ?"
             ),
             select_positions: format!("SELECT next_offset FROM {positions}"),
+            insert_read: format!(
+                "INSERT INTO {reads} (room, reader, read_offset) VALUES (?, ?, ?) \
+                 USING TIMESTAMP ?"
+            ),
+            select_read: format!("SELECT read_offset FROM {reads} WHERE room = ? AND reader = ?"),
+            select_reads: format!("SELECT reader, read_offset FROM {reads} WHERE room = ? LIMIT ?"),
+            insert_member: format!("INSERT INTO {members} (member, room) VALUES (?, ?)"),
+            select_member_rooms: format!("SELECT room FROM {members} WHERE member = ? LIMIT ?"),
         }
     }
 }
@@ -252,14 +281,16 @@ mod tests {
     }
 
     #[test]
-    fn table_statements_create_the_four_tables_of_the_version() {
+    fn table_statements_create_the_six_tables_of_the_version() {
         let stmts = table_statements(&names());
-        assert_eq!(stmts.len(), 4, "{stmts:#?}");
+        assert_eq!(stmts.len(), 6, "{stmts:#?}");
         for (stmt, table) in stmts.iter().zip([
             "chat.messages_v1",
             "chat.room_buckets_v1",
             "chat.message_ids_v1",
             "chat.positions_v1",
+            "chat.room_reads_v1",
+            "chat.user_rooms_v1",
         ]) {
             assert!(
                 stmt.starts_with(&format!("CREATE TABLE IF NOT EXISTS {table} (")),
@@ -371,7 +402,7 @@ mod tests {
     }
 
     #[test]
-    fn dropping_a_version_drops_its_four_tables_only() {
+    fn dropping_a_version_drops_its_six_tables_only() {
         let drops = drop_statements(&Names::new("chat", "v2").unwrap());
         assert_eq!(
             drops,
@@ -380,6 +411,8 @@ mod tests {
                 "DROP TABLE IF EXISTS chat.room_buckets_v2",
                 "DROP TABLE IF EXISTS chat.message_ids_v2",
                 "DROP TABLE IF EXISTS chat.positions_v2",
+                "DROP TABLE IF EXISTS chat.room_reads_v2",
+                "DROP TABLE IF EXISTS chat.user_rooms_v2",
             ]
         );
         // The same tables the version's schema creates.

@@ -30,7 +30,7 @@ use tokio::sync::Semaphore;
 use super::buckets::{
     claim_keys, is_visible, plan_apply, Bucketing, Claim, PageWalk, RowBatch, Step,
 };
-use crate::{HistoryStore, StoreError};
+use crate::{Batch, HistoryStore, StoreError, MAX_LISTED};
 
 /// Requests in flight per `apply` or `find_ids` call.
 pub const DEFAULT_CONCURRENCY: usize = 32;
@@ -81,6 +81,26 @@ pub trait Tables: Send + Sync + 'static {
         before: i64,
         limit: usize,
     ) -> Result<Vec<MessageView>, StoreError>;
+    /// The stored read position of `user` in `room`.
+    async fn read_position(&self, room: &str, user: &str) -> Result<Option<i64>, StoreError>;
+    /// Writes the read position of `user` in `room` so that the highest
+    /// offset ever written wins.
+    async fn write_read_position(
+        &self,
+        room: &str,
+        user: &str,
+        offset: i64,
+    ) -> Result<(), StoreError>;
+    /// The read positions of `room`, by user name, at most `limit`.
+    async fn read_positions(
+        &self,
+        room: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, i64)>, StoreError>;
+    /// Lists `room` among the rooms of `user`.
+    async fn write_member(&self, user: &str, room: &str) -> Result<(), StoreError>;
+    /// The rooms listed for `user`, by name, at most `limit`.
+    async fn user_rooms(&self, user: &str, limit: usize) -> Result<Vec<String>, StoreError>;
 }
 
 /// One write of a plan.
@@ -88,6 +108,8 @@ enum Write<'a> {
     Rows(&'a RowBatch),
     Bucket(&'a str, i64, u32),
     Claim(&'a Claim),
+    Member(&'a str, &'a str),
+    Read(&'a str, &'a str, i64),
 }
 
 fn layout(e: impl std::fmt::Display) -> StoreError {
@@ -156,9 +178,12 @@ impl<T: Tables> BucketedStore<T> {
                 self.tables.write_bucket(room, bucket, partition).await
             }
             Write::Claim(claim) => self.tables.write_claim(claim).await,
+            Write::Member(user, room) => self.tables.write_member(user, room).await,
+            Write::Read(room, user, offset) => {
+                self.tables.write_read_position(room, user, offset).await
+            }
         }
     }
-
     async fn claim(&self, room: &str, id: &str) -> Result<Option<ClaimRow>, StoreError> {
         let _slot = self.slot().await?;
         self.tables.claim(room, id).await
@@ -187,12 +212,12 @@ impl<T: Tables> BucketedStore<T> {
 
 #[async_trait]
 impl<T: Tables> HistoryStore for BucketedStore<T> {
-    async fn apply(
-        &self,
-        partition: u32,
-        messages: Vec<MessageView>,
-        next: u64,
-    ) -> Result<(), StoreError> {
+    async fn apply_batch(&self, partition: u32, batch: Batch, next: u64) -> Result<(), StoreError> {
+        let Batch {
+            messages,
+            reads,
+            members,
+        } = batch;
         let next = i64::try_from(next).map_err(layout)?;
         let stored = self.stored_position(partition).await?;
         if stored.is_some_and(|stored| next <= stored) {
@@ -234,6 +259,29 @@ impl<T: Tables> HistoryStore for BucketedStore<T> {
             plan.claims
                 .iter()
                 .map(|c| self.write(Write::Claim(c)).boxed()),
+        );
+        // The highest read position of each (room, user) in the batch.
+        let mut highest: HashMap<(&str, &str), i64> = HashMap::new();
+        for r in &reads {
+            let offset = i64::try_from(r.offset).map_err(layout)?;
+            let slot = highest
+                .entry((r.room.as_str(), r.user.as_str()))
+                .or_insert(offset);
+            *slot = (*slot).max(offset);
+        }
+        writes.extend(
+            highest
+                .into_iter()
+                .map(|((room, user), offset)| self.write(Write::Read(room, user, offset)).boxed()),
+        );
+        let members: std::collections::BTreeSet<(&str, &str)> = members
+            .iter()
+            .map(|(user, room)| (user.as_str(), room.as_str()))
+            .collect();
+        writes.extend(
+            members
+                .into_iter()
+                .map(|(user, room)| self.write(Write::Member(user, room)).boxed()),
         );
         futures::stream::iter(writes)
             .buffer_unordered(self.concurrency)
@@ -283,6 +331,29 @@ impl<T: Tables> HistoryStore for BucketedStore<T> {
                 Step::Done => return Ok(walk.finish()),
             }
         }
+    }
+
+    async fn read_position(&self, room: &str, user: &str) -> Result<Option<u64>, StoreError> {
+        let stored = {
+            let _slot = self.slot().await?;
+            self.tables.read_position(room, user).await?
+        };
+        stored.map(|p| u64::try_from(p).map_err(layout)).transpose()
+    }
+
+    async fn reads(&self, room: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let rows = {
+            let _slot = self.slot().await?;
+            self.tables.read_positions(room, MAX_LISTED).await?
+        };
+        rows.into_iter()
+            .map(|(user, offset)| Ok((user, u64::try_from(offset).map_err(layout)?)))
+            .collect()
+    }
+
+    async fn user_rooms(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        let _slot = self.slot().await?;
+        self.tables.user_rooms(user, MAX_LISTED).await
     }
 
     async fn find_id(&self, room: &str, id: &str) -> Result<Option<u64>, StoreError> {

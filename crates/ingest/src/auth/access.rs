@@ -8,46 +8,25 @@
 //! its own direct messages. The same rule answers joins, sends, typing and
 //! history reads, on every node.
 
-use std::collections::HashSet;
-
-use schemas::protocol::{dm_members, valid_room, ErrorCode, FrameError};
+use schemas::protocol::{dm_members, ErrorCode, FrameError, RoomPatterns};
 
 /// The rooms a token grants, from its `rooms` claim.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RoomGrant {
-    exact: HashSet<String>,
-    prefixes: Vec<String>,
-}
+pub struct RoomGrant(RoomPatterns);
 
 impl RoomGrant {
     /// Parses the entries of a `rooms` claim; an entry that is neither a
     /// valid room name nor a prefix pattern (`PREFIX*`, the prefix made of
     /// room-name characters and `:`) refuses the whole claim.
     pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<RoomGrant, String> {
-        let mut grant = RoomGrant::default();
-        for entry in entries {
-            let entry = entry.as_ref();
-            if let Some(prefix) = entry.strip_suffix('*') {
-                let ok = prefix.len() <= 2 * schemas::protocol::MAX_ROOM_LEN
-                    && prefix.bytes().all(|b| {
-                        b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':')
-                    });
-                if !ok {
-                    return Err(format!("bad room pattern {entry:?} in the rooms claim"));
-                }
-                grant.prefixes.push(prefix.to_owned());
-            } else if valid_room(entry) {
-                grant.exact.insert(entry.to_owned());
-            } else {
-                return Err(format!("bad room {entry:?} in the rooms claim"));
-            }
-        }
-        Ok(grant)
+        RoomPatterns::parse(entries)
+            .map(RoomGrant)
+            .map_err(|e| format!("{e} in the rooms claim"))
     }
 
     /// True when the grant covers `room`.
     pub fn covers(&self, room: &str) -> bool {
-        self.exact.contains(room) || self.prefixes.iter().any(|p| room.starts_with(p.as_str()))
+        self.0.covers(room)
     }
 }
 

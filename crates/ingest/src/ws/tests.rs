@@ -441,7 +441,9 @@ async fn a_send_is_acked_with_its_offset_after_the_append() {
         assert_eq!(record.offset, n as u64);
         assert_eq!(record.key, ROOM.as_bytes());
         assert_eq!(record.ts, ts);
-        let schemas::ChatEvent::MessagePosted(m) = schemas::decode(&record.value).unwrap();
+        let Ok(schemas::ChatEvent::MessagePosted(m)) = schemas::decode(&record.value) else {
+            panic!("offset {n} holds a message");
+        };
         assert_eq!(
             (m.room.as_str(), m.client_id.as_str(), m.user.as_str()),
             (ROOM, id, "alice")
@@ -1016,4 +1018,84 @@ async fn pongs_keep_a_quiet_connection_open() {
             other => panic!("expected the ack, got {other:?}"),
         }
     }
+}
+
+#[tokio::test]
+async fn a_read_is_appended_and_comes_back_to_the_readers_connections_only() {
+    let node = Node::new();
+    let mut alice = Client::connect(&node, "alice").await;
+    let mut other_tab = Client::connect(&node, "alice").await;
+    let mut bob = Client::connect(&node, "bob").await;
+    for c in [&mut alice, &mut other_tab, &mut bob] {
+        c.join(ROOM, None).await;
+    }
+    bob.send(json!({"type": "send", "room": ROOM, "id": "b1", "body": "hi"}));
+    let message = alice.recv().await;
+    assert_eq!(other_tab.recv().await, message);
+    // A member may get its own message before its ack.
+    let mut types: Vec<Value> = bob
+        .recv_n(2)
+        .await
+        .iter()
+        .map(|f| f["type"].clone())
+        .collect();
+    types.sort_by_key(|t| t.to_string());
+    assert_eq!(types, ["ack", "message"]);
+    let offset = message["offset"].as_i64().unwrap();
+
+    alice.send(json!({"type": "read", "room": ROOM, "offset": offset}));
+    let read = json!({"type": "read", "room": ROOM, "user": "alice", "offset": offset});
+    assert_eq!(alice.recv().await, read);
+    assert_eq!(
+        other_tab.recv().await,
+        read,
+        "alice's other tab learns it too"
+    );
+    let record = node.record(ROOM, offset as u64 + 1).await;
+    assert_eq!(
+        schemas::decode(&record.value).unwrap(),
+        schemas::ChatEvent::ReadPositionMoved(schemas::ReadPositionMoved {
+            room: ROOM.into(),
+            user: "alice".into(),
+            offset,
+            ts: record.ts,
+        })
+    );
+    // A public room keeps it from bob: his next frames are about his own
+    // next message, which the log holds after alice's read.
+    bob.send(json!({"type": "send", "room": ROOM, "id": "b2", "body": "again"}));
+    for frame in bob.recv_n(2).await {
+        assert_eq!(frame["id"], "b2", "{frame}");
+    }
+}
+
+#[tokio::test]
+async fn a_refused_read_appends_nothing() {
+    const DM: &str = "dm:alice:bob";
+    let node = Node::new();
+    let mut carol = Client::connect(&node, "carol").await;
+    carol.send(json!({"type": "read", "room": DM, "offset": 0}));
+    assert_eq!(carol.expect_error("forbidden").await["room"], DM);
+    for bad in [json!(-1), json!("3"), json!(1.5), json!(null)] {
+        carol.send(json!({"type": "read", "room": ROOM, "offset": bad}));
+        carol.expect_error("bad_frame").await;
+    }
+    carol.send(json!({"type": "read", "room": "no room!", "offset": 0}));
+    carol.expect_error("bad_room").await;
+    assert_eq!(node.end(DM).await, 0);
+    assert_eq!(node.end(ROOM).await, 0);
+
+    let off = Node::with(
+        GatewayConfig {
+            read_positions: false,
+            limits: crate::limits::Limits::unlimited(),
+            ..GatewayConfig::default()
+        },
+        true,
+    );
+    let mut alice = Client::connect(&off, "alice").await;
+    alice.send(json!({"type": "read", "room": ROOM, "offset": 0}));
+    let refused = alice.expect_error("unavailable").await;
+    assert_eq!(refused["room"], ROOM, "{refused}");
+    assert_eq!(off.end(ROOM).await, 0, "turned off: nothing appended");
 }

@@ -39,6 +39,10 @@ fn check(frame: &ClientFrame) {
         ClientFrame::Leave { room }
         | ClientFrame::Typing { room }
         | ClientFrame::Presence { room } => room,
+        ClientFrame::Read { room, offset } => {
+            assert!(*offset >= 0, "a negative read offset accepted: {frame:?}");
+            room
+        }
         ClientFrame::Send { room, id, body } => {
             assert!(check_id(id).is_ok(), "bad id accepted: {frame:?}");
             assert!(
@@ -62,6 +66,9 @@ fn to_json(frame: &ClientFrame) -> Value {
         ClientFrame::Leave { room } => json!({"type": "leave", "room": room}),
         ClientFrame::Typing { room } => json!({"type": "typing", "room": room}),
         ClientFrame::Presence { room } => json!({"type": "presence", "room": room}),
+        ClientFrame::Read { room, offset } => {
+            json!({"type": "read", "room": room, "offset": offset})
+        }
         ClientFrame::Send { room, id, body } => {
             json!({"type": "send", "room": room, "id": id, "body": body})
         }

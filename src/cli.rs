@@ -719,9 +719,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.partitions == 0 {
         anyhow::bail!("--partitions must be at least 1");
     }
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .context("installing the metrics recorder")?;
+    let metrics = crate::metrics_recorder()?;
     crate::describe_metrics();
     // Before binding: a server refused for its auth never listens.
     let auth = args.auth().await?;

@@ -74,6 +74,32 @@ pub fn metric_catalogue() -> Vec<(&'static str, &'static str, &'static str, &'st
         .collect()
 }
 
+/// Bucket bounds, in seconds, of every `*_seconds` histogram: from a tenth
+/// of a millisecond (an embedded ack) to ten seconds (the send timeout), so
+/// Prometheus can take percentiles across nodes (`histogram_quantile`).
+pub const SECONDS_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// How often the recorder drains its histograms' samples into their
+/// buckets: without it they pile up until `/metrics` is read.
+const METRICS_UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Installs the Prometheus recorder of a `chat serve` process: `*_seconds`
+/// histograms with [`SECONDS_BUCKETS`], the others as summaries; `serve`
+/// runs its upkeep.
+pub fn metrics_recorder() -> anyhow::Result<PrometheusHandle> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+            &SECONDS_BUCKETS,
+        )
+        .context("histogram buckets")?
+        .install_recorder()
+        .context("installing the metrics recorder")
+}
+
 /// Gives the installed recorder the help text of every metric, so
 /// `GET /metrics` describes each one (`# HELP`).
 pub fn describe_metrics() {
@@ -502,6 +528,21 @@ pub async fn serve(
         "log open"
     );
 
+    let upkeep_stop = shutdown.child_token();
+    let upkeep_task = metrics.clone().map(|handle| {
+        let stop = upkeep_stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(METRICS_UPKEEP);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => handle.run_upkeep(),
+                }
+            }
+        })
+    });
+
     let projector_stop = CancellationToken::new();
     let projector_task = if config.roles.has(Role::Projector) {
         // An embedded store is this node's alone: no group unless asked. A
@@ -597,6 +638,10 @@ pub async fn serve(
             tracing::debug!(error = %e, "removing the control socket");
         }
     }
+    upkeep_stop.cancel();
+    if let Some(task) = upkeep_task {
+        task.await.context("metrics upkeep task")?;
+    }
     served.context("serving")?;
     tracing::info!("stopped");
     Ok(())
@@ -669,6 +714,73 @@ mod tests {
             }
         }
         assert!(named > 0, "the guide names metrics");
+    }
+
+    /// Every expression of the Grafana dashboard names only catalogued
+    /// metrics (a histogram by its `_bucket`, `_sum` or `_count` series), and
+    /// the dashboard shows what an operator needs first.
+    #[test]
+    fn the_dashboard_names_only_catalogued_metrics() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("k8s/grafana/chat-dashboard.json");
+        let dashboard: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("the dashboard"))
+                .expect("the dashboard is JSON");
+        let catalogue = metric_catalogue();
+        let exprs: Vec<&str> = dashboard["panels"]
+            .as_array()
+            .expect("panels")
+            .iter()
+            .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+            .map(|t| t["expr"].as_str().expect("a target has an expr"))
+            .collect();
+        assert!(!exprs.is_empty());
+        // PromQL's own words, and the label names used.
+        const PROMQL: [&str; 11] = [
+            "sum",
+            "by",
+            "rate",
+            "max",
+            "histogram_quantile",
+            "le",
+            "code",
+            "consumer",
+            "partition",
+            "op",
+            "instance",
+        ];
+        let mut named = std::collections::BTreeSet::new();
+        for expr in &exprs {
+            let words = expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '$'));
+            for word in words.filter(|w| w.starts_with(|c: char| c.is_ascii_lowercase())) {
+                if PROMQL.contains(&word) {
+                    continue;
+                }
+                let known = catalogue.iter().any(|&(_, name, kind, _)| {
+                    word == name
+                        || (kind == "histogram"
+                            && ["_bucket", "_sum", "_count"]
+                                .iter()
+                                .any(|s| word.strip_suffix(s) == Some(name)))
+                });
+                assert!(
+                    known,
+                    "the dashboard's {expr:?} names {word}, which no crate declares"
+                );
+                named.insert(word.trim_end_matches("_bucket").to_owned());
+            }
+        }
+        for needed in [
+            "ingest_messages_acked_total",
+            "fanout_deliveries_total",
+            "ingest_ack_seconds",
+            "fanout_delivery_lag_seconds",
+            "projector_lag_records",
+            "fanout_slow_consumers_total",
+            "ingest_bad_frames_total",
+        ] {
+            assert!(named.contains(needed), "the dashboard shows no {needed}");
+        }
     }
 
     #[cfg(feature = "kafka")]

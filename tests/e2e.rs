@@ -441,6 +441,60 @@ async fn http_post_health_and_page() {
     assert!(metrics.contains("ingest_messages_acked_total"), "{metrics}");
 }
 
+/// The latency histograms and the projector's lag gauges move with
+/// traffic, and `*_seconds` are Prometheus histograms (buckets), so
+/// percentiles can be taken across nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_histograms_and_projector_lag_move_with_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), 2).await;
+    let mut alice = server.connect("alice").await;
+    alice.join("general", None).await;
+    const SENT: usize = 5;
+    for i in 0..SENT {
+        alice.send_message("general", &id(), &format!("m{i}")).await;
+    }
+    let (mut acks, mut messages) = (0, 0);
+    while acks < SENT || messages < SENT {
+        match alice.recv().await["type"].as_str() {
+            Some("ack") => acks += 1,
+            Some("message") => messages += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(server.history_with("general", SENT).await.len(), SENT);
+    let at_least = SENT as f64;
+    assert!(server.metric("ingest_ack_seconds_count").await >= at_least);
+    assert!(
+        server.metric("ingest_ack_seconds_bucket{le=\"10\"}").await >= at_least,
+        "ack latency has buckets"
+    );
+    assert!(server.metric("fanout_delivery_lag_seconds_count").await >= at_least);
+    assert!(
+        server
+            .metric("ingest_store_read_seconds_count{op=\"page\"}")
+            .await
+            >= 1.0
+    );
+    // The projector's, once it applied the batches it read.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let batches = server.metric("projector_batch_seconds_count").await;
+        let lag = server.metric_sum("projector_lag_seconds").await;
+        let behind = server.metric_sum("projector_lag_records").await;
+        let series = server.metric_series("projector_lag_records").await;
+        if batches >= 1.0 && series >= 1 {
+            assert!(lag >= 0.0 && behind >= 0.0, "lag {lag} s, {behind} records");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no projector batch or lag: {batches} batches, {series} lag series"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthenticated_connection_is_closed_with_4001() {
     let dir = tempfile::tempdir().unwrap();

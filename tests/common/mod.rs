@@ -187,6 +187,18 @@ impl Server {
             .sum()
     }
 
+    /// How many series of metric `name` `/metrics` shows.
+    pub async fn metric_series(&self, name: &str) -> usize {
+        self.metrics_text()
+            .await
+            .lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|r| r.starts_with(['{', ' ']))
+            })
+            .count()
+    }
+
     async fn metrics_text(&self) -> String {
         reqwest::get(self.url("/metrics"))
             .await

@@ -259,12 +259,6 @@ fn leave(rooms: &mut HashMap<String, Room>, room: &str, member: u64) {
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 fn handle(
     state: &AppState,
     member: &Arc<Member>,
@@ -338,7 +332,7 @@ fn handle(
             member.offer(frame(e.to_frame()));
         }
         ClientFrame::Send { room, id, body } => {
-            let ts = now_ms();
+            let ts = schemas::now_ms();
             let mut rooms = state.rooms.lock().unwrap();
             let r = rooms.entry(room.clone()).or_default();
             let offset = r.next_offset;

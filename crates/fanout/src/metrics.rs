@@ -27,6 +27,9 @@ pub const PRESENCE_NOTICES_RECEIVED_TOTAL: &str = "presence_notices_received_tot
 pub const PRESENCE_NOTICES_UNREADABLE_TOTAL: &str = "presence_notices_unreadable_total";
 /// Typing notices dropped because the publisher's queue was full.
 pub const PRESENCE_NOTICES_DROPPED_TOTAL: &str = "presence_notices_dropped_total";
+/// Seconds from a message's append (its timestamp) to its frame being
+/// queued for its members' sockets.
+pub const DELIVERY_LAG_SECONDS: &str = "fanout_delivery_lag_seconds";
 /// Other nodes whose presence this node holds.
 pub const PRESENCE_NODES: &str = "presence_nodes";
 /// (room, user) entries present, over every node.
@@ -34,6 +37,11 @@ pub const PRESENCE_ENTRIES: &str = "presence_entries";
 
 /// Every metric above: (name, kind, help).
 pub const CATALOGUE: &[(&str, &str, &str)] = &[
+    (
+        DELIVERY_LAG_SECONDS,
+        "histogram",
+        "seconds from a message's append to its frame queued for the members' sockets",
+    ),
     (
         SLOW_CONSUMERS_TOTAL,
         "counter",

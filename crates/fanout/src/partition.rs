@@ -34,6 +34,8 @@ pub(crate) struct Entry {
     /// Hash of (room, client id): the identity a retried send keeps.
     pub(crate) key: u64,
     pub(crate) frame: Frame,
+    /// The record's append time, milliseconds since the epoch.
+    pub(crate) ts: i64,
     /// Set for a read position: live only, never in the ring or a
     /// catch-up, and shown to the reader's own connections, or to every
     /// member where the room shares read positions.
@@ -78,6 +80,7 @@ pub(crate) fn decode(record: &LogRecord) -> Result<Entry, Unreadable> {
         key: identity(&view.room, &view.id),
         frame: message_frame(&view),
         room: view.room,
+        ts: record.ts,
         reader: None,
     })
 }
@@ -97,6 +100,7 @@ fn read_entry(record: &LogRecord, r: schemas::ReadPositionMoved) -> Entry {
         key: identity(&r.room, &format!("\0read{}", record.offset)),
         frame: Frame::from(frame),
         room: r.room,
+        ts: record.ts,
         reader: Some(Box::new(Reader {
             user: r.user,
             shared: false,
@@ -118,6 +122,7 @@ fn unreadable(record: &LogRecord, error: String) -> Unreadable {
             record.offset as i64,
         )),
         room: room.to_owned(),
+        ts: record.ts,
         reader: None,
     });
     Unreadable { error, notice }
@@ -193,6 +198,8 @@ impl PartitionState {
     /// the number of frames queued.
     pub(crate) fn dispatch(&mut self, entries: Vec<Entry>, next: u64, ring: usize) -> u64 {
         let mut delivered = 0u64;
+        // Asked once a batch, and only when a message is delivered here.
+        let mut now: Option<i64> = None;
         for e in entries {
             if let Some(reader) = &e.reader {
                 // Live only: offered where it fits, never kicking.
@@ -211,6 +218,7 @@ impl PartitionState {
                 continue;
             }
             if let Some(members) = self.rooms.get_mut(&e.room) {
+                let before = delivered;
                 members.retain(|s| {
                     if e.offset < s.from {
                         return true;
@@ -221,6 +229,11 @@ impl PartitionState {
                 });
                 if members.is_empty() {
                     self.rooms.remove(&e.room);
+                }
+                if delivered > before {
+                    let lag_ms = (*now.get_or_insert_with(schemas::now_ms) - e.ts).max(0);
+                    ::metrics::histogram!(crate::metrics::DELIVERY_LAG_SECONDS)
+                        .record(lag_ms as f64 / 1000.0);
                 }
             }
             self.ring.push_back(e);
@@ -250,6 +263,7 @@ pub(crate) mod tests {
             room: room.to_owned(),
             key: identity(room, id),
             frame: Frame::from(format!("{room}/{id}@{offset}")),
+            ts: 0,
             reader: None,
         }
     }

@@ -725,12 +725,6 @@ fn version_meta(
         .transpose()
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 impl EmbeddedVersions {
     /// Opens (or creates) `history.redb` in `dir`. On a new file the
     /// `default` version is created, ready and current.
@@ -871,7 +865,7 @@ impl Versions for EmbeddedVersions {
                     .get(name.as_str())
                     .map_err(storage)?
                     .and_then(|m| serde_json::from_str::<VersionMeta>(m.value()).ok())
-                    .map_or_else(now_ms, |m| m.created_ms);
+                    .map_or_else(schemas::now_ms, |m| m.created_ms);
                 let meta = serde_json::to_string(&VersionMeta {
                     state: VersionState::Building,
                     created_ms,

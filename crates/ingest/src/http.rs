@@ -151,7 +151,7 @@ pub(crate) async fn history(
     };
     let limit = query.limit.unwrap_or(50).clamp(1, MAX_LIMIT);
     // One more than asked tells whether an older page exists.
-    match store.page(&room, query.before, limit + 1).await {
+    match timed("page", store.page(&room, query.before, limit + 1)).await {
         Ok(mut messages) => {
             let more = messages.len() > limit;
             if more {
@@ -196,6 +196,16 @@ pub(crate) async fn presence(
         answer["more"] = json!(more);
     }
     Json(answer).into_response()
+}
+
+/// Awaits `read`, a history store read, timed in
+/// `ingest_store_read_seconds{op}`.
+pub(crate) async fn timed<T>(op: &'static str, read: impl std::future::Future<Output = T>) -> T {
+    let started = std::time::Instant::now();
+    let answer = read.await;
+    ::metrics::histogram!(crate::metrics::STORE_READ_SECONDS, "op" => op)
+        .record(started.elapsed().as_secs_f64());
+    answer
 }
 
 /// The `unavailable` answer of a node without a history store.
@@ -349,6 +359,7 @@ pub(crate) async fn my_rooms(
     let Some(store) = &state.gw.store else {
         return no_history();
     };
+    let started = std::time::Instant::now();
     let rooms = match store.user_rooms(&identity.user).await {
         Ok(rooms) => rooms,
         Err(e) => return store_failed(&e),
@@ -367,6 +378,8 @@ pub(crate) async fn my_rooms(
         .buffered(ROOMS_AT_ONCE)
         .try_collect()
         .await;
+    ::metrics::histogram!(crate::metrics::STORE_READ_SECONDS, "op" => "rooms")
+        .record(started.elapsed().as_secs_f64());
     let mut summaries = match summaries {
         Ok(summaries) => summaries,
         Err(e) => return store_failed(&e),
@@ -416,6 +429,7 @@ pub(crate) async fn post_message(
     headers: HeaderMap,
     body: Result<Json<PostBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
+    let arrived = std::time::Instant::now();
     let identity: Identity = match state.gw.auth.identify_http(&query, &headers).await {
         Ok(identity) => identity,
         Err(e) => return unauthorized(&e),
@@ -482,6 +496,7 @@ pub(crate) async fn post_message(
                 user,
                 body: text,
                 ts: now_ms(),
+                arrived: std::time::Instant::now(),
             };
             // A client that gives up (the request is dropped) does not
             // cancel the append: it runs on a task of its own.
@@ -489,10 +504,14 @@ pub(crate) async fn post_message(
         }
     };
     match outcome {
-        Ok(ack) => Json(json!({
-            "type": "ack", "id": id, "room": room, "offset": ack.offset, "ts": ack.ts
-        }))
-        .into_response(),
+        Ok(ack) => {
+            ::metrics::histogram!(crate::metrics::ACK_SECONDS)
+                .record(arrived.elapsed().as_secs_f64());
+            Json(json!({
+                "type": "ack", "id": id, "room": room, "offset": ack.offset, "ts": ack.ts
+            }))
+            .into_response()
+        }
         Err(e) => error_response(&e),
     }
 }

@@ -25,6 +25,7 @@ use eventlog::{EventLog, Record};
 use fanout::Fanout;
 use history::HistoryStore;
 use metrics_exporter_prometheus::PrometheusHandle;
+pub(crate) use schemas::now_ms;
 use schemas::protocol::{ErrorCode, FrameError};
 use schemas::{ChatEvent, MessagePosted, ReadPositionMoved};
 use tokio::net::TcpListener;
@@ -110,13 +111,6 @@ pub(crate) struct AppState {
     connections: TaskTracker,
 }
 
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 /// A validated message waiting to be appended.
 pub(crate) struct PendingSend {
     pub room: String,
@@ -124,6 +118,8 @@ pub(crate) struct PendingSend {
     pub user: String,
     pub body: String,
     pub ts: i64,
+    /// When the send reached the gateway, for its ack's latency.
+    pub arrived: std::time::Instant,
 }
 
 impl PendingSend {
@@ -342,7 +338,7 @@ impl AppState {
             .iter()
             .map(|s| (s.room.clone(), s.id.clone()))
             .collect();
-        match store.find_ids(&keys).await {
+        match http::timed("ids", store.find_ids(&keys)).await {
             Ok(found) => found
                 .into_iter()
                 .map(|f| {

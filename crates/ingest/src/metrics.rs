@@ -24,6 +24,11 @@ pub const MESSAGES_ACKED_TOTAL: &str = "ingest_messages_acked_total";
 pub const SEND_TIMEOUTS_TOTAL: &str = "ingest_send_timeouts_total";
 /// Read positions appended to the log.
 pub const READS_TOTAL: &str = "ingest_reads_total";
+/// Seconds from a send's arrival to its `ack` (or the HTTP answer).
+pub const ACK_SECONDS: &str = "ingest_ack_seconds";
+/// Seconds a history store read of a gateway took, by `op` (page, ids,
+/// reads, rooms).
+pub const STORE_READ_SECONDS: &str = "ingest_store_read_seconds";
 
 /// Every metric above: (name, kind, help).
 pub const CATALOGUE: &[(&str, &str, &str)] = &[
@@ -60,4 +65,14 @@ pub const CATALOGUE: &[(&str, &str, &str)] = &[
         "sends the log did not answer within the send timeout (answered unavailable, pending)",
     ),
     (READS_TOTAL, "counter", "read positions appended to the log"),
+    (
+        ACK_SECONDS,
+        "histogram",
+        "seconds from a send's arrival to its ack",
+    ),
+    (
+        STORE_READ_SECONDS,
+        "histogram",
+        "seconds a history store read of the gateway took, by op (page, ids, reads, rooms)",
+    ),
 ];

@@ -548,6 +548,10 @@ impl Connection {
 
     fn answer(&mut self, batch: Arc<Vec<PendingSend>>, outcomes: Vec<Outcome>) {
         for (send, outcome) in batch.iter().zip(outcomes) {
+            if outcome.is_ok() {
+                metrics::histogram!(crate::metrics::ACK_SECONDS)
+                    .record(send.arrived.elapsed().as_secs_f64());
+            }
             self.answer_one(&send.id, &send.room, outcome);
         }
     }
@@ -711,6 +715,7 @@ impl Connection {
                     user: self.user.clone(),
                     body,
                     ts: now_ms(),
+                    arrived: std::time::Instant::now(),
                 });
                 self.start_batch();
             }

@@ -8,8 +8,16 @@ pub const STORE_ERRORS_TOTAL: &str = "projector_store_errors_total";
 pub const DEAD_LETTERS_TOTAL: &str = "projector_dead_letters_total";
 /// Partitions this projector owns now.
 pub const PARTITIONS_OWNED: &str = "projector_partitions_owned";
-/// Messages applied to the history store.
+/// Events (messages, read positions) applied to the history store.
 pub const EVENTS_TOTAL: &str = "projector_events_total";
+/// Seconds one batch took to apply to the store, retries included.
+pub const BATCH_SECONDS: &str = "projector_batch_seconds";
+/// Records of a `partition` behind its end, as of the last batch applied
+/// (checked at most once a second per partition).
+pub const LAG_RECORDS: &str = "projector_lag_records";
+/// Seconds from the append of the last record applied of a `partition` to
+/// its apply.
+pub const LAG_SECONDS: &str = "projector_lag_seconds";
 /// Next offset to apply, by `partition`.
 pub const POSITION: &str = "projector_position";
 /// Events a replay applied.
@@ -35,7 +43,22 @@ pub const CATALOGUE: &[(&str, &str, &str)] = &[
     (
         EVENTS_TOTAL,
         "counter",
-        "messages applied to the history store",
+        "events (messages, read positions) applied to the history store",
+    ),
+    (
+        BATCH_SECONDS,
+        "histogram",
+        "seconds one batch took to apply to the store, retries included",
+    ),
+    (
+        LAG_RECORDS,
+        "gauge",
+        "records of a partition behind its end, as of the last batch applied",
+    ),
+    (
+        LAG_SECONDS,
+        "gauge",
+        "seconds from the append of a partition's last applied record to its apply",
     ),
     (POSITION, "gauge", "next offset to apply, by partition"),
     (REPLAY_EVENTS_TOTAL, "counter", "events a replay applied"),

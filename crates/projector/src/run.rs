@@ -32,6 +32,10 @@ use history::{Batch, HistoryStore, ReadMark, StoreError};
 /// Name of the dead-letter topic.
 pub const DLQ_TOPIC: &str = "chat.dlq";
 
+/// How often a partition's lag in records is measured at most (it asks the
+/// log for the partition's end).
+const LAG_EVERY: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone)]
 pub struct ProjectorConfig {
     /// Consumer group: projectors writing one store share its partitions.
@@ -428,6 +432,8 @@ impl Projector {
             let mut stream = self.log.read(partition, from);
             let mut watching = true;
             let mut switched = false;
+            // When the partition's end was last asked, for the lag gauge.
+            let mut lag_asked: Option<tokio::time::Instant> = None;
             loop {
                 let batch = tokio::select! {
                     biased;
@@ -454,6 +460,10 @@ impl Projector {
                 }
                 self.apply_batch(&*store, partition, &batch).await;
                 delays.reset();
+                if lag_asked.is_none_or(|at| at.elapsed() >= LAG_EVERY) {
+                    lag_asked = Some(tokio::time::Instant::now());
+                    self.record_lag(partition, batch.last()).await;
+                }
             }
             if switched {
                 continue;
@@ -462,8 +472,25 @@ impl Projector {
         }
     }
 
+    /// Sets the lag gauges of `partition` after `last` was applied: the
+    /// records between it and the partition's end, the seconds since it
+    /// was appended. A log that does not answer leaves the records gauge.
+    async fn record_lag(&self, partition: u32, last: Option<&LogRecord>) {
+        let Some(last) = last else { return };
+        let label = partition.to_string();
+        let age_ms = (schemas::now_ms() - last.ts).max(0);
+        metrics::gauge!(crate::metrics::LAG_SECONDS, "partition" => label.clone())
+            .set(age_ms as f64 / 1000.0);
+        match self.log.end_offset(partition).await {
+            Ok(end) => metrics::gauge!(crate::metrics::LAG_RECORDS, "partition" => label)
+                .set(end.saturating_sub(last.offset + 1) as f64),
+            Err(e) => tracing::debug!(partition, error = %e, "end offset for the lag gauge"),
+        }
+    }
+
     /// Applies one batch, retrying the store until it succeeds.
     async fn apply_batch(&self, store: &dyn HistoryStore, partition: u32, batch: &[LogRecord]) {
+        let started = std::time::Instant::now();
         let decoded = self.applier.decode(batch, None).await;
         // A terminal error ends an attempt, but the position must not move
         // past data it does not cover: wait and try again, without end.
@@ -482,6 +509,7 @@ impl Projector {
         metrics::counter!(crate::metrics::EVENTS_TOTAL).increment(decoded.events);
         metrics::gauge!(crate::metrics::POSITION, "partition" => partition.to_string())
             .set(decoded.next as f64);
+        metrics::histogram!(crate::metrics::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
     }
 }
 

@@ -13,3 +13,10 @@ pub use event::{
 
 /// The log topic of the chat's events, partitioned by room.
 pub const MESSAGES_TOPIC: &str = "chat.messages";
+
+/// Milliseconds since the Unix epoch (UTC): the time every event carries.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

@@ -320,7 +320,7 @@ impl Presence {
     /// Appends `notices` to the channel, waiting at most a heartbeat: a
     /// notice is worth nothing later (the next heartbeat says it again).
     async fn send(&self, bus: &Arc<dyn EventLog>, notices: Vec<Notice>) {
-        let ts = now_ms();
+        let ts = schemas::now_ms();
         let mut bytes = 0;
         let records: Vec<Record> = notices
             .iter()
@@ -403,7 +403,7 @@ impl Presence {
         }
         metrics::counter!(crate::metrics::PRESENCE_NOTICES_RECEIVED_TOTAL, "kind" => notice.kind())
             .increment(1);
-        let age = Duration::from_millis(now_ms().saturating_sub(ts).max(0) as u64);
+        let age = Duration::from_millis(schemas::now_ms().saturating_sub(ts).max(0) as u64);
         match notice {
             Notice::Typing { room, user, .. } => {
                 if age < self.config.typing_ttl {
@@ -457,11 +457,4 @@ fn typing_frame(room: &str, user: &str, ttl: Duration) -> Frame {
         }
         .to_json(),
     )
-}
-
-/// Milliseconds since the Unix epoch.
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }

@@ -205,12 +205,6 @@ pub fn listing(current: &str, rows: Vec<(VersionRow, u64)>) -> Vec<VersionInfo> 
     out
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 /// The bookkeeping table and the versions' tables. Each call is one request
 /// (or, for `store` and `drop_tables`, a few DDL statements).
 #[async_trait]
@@ -312,7 +306,7 @@ impl<C: Catalog> Versions for CatalogVersions<C> {
         check_name(name)?;
         let current = self.current().await?;
         let existing = self.catalog.row(name).await?;
-        let row = building_row(name, &current, existing.as_ref(), from, now_ms())?;
+        let row = building_row(name, &current, existing.as_ref(), from, schemas::now_ms())?;
         if existing
             .as_ref()
             .is_some_and(|r| r.state == RowState::Dropping)

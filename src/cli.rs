@@ -47,9 +47,32 @@ pub enum Command {
         #[command(subcommand)]
         action: VersionsAction,
     },
+    /// Pause or resume the projector of the `chat serve` holding the data
+    /// dir (store maintenance): paused, it applies nothing, and `/readyz`
+    /// turns unready once its history is past the lag bound.
+    Projector {
+        #[command(subcommand)]
+        action: ProjectorAction,
+    },
     /// Mint an HS256 token with the configured secret (CHAT_JWT_SECRET or
     /// --jwt-secret-file), for development and tests; prints it.
     Token(TokenArgs),
+}
+
+#[derive(Subcommand)]
+pub enum ProjectorAction {
+    /// Stop applying the log to the history store; positions stay.
+    Pause {
+        /// Data dir of the server (its control socket).
+        #[arg(long, default_value = "./data", env = "CHAT_DATA_DIR")]
+        data_dir: PathBuf,
+    },
+    /// Apply the log again, from where the projector stopped.
+    Resume {
+        /// Data dir of the server (its control socket).
+        #[arg(long, default_value = "./data", env = "CHAT_DATA_DIR")]
+        data_dir: PathBuf,
+    },
 }
 
 /// The keys and claim rules tokens are checked with, for `serve` (and the
@@ -277,6 +300,12 @@ pub struct ServeArgs {
     /// gateways, which cannot read them (docs/operations.md).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "CHAT_READ_POSITIONS")]
     read_positions: bool,
+    /// On a node that projects: `/readyz` answers 503 while the history of
+    /// a partition it projects is more than this many records behind the
+    /// log (a paused or stuck projector, a store too slow, a node catching
+    /// up).
+    #[arg(long, default_value_t = ingest::GatewayConfig::default().ready_max_lag, env = "CHAT_READY_MAX_LAG_RECORDS")]
+    ready_max_lag_records: u64,
     #[command(flatten)]
     topics: TopicArgs,
     /// The history store: `embedded` (in the data dir) or
@@ -474,6 +503,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve(*args).await,
         Command::Replay(args) => replay(args).await,
         Command::Versions { action } => versions(action).await,
+        Command::Projector { action } => projector(action).await,
         Command::Token(args) => token(args),
     }
 }
@@ -636,6 +666,35 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn projector(action: ProjectorAction) -> anyhow::Result<()> {
+    use projector::control::{Reply, Request};
+    let (data_dir, paused) = match &action {
+        ProjectorAction::Pause { data_dir } => (data_dir, true),
+        ProjectorAction::Resume { data_dir } => (data_dir, false),
+    };
+    let stream = projector::control::connect(data_dir)
+        .await
+        .with_context(|| {
+            format!(
+                "no chat serve holds {} (no control socket there)",
+                data_dir.display()
+            )
+        })?;
+    let mut replies = projector::control::request(stream, &Request::Pause { paused }).await?;
+    match replies
+        .next()
+        .await?
+        .context("the server closed the connection")?
+    {
+        Reply::Ok(text) => {
+            println!("{text}");
+            Ok(())
+        }
+        Reply::Error(e) => anyhow::bail!("{e}"),
+        other => anyhow::bail!("unexpected answer {other:?}"),
+    }
+}
+
 async fn versions(action: VersionsAction) -> anyhow::Result<()> {
     use projector::control::{Reply, Request};
     let (data, request) = match &action {
@@ -666,7 +725,9 @@ async fn versions(action: VersionsAction) -> anyhow::Result<()> {
                 .drop_version(version)
                 .await
                 .map(|()| Reply::Ok(format!("dropped {version}"))),
-            Request::Replay(_) => unreachable!("not a versions request"),
+            Request::Replay(_) | Request::Pause { .. } => {
+                unreachable!("not a versions request")
+            }
         };
         outcome.unwrap_or_else(|e| Reply::Error(e.to_string()))
     };
@@ -756,6 +817,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             jwks_refresh: args.jwks_refresh,
             limits,
             read_positions: args.read_positions,
+            ready_max_lag: args.ready_max_lag_records,
             shared_reads: std::sync::Arc::new(shared_reads),
             ..Default::default()
         },

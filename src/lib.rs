@@ -544,6 +544,7 @@ pub async fn serve(
     });
 
     let projector_stop = CancellationToken::new();
+    let mut projector_handle = None;
     let projector_task = if config.roles.has(Role::Projector) {
         // An embedded store is this node's alone: no group unless asked. A
         // Scylla keyspace is shared: its projectors split the partitions
@@ -560,17 +561,16 @@ pub async fn serve(
                 ..ProjectorConfig::new(&group)
             },
         );
+        projector_handle = Some(projector.handle());
         Some(tokio::spawn(projector.run(projector_stop.clone())))
     } else {
         None
     };
     let follow_task = tokio::spawn(current.clone().follow(VERSION_POLL, projector_stop.clone()));
-    let control = Arc::new(control::Control::new(
-        log.clone(),
-        dlq,
-        current.clone(),
-        log_name(&config.log),
-    ));
+    let control = Arc::new(
+        control::Control::new(log.clone(), dlq, current.clone(), log_name(&config.log))
+            .with_projector(projector_handle.clone()),
+    );
     // Nothing else may have created the data dir (a Kafka log, a Scylla store).
     let bound =
         std::fs::create_dir_all(&config.data_dir).and_then(|()| control::bind(&config.data_dir));
@@ -613,6 +613,10 @@ pub async fn serve(
         presence: presence.clone(),
         store,
         metrics,
+        projected: projector_handle.map(|h| {
+            let owned: ingest::Projected = Arc::new(move || h.owned());
+            owned
+        }),
         config: GatewayConfig {
             ingest: config.roles.has(Role::Ingest),
             ..config.gateway
@@ -714,6 +718,69 @@ mod tests {
             }
         }
         assert!(named > 0, "the guide names metrics");
+    }
+
+    /// The code records metrics only by their catalogued constants (never a
+    /// name written in place), and records every catalogued metric.
+    #[test]
+    fn the_code_records_exactly_the_catalogued_metrics() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut sources = Vec::new();
+        let mut dirs = vec![root.join("src"), root.join("crates")];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() && !path.ends_with("target") {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    sources.push(path);
+                }
+            }
+        }
+        // `pub const IDENT: &str = "name";` of every metrics.rs.
+        let mut idents = std::collections::HashMap::new();
+        let mut recorded = std::collections::HashSet::new();
+        for path in &sources {
+            let text = std::fs::read_to_string(path).unwrap();
+            if path.ends_with("metrics.rs") {
+                for line in text.lines() {
+                    let decl = line.trim().strip_prefix("pub const ");
+                    if let Some((ident, rest)) = decl.and_then(|d| d.split_once(": &str = \"")) {
+                        let name = rest.trim_end_matches("\";");
+                        idents.insert(name.to_owned(), ident.to_owned());
+                    }
+                }
+            }
+            for kind in ["counter!(", "gauge!(", "histogram!("] {
+                for (at, _) in text.match_indices(kind) {
+                    // `describe_counter!`, and this test's own strings.
+                    if text[..at].ends_with("describe_") || text[..at].ends_with('"') {
+                        continue;
+                    }
+                    let arg = text[at + kind.len()..]
+                        .trim_start()
+                        .split([',', ')'])
+                        .next()
+                        .unwrap_or_default()
+                        .trim();
+                    assert!(
+                        arg.contains("metrics::"),
+                        "{}: {kind} records {arg:?}, not a catalogued constant",
+                        path.display()
+                    );
+                    recorded.insert(arg.rsplit("::").next().unwrap().to_owned());
+                }
+            }
+        }
+        for (_, name, _, _) in metric_catalogue() {
+            let ident = idents
+                .get(name)
+                .unwrap_or_else(|| panic!("{name} has no constant in a metrics.rs"));
+            assert!(
+                recorded.contains(ident),
+                "{name} ({ident}) is catalogued but nothing records it"
+            );
+        }
     }
 
     /// Every expression of the Grafana dashboard names only catalogued

@@ -679,3 +679,73 @@ async fn unread_counts_hold_on_another_gateway_and_after_a_replay() {
     assert_eq!(rooms[DM]["unread"], 1, "{}", rooms[DM]);
     alice.close().await;
 }
+
+/// `GET /readyz` of `server`: the status and the body.
+async fn readyz(server: &Server) -> (u16, String) {
+    let response = reqwest::get(server.url("/readyz")).await.unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+/// Issue 21: a node that projects turns unready, with the reason, once its
+/// history is past the lag bound (here: its projector paused through the
+/// control socket), and ready again when the projector catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_turns_unready_while_the_projector_is_paused_past_its_lag_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap().to_owned();
+    let server =
+        Server::start_with(dir.path(), PARTITIONS, &["--ready-max-lag-records", "3"]).await;
+    control_socket(dir.path()).await;
+    assert_eq!(readyz(&server).await, (200, "ready".to_owned()));
+
+    let paused = chat(&["projector", "pause", "--data-dir", &d]).await;
+    assert!(paused.status.success(), "{paused:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&paused.stdout).trim(),
+        "the projector is paused"
+    );
+    // Five messages of one room: one partition, five records behind.
+    let mut alice = server.connect("alice").await;
+    acked_offsets(&mut alice, "general", 5, &mut Vec::new()).await;
+    let (status, why) = readyz(&server).await;
+    assert_eq!(status, 503, "{why}");
+    assert!(
+        why.starts_with("projector: partition ")
+            && why.contains("is 5 records behind the log (bound 3)"),
+        "{why}"
+    );
+    // Nothing was applied meanwhile.
+    let (_, page) = server.get_as("/rooms/general/messages", None).await;
+    assert_eq!(page["messages"], serde_json::json!([]), "{page}");
+
+    let resumed = chat(&["projector", "resume", "--data-dir", &d]).await;
+    assert!(resumed.status.success(), "{resumed:?}");
+    assert_eq!(server.history_with("general", 5).await.len(), 5);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while readyz(&server).await.0 != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "never ready again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A server without a projector says so.
+    let gateway_dir = tempfile::tempdir().unwrap();
+    let gateway = Server::start_with(
+        gateway_dir.path(),
+        PARTITIONS,
+        &["--roles", "ingest,fanout"],
+    )
+    .await;
+    control_socket(gateway_dir.path()).await;
+    let refused = chat(&[
+        "projector",
+        "pause",
+        "--data-dir",
+        gateway_dir.path().to_str().unwrap(),
+    ])
+    .await;
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("this server runs no projector"),
+        "{refused:?}"
+    );
+    drop(gateway);
+}

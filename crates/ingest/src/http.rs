@@ -526,9 +526,34 @@ pub(crate) async fn healthz() -> &'static str {
 const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// `GET /readyz`: `ready` when every partition of the log can be read (on
-/// Kafka: each has a leader) and, on a node with a history store, the
-/// store answers; else 503 with what is not (`log: …`, `store: …`), each
-/// question bounded by [`READY_WITHIN`].
+/// Kafka: each has a leader), on a node with a history store the store
+/// answers, and on a node that projects no partition it projects is more
+/// than `ready_max_lag` records behind; else 503 with what is not (`log: …`,
+/// `store: …`, `projector: …`), each question bounded by [`READY_WITHIN`].
+/// The partition, of `partitions`, whose history is furthest behind the
+/// log, and by how many records.
+async fn projector_lag(
+    state: &AppState,
+    store: &dyn history::HistoryStore,
+    partitions: Vec<u32>,
+) -> Result<Option<(u32, u64)>, String> {
+    let mut worst: Option<(u32, u64)> = None;
+    for partition in partitions {
+        let end = state
+            .gw
+            .log
+            .end_offset(partition)
+            .await
+            .map_err(|e| e.to_string())?;
+        let at = store.position(partition).await.map_err(|e| e.to_string())?;
+        let lag = end.saturating_sub(at.unwrap_or(0));
+        if worst.is_none_or(|(_, most)| lag > most) {
+            worst = Some((partition, lag));
+        }
+    }
+    Ok(worst)
+}
+
 pub(crate) async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let not_ready = |why: String| (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
     let within = |what: &str| format!("{what}: no answer within {} s", READY_WITHIN.as_secs());
@@ -542,6 +567,20 @@ pub(crate) async fn readyz(State(state): State<Arc<AppState>>) -> Response {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return not_ready(format!("store: {e}")),
             Err(_) => return not_ready(within("store")),
+        }
+        if let Some(projected) = &state.gw.projected {
+            let bound = state.gw.config.ready_max_lag;
+            let behind = projector_lag(&state, &**store, projected());
+            match tokio::time::timeout(READY_WITHIN, behind).await {
+                Ok(Ok(Some((partition, lag)))) if lag > bound => {
+                    return not_ready(format!(
+                        "projector: partition {partition} is {lag} records behind the log (bound {bound})"
+                    ))
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return not_ready(format!("projector: {e}")),
+                Err(_) => return not_ready(within("projector")),
+            }
         }
     }
     "ready".into_response()
@@ -659,6 +698,7 @@ mod tests {
                 fanout: None,
                 presence: None,
                 store: None,
+                projected: None,
                 metrics: None,
                 config: GatewayConfig {
                     send_timeout,

@@ -68,6 +68,9 @@ pub struct GatewayConfig {
     /// Rooms whose members see each other's read positions (the fan-out is
     /// given the same).
     pub shared_reads: Arc<schemas::protocol::RoomPatterns>,
+    /// On a node that projects, `/readyz` says not ready while a projected
+    /// partition's history is more than this many records behind the log.
+    pub ready_max_lag: u64,
 }
 
 impl Default for GatewayConfig {
@@ -85,9 +88,13 @@ impl Default for GatewayConfig {
             limits: limits::Limits::default(),
             read_positions: true,
             shared_reads: Arc::new(fanout::default_shared_reads()),
+            ready_max_lag: 10_000,
         }
     }
 }
+
+/// The partitions this node's projector projects now.
+pub type Projected = Arc<dyn Fn() -> Vec<u32> + Send + Sync>;
 
 /// What a gateway serves from. `fanout` and `store` are optional roles: a
 /// gateway without them answers joins and history with `unavailable`.
@@ -99,6 +106,9 @@ pub struct Gateway {
     /// Who is in which room across nodes; with the fan-out role.
     pub presence: Option<Arc<fanout::presence::Presence>>,
     pub store: Option<Arc<dyn HistoryStore>>,
+    /// On a node that projects: which partitions, for `/readyz` to check
+    /// the store keeps up with them.
+    pub projected: Option<Projected>,
     pub metrics: Option<PrometheusHandle>,
     pub config: GatewayConfig,
 }

@@ -211,8 +211,16 @@ pub async fn replay_into(
 pub enum Request {
     Replay(ReplayRequest),
     Versions,
-    Switch { to: String },
-    Drop { version: String },
+    Switch {
+        to: String,
+    },
+    Drop {
+        version: String,
+    },
+    /// Pause (`true`) or resume the server's projector.
+    Pause {
+        paused: bool,
+    },
 }
 
 /// A line of a server's answer.
@@ -240,6 +248,8 @@ pub struct Control {
     pub log_name: String,
     /// The version a replay is building, if one runs.
     replaying: Mutex<Option<String>>,
+    /// The server's projector, when it runs one.
+    projector: Option<crate::ProjectorHandle>,
 }
 
 /// Clears [`Control::replaying`] when the replay ends, however it ends.
@@ -264,7 +274,14 @@ impl Control {
             current,
             log_name,
             replaying: Mutex::new(None),
+            projector: None,
         }
+    }
+
+    /// Lets `chat projector pause|resume` reach the server's projector.
+    pub fn with_projector(mut self, projector: Option<crate::ProjectorHandle>) -> Self {
+        self.projector = projector;
+        self
     }
 
     fn replaying(&self) -> Option<String> {
@@ -367,6 +384,16 @@ async fn handle(
                 }
             }
         }
+        Request::Pause { paused } => match &control.projector {
+            Some(projector) => {
+                let changed = projector.set_paused(paused);
+                let state = if paused { "paused" } else { "running" };
+                tracing::info!(paused, "projector {state} (control socket)");
+                let already = if changed { "" } else { "already " };
+                Reply::Ok(format!("the projector is {already}{state}"))
+            }
+            None => Reply::Error("this server runs no projector".into()),
+        },
         Request::Replay(request) => {
             return replay(control, &*versions, request, reader, w, shutdown).await;
         }

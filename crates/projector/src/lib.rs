@@ -19,4 +19,4 @@ pub mod metrics;
 pub mod replay;
 mod run;
 
-pub use run::{dead_letter, to_message, Projector, ProjectorConfig, DLQ_TOPIC};
+pub use run::{dead_letter, to_message, Projector, ProjectorConfig, ProjectorHandle, DLQ_TOPIC};

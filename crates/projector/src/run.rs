@@ -70,6 +70,57 @@ pub struct Projector {
     _fixed: Option<watch::Sender<Active>>,
     applier: Applier,
     config: ProjectorConfig,
+    handle: ProjectorHandle,
+}
+
+/// What the rest of a process may ask of a running projector: which
+/// partitions it projects now (for readiness), and to pause or resume it
+/// (the control socket's `chat projector pause`). Cheap to clone.
+#[derive(Clone)]
+pub struct ProjectorHandle {
+    owned: Arc<std::sync::Mutex<std::collections::BTreeSet<u32>>>,
+    paused: Arc<watch::Sender<bool>>,
+}
+
+impl Default for ProjectorHandle {
+    fn default() -> Self {
+        ProjectorHandle {
+            owned: Arc::default(),
+            paused: Arc::new(watch::channel(false).0),
+        }
+    }
+}
+
+impl ProjectorHandle {
+    /// The partitions the projector projects now, in order.
+    pub fn owned(&self) -> Vec<u32> {
+        let owned = self.owned.lock().unwrap_or_else(|p| p.into_inner());
+        owned.iter().copied().collect()
+    }
+
+    /// Pauses (`true`) or resumes the projector: while paused, each
+    /// partition holds the batch it read, applies nothing, and moves no
+    /// position. Returns whether that changed anything.
+    pub fn set_paused(&self, paused: bool) -> bool {
+        self.paused
+            .send_if_modified(|p| std::mem::replace(p, paused) != paused)
+    }
+
+    pub fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// Returns once the projector is not paused.
+    async fn unpaused(&self) {
+        let mut paused = self.paused.subscribe();
+        // The sender lives in `self`: `wait_for` ends only by the value.
+        let _resumed = paused.wait_for(|p| !p).await;
+    }
+
+    fn set_owned(&self, partitions: impl Iterator<Item = u32>) {
+        let mut owned = self.owned.lock().unwrap_or_else(|p| p.into_inner());
+        *owned = partitions.collect();
+    }
 }
 
 /// Turns a log record into the message it holds; `None` for an event that
@@ -317,6 +368,7 @@ impl Projector {
         config: ProjectorConfig,
     ) -> Self {
         Projector {
+            handle: ProjectorHandle::default(),
             log,
             stores,
             _fixed: None,
@@ -329,6 +381,11 @@ impl Projector {
             },
             config,
         }
+    }
+
+    /// The handle to this projector, valid once it runs and after.
+    pub fn handle(&self) -> ProjectorHandle {
+        self.handle.clone()
     }
 
     /// Reads only the writer schemas `decoder` accepts, dead-lettering the
@@ -388,6 +445,7 @@ impl Projector {
                             });
                         }
                         metrics::gauge!(crate::metrics::PARTITIONS_OWNED).set(owned.len() as f64);
+                        this.handle.set_owned(owned.keys().copied());
                     }
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "consumer group membership failed");
@@ -406,6 +464,7 @@ impl Projector {
         }
         tracker.close();
         tracker.wait().await;
+        this.handle.set_owned(std::iter::empty());
     }
 
     async fn project_partition(&self, partition: u32) {
@@ -457,6 +516,10 @@ impl Projector {
                 };
                 if batch.is_empty() {
                     continue;
+                }
+                if self.handle.is_paused() {
+                    tracing::info!(partition, "projector paused; holding a batch");
+                    self.handle.unpaused().await;
                 }
                 self.apply_batch(&*store, partition, &batch).await;
                 delays.reset();

@@ -76,6 +76,7 @@ impl Node {
             fanout,
             presence,
             store: Some(store.clone() as Arc<dyn HistoryStore>),
+            projected: None,
             metrics: None,
             config,
         };

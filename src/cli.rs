@@ -54,9 +54,22 @@ pub enum Command {
         #[command(subcommand)]
         action: ProjectorAction,
     },
+    /// Check the log's topics (partitions, replicas, retention) and the
+    /// history store (its projection versions) against what chat needs;
+    /// each problem with its fix. Exits non-zero when there is one.
+    Doctor(DoctorArgs),
     /// Mint an HS256 token with the configured secret (CHAT_JWT_SECRET or
     /// --jwt-secret-file), for development and tests; prints it.
     Token(TokenArgs),
+}
+
+#[derive(clap::Args)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    /// Print JSON: {"log":…,"findings":[{"subject","ok","what","fix"}],"problems":N}.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -504,6 +517,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Replay(args) => replay(args).await,
         Command::Versions { action } => versions(action).await,
         Command::Projector { action } => projector(action).await,
+        Command::Doctor(args) => doctor(args).await,
         Command::Token(args) => token(args),
     }
 }
@@ -662,6 +676,101 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!("{}", report.text());
+    }
+    Ok(())
+}
+
+/// The projection versions of the store of `data`: from the server holding
+/// the data dir when one runs, else from the store itself.
+async fn list_versions(data: &DataArgs) -> anyhow::Result<Vec<history::versions::VersionInfo>> {
+    use projector::control::{Reply, Request};
+    if let Some(stream) = projector::control::connect(&data.data_dir).await {
+        let mut replies = projector::control::request(stream, &Request::Versions).await?;
+        return match replies
+            .next()
+            .await?
+            .context("the server closed the connection")?
+        {
+            Reply::Versions(list) => Ok(list),
+            Reply::Error(e) => anyhow::bail!("{e}"),
+            other => anyhow::bail!("unexpected answer {other:?}"),
+        };
+    }
+    Ok(open_versions(data).await?.list().await?)
+}
+
+async fn doctor(args: DoctorArgs) -> anyhow::Result<()> {
+    use crate::doctor::{event_findings, version_findings, Finding, Report};
+    let log = args.data.log.clone().unwrap_or(crate::LogSpec::Embedded);
+    let mut findings = Vec::new();
+    match &log {
+        crate::LogSpec::Embedded | crate::LogSpec::EmbeddedRedb => {
+            let dir = args.data.data_dir.join("log");
+            let what = if dir.exists() {
+                format!("the embedded log in {}", dir.display())
+            } else {
+                format!(
+                    "no embedded log in {} yet: the first `chat serve` makes it",
+                    dir.display()
+                )
+            };
+            findings.push(Finding::ok("log", what));
+        }
+        #[cfg(feature = "kafka")]
+        crate::LogSpec::Kafka(brokers) => {
+            use crate::doctor::{topic_findings, TopicFacts, TopicRole};
+            let tuning = args.data.topics.tuning();
+            let partitions = args.data.partitions;
+            for (topic, role) in [
+                (schemas::MESSAGES_TOPIC, TopicRole::Messages { partitions }),
+                (projector::DLQ_TOPIC, TopicRole::DeadLetters),
+                (fanout::presence::EPHEMERAL_TOPIC, TopicRole::Ephemeral),
+            ] {
+                let config = tuning.config(brokers, topic, partitions);
+                match eventlog::kafka::inspect_topic(&config).await {
+                    Ok(report) => {
+                        let facts = TopicFacts {
+                            topic,
+                            layout: report
+                                .exists
+                                .then_some((report.partitions, report.replicas)),
+                            retention_ms: report.retention_ms.as_deref(),
+                            log_problems: if report.exists {
+                                report.problems_as_log(tuning.replication)
+                            } else {
+                                Vec::new()
+                            },
+                        };
+                        findings.extend(topic_findings(&facts, role, tuning.replication));
+                    }
+                    Err(e) => findings.push(Finding::problem(
+                        topic,
+                        format!("the brokers did not describe it: {e}"),
+                        format!("check that {brokers} is reachable from here"),
+                    )),
+                }
+            }
+        }
+    }
+    match list_versions(&args.data).await {
+        Ok(versions) => findings.extend(version_findings(&versions)),
+        Err(e) => findings.push(Finding::problem(
+            "store",
+            format!("cannot list the projection versions: {e:#}"),
+            "check --store (CHAT_STORE) and --data-dir".to_owned(),
+        )),
+    }
+    findings.extend(event_findings());
+    let report = Report::new(crate::log_name(&log), findings);
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        for finding in &report.findings {
+            println!("{}", finding.line());
+        }
+    }
+    if report.problems > 0 {
+        anyhow::bail!("{} problem(s) found", report.problems);
     }
     Ok(())
 }
@@ -846,6 +955,14 @@ async fn on_signal(shutdown: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every command's flags are unique and well formed (clap checks it
+    /// only when a command is parsed, so a bad one would fail at run time).
+    #[test]
+    fn the_cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
 
     #[cfg(feature = "scylla")]
     #[test]

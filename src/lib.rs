@@ -16,6 +16,7 @@
 //! without one refuses its flag value with a message that names the feature.
 
 pub mod cli;
+pub mod doctor;
 pub mod progress;
 
 use std::collections::BTreeSet;

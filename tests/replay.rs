@@ -749,3 +749,75 @@ async fn readyz_turns_unready_while_the_projector_is_paused_past_its_lag_bound()
     );
     drop(gateway);
 }
+
+/// Issue 21: `chat doctor` on a broker and the store of a running server:
+/// every topic and the current version are fine; told another partition
+/// count, it names the problem and its fix, and exits non-zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_reports_the_topics_and_the_store_and_what_is_wrong() {
+    let broker = eventlog::kafka::testing::Broker::start(None);
+    let url = broker.url();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap().to_owned();
+    let server = Server::start_with(dir.path(), PARTITIONS, &["--log", &url]).await;
+    control_socket(dir.path()).await;
+    let partitions = PARTITIONS.to_string();
+    let args = [
+        "doctor",
+        "--log",
+        &url,
+        "--data-dir",
+        &d,
+        "--partitions",
+        &partitions,
+        "--json",
+    ];
+    let report = chat_json(&args).await;
+    assert_eq!(report["problems"], 0, "{report}");
+    let finding = |subject: &str| -> Vec<String> {
+        report["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["subject"] == subject)
+            .map(|f| f["what"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        finding("chat.messages"),
+        ["4 partitions, 1 replicas at the fewest, kept forever"]
+    );
+    assert_eq!(finding("chat.dlq").len(), 1);
+    assert!(
+        finding("chat.ephemeral")[0].contains("retention.ms=60000"),
+        "{report}"
+    );
+    assert!(
+        finding("store")[0].starts_with("projection version v1 serves reads"),
+        "{report}"
+    );
+    assert!(finding("events")[0].contains("v1, v2"), "{report}");
+
+    let wrong = chat(&[
+        "doctor",
+        "--log",
+        &url,
+        "--data-dir",
+        &d,
+        "--partitions",
+        "8",
+    ])
+    .await;
+    assert!(!wrong.status.success(), "{wrong:?}");
+    let out = String::from_utf8_lossy(&wrong.stdout);
+    assert!(
+        out.contains("PROBLEM  chat.messages: 4 partitions, but chat is told 8"),
+        "{out}"
+    );
+    assert!(out.contains("fix: start chat with --partitions 4"), "{out}");
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("1 problem(s) found"),
+        "{wrong:?}"
+    );
+    drop(server);
+}

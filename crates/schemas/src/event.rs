@@ -248,6 +248,11 @@ pub fn schema_fingerprint(schema: &Schema) -> u64 {
     crc64_avro(canonical_form(schema).as_bytes())
 }
 
+/// The released schema versions this build reads, oldest first (`v1`, …).
+pub fn released_versions() -> Vec<&'static str> {
+    RELEASED.iter().map(|(version, _)| *version).collect()
+}
+
 /// Encodes `event` with the current schema, in single-object encoding.
 pub fn encode(event: &ChatEvent) -> Vec<u8> {
     // Written by hand against the current schema's layout (the tests check it

@@ -388,6 +388,106 @@ impl KafkaLog {
     }
 }
 
+/// What the brokers say of one topic (`chat doctor`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicReport {
+    pub topic: String,
+    /// False when the brokers know no such topic (nothing else is set).
+    pub exists: bool,
+    pub partitions: u32,
+    /// Replicas per partition, at the fewest.
+    pub replicas: usize,
+    /// `None`: the broker does not report it (its default applies).
+    pub retention_ms: Option<String>,
+    pub retention_bytes: Option<String>,
+}
+
+impl TopicReport {
+    /// Why the topic cannot be chat's source of truth with `replication`
+    /// replicas asked for (empty when it can); what `chat serve` refuses.
+    pub fn problems_as_log(&self, replication: i32) -> Vec<String> {
+        topic_problems(
+            self.retention_ms.as_deref(),
+            self.retention_bytes.as_deref(),
+            self.replicas,
+            replication,
+        )
+    }
+}
+
+/// Describes `config.topic` without creating it: its partitions, replicas
+/// and retention, on a short-lived client.
+pub async fn inspect_topic(config: &KafkaConfig) -> Result<TopicReport, LogError> {
+    let admin: Arc<AdminClient<DefaultClientContext>> =
+        Arc::new(config.client().create().map_err(unavailable)?);
+    let (topic, timeout) = (config.topic.clone(), config.timeout);
+    let found = {
+        let (admin, topic) = (admin.clone(), topic.clone());
+        tokio::task::spawn_blocking(move || {
+            let md = admin
+                .inner()
+                .fetch_metadata(Some(&topic), timeout)
+                .map_err(unavailable)?;
+            Ok::<_, LogError>(
+                md.topics()
+                    .iter()
+                    .find(|t| {
+                        t.name() == topic && t.error().is_none() && !t.partitions().is_empty()
+                    })
+                    .map(|t| {
+                        let partitions = t.partitions();
+                        let fewest = partitions.iter().map(|p| p.replicas().len()).min();
+                        (partitions.len() as u32, fewest.unwrap_or(0))
+                    }),
+            )
+        })
+        .await
+        .map_err(unavailable)??
+    };
+    let Some((partitions, replicas)) = found else {
+        return Ok(TopicReport {
+            topic,
+            exists: false,
+            partitions: 0,
+            replicas: 0,
+            retention_ms: None,
+            retention_bytes: None,
+        });
+    };
+    let resource = topic_configs(&admin, &topic, timeout).await?;
+    let value = |name: &str| resource.get(name).and_then(|e| e.value.clone());
+    Ok(TopicReport {
+        retention_ms: value("retention.ms"),
+        retention_bytes: value("retention.bytes"),
+        topic,
+        exists: true,
+        partitions,
+        replicas,
+    })
+}
+
+/// The configs of `topic`, as the brokers describe them.
+async fn topic_configs(
+    admin: &AdminClient<DefaultClientContext>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<rdkafka::admin::ConfigResource, LogError> {
+    let opts = AdminOptions::new().request_timeout(Some(timeout));
+    let described = admin
+        .describe_configs([&ResourceSpecifier::Topic(topic)], &opts)
+        .await
+        .map_err(unavailable)?;
+    match described.into_iter().next() {
+        Some(Ok(resource)) => Ok(resource),
+        Some(Err(code)) => Err(LogError::Unavailable(format!(
+            "describing the configs of topic {topic}: {code}"
+        ))),
+        None => Err(LogError::Unavailable(format!(
+            "the configs of topic {topic} were not described"
+        ))),
+    }
+}
+
 /// What an existing topic must be for chat to use it as the source of
 /// truth: records kept forever (by time and by size) and at least
 /// `config.replication` replicas per partition. Each shortfall is named; they
@@ -399,26 +499,7 @@ async fn check_topic(
     meta: &Arc<BaseConsumer>,
     config: &KafkaConfig,
 ) -> Result<(), LogError> {
-    let opts = AdminOptions::new().request_timeout(Some(config.timeout));
-    let described = admin
-        .describe_configs([&ResourceSpecifier::Topic(&config.topic)], &opts)
-        .await
-        .map_err(unavailable)?;
-    let resource = match described.into_iter().next() {
-        Some(Ok(resource)) => resource,
-        Some(Err(code)) => {
-            return Err(LogError::Unavailable(format!(
-                "describing the configs of topic {}: {code}",
-                config.topic
-            )))
-        }
-        None => {
-            return Err(LogError::Unavailable(format!(
-                "the configs of topic {} were not described",
-                config.topic
-            )))
-        }
-    };
+    let resource = topic_configs(admin, &config.topic, config.timeout).await?;
     let replicas = {
         let (meta, topic, timeout) = (meta.clone(), config.topic.clone(), config.timeout);
         tokio::task::spawn_blocking(move || fewest_replicas(&meta, &topic, timeout))

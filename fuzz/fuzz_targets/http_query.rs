@@ -217,6 +217,7 @@ fn gateway(log: Arc<dyn EventLog>, store: Arc<dyn HistoryStore>) -> ingest::Gate
         fanout: None,
         presence: None,
         store: Some(store),
+        projected: None,
         metrics: None,
         // No rate limit: at thousands of inputs a second, every post past
         // the first bursts would only meet `rate_limited`.

@@ -891,6 +891,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let metrics = crate::metrics_recorder()?;
     crate::describe_metrics();
+    crate::register_metrics();
     // Before binding: a server refused for its auth never listens.
     let auth = args.auth().await?;
     let limits = args.limits.limits()?;

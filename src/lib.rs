@@ -101,6 +101,41 @@ pub fn metrics_recorder() -> anyhow::Result<PrometheusHandle> {
         .context("installing the metrics recorder")
 }
 
+/// Metrics recorded only with labels, a series per label value (`code`,
+/// `partition`, …): on `/metrics` once a value is seen. Every other
+/// catalogued metric is registered at zero when a server starts
+/// ([`register_metrics`]), so it is there from the first scrape, and a rate
+/// or an alert on it means something before it first moves. A test keeps
+/// this list equal to the metrics the code records with labels.
+pub const LABELLED_METRICS: &[&str] = &[
+    "ingest_bad_frames_total",
+    "ingest_upgrades_refused_total",
+    "ingest_store_read_seconds",
+    "fanout_catch_up_messages_total",
+    "presence_notices_sent_total",
+    "presence_notices_received_total",
+    "log_read_gaps_total",
+    "projector_dead_letters_total",
+    "projector_position",
+    "projector_lag_records",
+    "projector_lag_seconds",
+];
+
+/// Registers every catalogued metric without labels at zero (a counter
+/// incremented by 0, a gauge moved by 0, a histogram with no sample).
+pub fn register_metrics() {
+    for (_, name, kind, _) in metric_catalogue() {
+        if LABELLED_METRICS.contains(&name) {
+            continue;
+        }
+        match kind {
+            "counter" => metrics::counter!(name).increment(0),
+            "gauge" => metrics::gauge!(name).increment(0.0),
+            _ => drop(metrics::histogram!(name)),
+        }
+    }
+}
+
 /// Gives the installed recorder the help text of every metric, so
 /// `GET /metrics` describes each one (`# HELP`).
 pub fn describe_metrics() {
@@ -741,6 +776,7 @@ mod tests {
         // `pub const IDENT: &str = "name";` of every metrics.rs.
         let mut idents = std::collections::HashMap::new();
         let mut recorded = std::collections::HashSet::new();
+        let mut labelled = std::collections::BTreeSet::new();
         for path in &sources {
             let text = std::fs::read_to_string(path).unwrap();
             if path.ends_with("metrics.rs") {
@@ -764,12 +800,22 @@ mod tests {
                         .next()
                         .unwrap_or_default()
                         .trim();
+                    // `register_metrics` walks the catalogue itself.
+                    if path.ends_with("src/lib.rs") && arg == "name" {
+                        continue;
+                    }
                     assert!(
                         arg.contains("metrics::"),
                         "{}: {kind} records {arg:?}, not a catalogued constant",
                         path.display()
                     );
-                    recorded.insert(arg.rsplit("::").next().unwrap().to_owned());
+                    let ident = arg.rsplit("::").next().unwrap().to_owned();
+                    let call = &text[at..];
+                    let call = &call[..call.find(';').unwrap_or(call.len())];
+                    if call.contains("=>") {
+                        labelled.insert(ident.clone());
+                    }
+                    recorded.insert(ident);
                 }
             }
         }
@@ -782,6 +828,19 @@ mod tests {
                 "{name} ({ident}) is catalogued but nothing records it"
             );
         }
+        let mut want: Vec<&str> = LABELLED_METRICS.to_vec();
+        want.sort_unstable();
+        let by_name: std::collections::HashMap<&String, &String> =
+            idents.iter().map(|(name, ident)| (ident, name)).collect();
+        let mut found: Vec<&str> = labelled
+            .iter()
+            .filter_map(|ident| by_name.get(ident).map(|n| n.as_str()))
+            .collect();
+        found.sort_unstable();
+        assert_eq!(
+            found, want,
+            "LABELLED_METRICS must list exactly the metrics recorded with labels"
+        );
     }
 
     /// Every expression of the Grafana dashboard names only catalogued

@@ -495,6 +495,199 @@ async fn latency_histograms_and_projector_lag_move_with_traffic() {
     }
 }
 
+/// Issue 21: every catalogued metric is on `/metrics`, and traffic moves
+/// the ones traffic moves. Each of the others is named below with what
+/// moves it (a fault, another log, a replay) and the test that shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_catalogued_metric_is_on_metrics_and_traffic_moves_its_own() {
+    // Moved by the traffic below, on the embedded log and store.
+    const MOVED: &[&str] = &[
+        "ingest_connections",
+        "ingest_frames_total",
+        "ingest_bad_frames_total",
+        "ingest_appends_total",
+        "ingest_messages_acked_total",
+        "ingest_reads_total",
+        "ingest_ack_seconds",
+        "ingest_store_read_seconds",
+        "fanout_delivery_lag_seconds",
+        "fanout_partitions",
+        "fanout_deliveries_total",
+        "eventlog_commits_total",
+        "eventlog_commit_seconds",
+        "eventlog_commit_records",
+        "projector_partitions_owned",
+        "projector_events_total",
+        "projector_batch_seconds",
+        "projector_position",
+        "projector_store_commits_total",
+        "projector_store_durable_commits_total",
+    ];
+    // Set by the traffic below, but rightly 0 when the projector keeps up.
+    const SET: &[&str] = &["projector_lag_records", "projector_lag_seconds"];
+    // On `/metrics` at zero from the start; moved elsewhere.
+    const AT_ZERO: &[(&str, &str)] = &[
+        (
+            "ingest_append_errors_total",
+            "a log that fails: tests/faults.rs",
+        ),
+        (
+            "ingest_send_timeouts_total",
+            "a stalled log: tests/faults.rs",
+        ),
+        (
+            "fanout_slow_consumers_total",
+            "a client that stops reading: tests/faults.rs",
+        ),
+        (
+            "fanout_duplicates_dropped_total",
+            "a retry appended twice: crates/fanout/src/tests/duplicates.rs",
+        ),
+        (
+            "fanout_unreadable_records_total",
+            "a record of a newer schema: tests/kafka.rs",
+        ),
+        (
+            "presence_bytes_sent_total",
+            "the Kafka log's ephemeral channel: tests/kafka.rs",
+        ),
+        (
+            "presence_notices_unreadable_total",
+            "a notice of a newer build: crates/fanout/src/presence",
+        ),
+        (
+            "presence_notices_dropped_total",
+            "a stalled broker: crates/fanout/src/presence",
+        ),
+        (
+            "presence_nodes",
+            "other gateways on the Kafka log: tests/kafka.rs",
+        ),
+        (
+            "presence_entries",
+            "presence on the Kafka log: tests/kafka.rs, benches presence-load",
+        ),
+        (
+            "projector_store_errors_total",
+            "a failing store: crates/projector/src/run.rs tests",
+        ),
+        ("replay_events_total", "chat replay: tests/replay.rs"),
+        (
+            "projector_duplicate_ids_total",
+            "a retry appended twice: the store conformance suite",
+        ),
+        (
+            "projector_version_switches_total",
+            "chat replay --switch: tests/replay.rs",
+        ),
+    ];
+    // Labelled, so on `/metrics` once a label value is seen.
+    const LABELLED_ELSEWHERE: &[(&str, &str)] = &[
+        (
+            "ingest_upgrades_refused_total",
+            "a refused upgrade: tests/limits.rs",
+        ),
+        (
+            "fanout_catch_up_messages_total",
+            "a join with since: tests/kafka.rs",
+        ),
+        (
+            "presence_notices_sent_total",
+            "the Kafka log's ephemeral channel: tests/kafka.rs",
+        ),
+        (
+            "presence_notices_received_total",
+            "the Kafka log's ephemeral channel: tests/kafka.rs",
+        ),
+        (
+            "log_read_gaps_total",
+            "a Kafka read that skips offsets: crates/eventlog (never in health)",
+        ),
+        (
+            "projector_dead_letters_total",
+            "an undecodable record: tests/replay.rs",
+        ),
+    ];
+    let catalogue: Vec<String> = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/metrics.md"),
+    )
+    .unwrap()
+    .lines()
+    .filter_map(|l| {
+        l.strip_prefix("| `")?
+            .split_once('`')
+            .map(|(n, _)| n.to_owned())
+    })
+    .collect();
+    let mut accounted: Vec<&str> = MOVED
+        .iter()
+        .copied()
+        .chain(SET.iter().copied())
+        .chain(AT_ZERO.iter().map(|m| m.0))
+        .chain(LABELLED_ELSEWHERE.iter().map(|m| m.0))
+        .collect();
+    accounted.sort_unstable();
+    let mut listed: Vec<&str> = catalogue.iter().map(String::as_str).collect();
+    listed.sort_unstable();
+    assert_eq!(
+        accounted, listed,
+        "every catalogued metric is accounted for here"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), 2).await;
+    for (name, _) in AT_ZERO {
+        assert_eq!(server.metric_series(name).await, 1, "{name} is on /metrics");
+        assert_eq!(server.metric(name).await, 0.0, "{name} starts at zero");
+    }
+    let mut alice = server.connect("alice").await;
+    alice.join("general", None).await;
+    alice.send_text(r#"{"type":"nope"}"#).await;
+    assert_eq!(alice.recv_type("error").await["code"], "bad_frame");
+    let mut last = 0;
+    for i in 0..3 {
+        alice.send_message("general", &id(), &format!("m{i}")).await;
+    }
+    let (mut acks, mut messages) = (0, 0);
+    while acks < 3 || messages < 3 {
+        let f = alice.recv().await;
+        match f["type"].as_str() {
+            Some("ack") => acks += 1,
+            Some("message") => {
+                messages += 1;
+                last = f["offset"].as_i64().unwrap();
+            }
+            _ => {}
+        }
+    }
+    alice
+        .send_json(json!({"type": "read", "room": "general", "offset": last}))
+        .await;
+    alice.recv_type("read").await;
+    assert_eq!(server.history_with("general", 3).await.len(), 3);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for name in MOVED {
+        loop {
+            let text = server.metric_text_of(name).await;
+            if text > 0.0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} did not move with traffic"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    for name in SET {
+        while server.metric_series(name).await == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "{name} was not set");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    alice.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthenticated_connection_is_closed_with_4001() {
     let dir = tempfile::tempdir().unwrap();

@@ -187,6 +187,16 @@ impl Server {
             .sum()
     }
 
+    /// What metric `name` says, whatever its kind: the sum of its series,
+    /// or for a histogram the sum of its `_count`s (samples taken).
+    pub async fn metric_text_of(&self, name: &str) -> f64 {
+        let counted = self.metric_sum(&format!("{name}_count")).await;
+        if counted > 0.0 {
+            return counted;
+        }
+        self.metric_sum(name).await
+    }
+
     /// How many series of metric `name` `/metrics` shows.
     pub async fn metric_series(&self, name: &str) -> usize {
         self.metrics_text()

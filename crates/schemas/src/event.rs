@@ -64,13 +64,57 @@ pub struct ReadPositionMoved {
     pub ts: i64,
 }
 
+/// What a [`MessageChanged`] does to its target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// `chat.MessageEdited`: the author replaced the body.
+    Edit { body: String },
+    /// `chat.MessageDeleted`: the author deleted the message.
+    Delete,
+    /// `chat.ReactionAdded`: the user reacted with `emoji`.
+    React { emoji: String },
+    /// `chat.ReactionRemoved`: the user took that reaction back.
+    Unreact { emoji: String },
+}
+
+impl Change {
+    /// The event type's name, as protocol frames and logs say it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Change::Edit { .. } => "edit",
+            Change::Delete => "delete",
+            Change::React { .. } | Change::Unreact { .. } => "react",
+        }
+    }
+}
+
+/// A change to a message already in the room: an edit, a delete, a
+/// reaction added or removed (since schema v3; four union branches, one
+/// Rust type, since they share every field but one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageChanged {
+    /// Room id; also the log's partition key.
+    pub room: String,
+    /// The client's UUID for this change; a retry carries the same one.
+    pub client_id: String,
+    /// Authenticated user who made the change.
+    pub user: String,
+    /// Log offset of the message changed (below this record's own).
+    pub target: i64,
+    pub change: Change,
+    /// Accept time, milliseconds since the Unix epoch (UTC).
+    pub ts: i64,
+}
+
 /// Everything that can be on the chat log: one variant per branch of the
-/// `chat_event.avsc` union.
+/// `chat_event.avsc` union (one for the four branches of a change).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChatEvent {
     MessagePosted(MessagePosted),
     /// Since v2.
     ReadPositionMoved(ReadPositionMoved),
+    /// Since v3.
+    MessageChanged(MessageChanged),
 }
 
 impl ChatEvent {
@@ -79,6 +123,16 @@ impl ChatEvent {
         match self {
             ChatEvent::MessagePosted(m) => &m.room,
             ChatEvent::ReadPositionMoved(r) => &r.room,
+            ChatEvent::MessageChanged(c) => &c.room,
+        }
+    }
+
+    /// The event's time, milliseconds since the Unix epoch.
+    pub fn ts(&self) -> i64 {
+        match self {
+            ChatEvent::MessagePosted(m) => m.ts,
+            ChatEvent::ReadPositionMoved(r) => r.ts,
+            ChatEvent::MessageChanged(c) => c.ts,
         }
     }
 }
@@ -110,15 +164,27 @@ const RELEASED: &[(&str, &str)] = &[
         "v2",
         include_str!("../../../schemas/avro/history/v2/chat_event.avsc"),
     ),
+    (
+        "v3",
+        include_str!("../../../schemas/avro/history/v3/chat_event.avsc"),
+    ),
 ];
 
 const MARKER: [u8; 2] = [0xC3, 0x01];
 const HEADER_LEN: usize = 10;
 const MESSAGE_POSTED: &str = "chat.MessagePosted";
 const READ_POSITION_MOVED: &str = "chat.ReadPositionMoved";
+const MESSAGE_EDITED: &str = "chat.MessageEdited";
+const MESSAGE_DELETED: &str = "chat.MessageDeleted";
+const REACTION_ADDED: &str = "chat.ReactionAdded";
+const REACTION_REMOVED: &str = "chat.ReactionRemoved";
 /// Each event type's index in the current union (checked by the tests).
 const MESSAGE_POSTED_BRANCH: i64 = 0;
 const READ_POSITION_MOVED_BRANCH: i64 = 1;
+const MESSAGE_EDITED_BRANCH: i64 = 2;
+const MESSAGE_DELETED_BRANCH: i64 = 3;
+const REACTION_ADDED_BRANCH: i64 = 4;
+const REACTION_REMOVED_BRANCH: i64 = 5;
 
 /// The current schema, parsed once.
 struct Current {
@@ -248,6 +314,13 @@ pub fn schema_fingerprint(schema: &Schema) -> u64 {
     crc64_avro(canonical_form(schema).as_bytes())
 }
 
+/// The fingerprint of released schema `version` (`"v1"`, …): the header
+/// of the events that release added.
+pub fn release_fingerprint(version: &str) -> Option<u64> {
+    let (_, text) = RELEASED.iter().find(|(v, _)| *v == version)?;
+    Schema::parse_str(text).ok().map(|s| schema_fingerprint(&s))
+}
+
 /// The released schema versions this build reads, oldest first (`v1`, …).
 pub fn released_versions() -> Vec<&'static str> {
     RELEASED.iter().map(|(version, _)| *version).collect()
@@ -284,6 +357,32 @@ pub fn encode(event: &ChatEvent) -> Vec<u8> {
             put_string(&mut buf, &r.user);
             put_long(&mut buf, r.offset);
             put_long(&mut buf, r.ts);
+            buf
+        }
+        ChatEvent::MessageChanged(c) => {
+            let (branch, text) = match &c.change {
+                Change::Edit { body } => (MESSAGE_EDITED_BRANCH, Some(body)),
+                Change::Delete => (MESSAGE_DELETED_BRANCH, None),
+                Change::React { emoji } => (REACTION_ADDED_BRANCH, Some(emoji)),
+                Change::Unreact { emoji } => (REACTION_REMOVED_BRANCH, Some(emoji)),
+            };
+            let len = HEADER_LEN
+                + 6 * MAX_VARINT
+                + c.room.len()
+                + c.client_id.len()
+                + c.user.len()
+                + text.map_or(0, String::len);
+            let mut buf = Vec::with_capacity(len);
+            buf.extend_from_slice(&CURRENT.headers[branch as usize]);
+            put_long(&mut buf, branch);
+            put_string(&mut buf, &c.room);
+            put_string(&mut buf, &c.client_id);
+            put_string(&mut buf, &c.user);
+            put_long(&mut buf, c.target);
+            if let Some(text) = text {
+                put_string(&mut buf, text);
+            }
+            put_long(&mut buf, c.ts);
             buf
         }
     }
@@ -443,6 +542,36 @@ fn decode_current(mut datum: &[u8], branches: usize) -> Result<ChatEvent, Decode
                 ts,
             })
         }
+        MESSAGE_EDITED_BRANCH
+        | MESSAGE_DELETED_BRANCH
+        | REACTION_ADDED_BRANCH
+        | REACTION_REMOVED_BRANCH => {
+            let room = get_string(&mut datum, "room")?;
+            let client_id = get_string(&mut datum, "client_id")?;
+            let user = get_string(&mut datum, "user")?;
+            let target = get_long(&mut datum)?;
+            let change = match branch {
+                MESSAGE_EDITED_BRANCH => Change::Edit {
+                    body: get_string(&mut datum, "body")?,
+                },
+                MESSAGE_DELETED_BRANCH => Change::Delete,
+                REACTION_ADDED_BRANCH => Change::React {
+                    emoji: get_string(&mut datum, "emoji")?,
+                },
+                _ => Change::Unreact {
+                    emoji: get_string(&mut datum, "emoji")?,
+                },
+            };
+            let ts = get_long(&mut datum)?;
+            ChatEvent::MessageChanged(MessageChanged {
+                room,
+                client_id,
+                user,
+                target,
+                change,
+                ts,
+            })
+        }
         other => return Err(DecodeError::Malformed(format!("no union branch {other}"))),
     };
     if !datum.is_empty() {
@@ -525,6 +654,9 @@ fn to_event(fullname: &str, value: Value) -> Result<ChatEvent, DecodeError> {
     match fullname {
         MESSAGE_POSTED => message_posted(fields).map(ChatEvent::MessagePosted),
         READ_POSITION_MOVED => read_position_moved(fields).map(ChatEvent::ReadPositionMoved),
+        MESSAGE_EDITED | MESSAGE_DELETED | REACTION_ADDED | REACTION_REMOVED => {
+            message_changed(fullname, fields).map(ChatEvent::MessageChanged)
+        }
         other => Err(DecodeError::Malformed(format!(
             "event type {other} has no ChatEvent variant"
         ))),
@@ -571,6 +703,46 @@ fn read_position_moved(fields: Vec<(String, Value)>) -> Result<ReadPositionMoved
         room: room.ok_or_else(|| missing("room"))?,
         user: user.ok_or_else(|| missing("user"))?,
         offset: offset.ok_or_else(|| missing("offset"))?,
+        ts: ts.ok_or_else(|| missing("ts"))?,
+    })
+}
+
+fn message_changed(
+    fullname: &str,
+    fields: Vec<(String, Value)>,
+) -> Result<MessageChanged, DecodeError> {
+    let (mut room, mut client_id, mut user, mut target, mut text, mut ts) =
+        (None, None, None, None, None, None);
+    for (name, value) in fields {
+        match name.as_str() {
+            "room" => room = Some(string(&name, value)?),
+            "client_id" => client_id = Some(string(&name, value)?),
+            "user" => user = Some(string(&name, value)?),
+            "target" => target = Some(long(&name, value)?),
+            "body" | "emoji" => text = Some(string(&name, value)?),
+            "ts" => ts = Some(timestamp_millis(&name, value)?),
+            _ => return Err(DecodeError::Malformed(format!("unexpected field {name}"))),
+        }
+    }
+    let missing = |field: &str| DecodeError::Malformed(format!("missing field {field}"));
+    let change = match fullname {
+        MESSAGE_EDITED => Change::Edit {
+            body: text.ok_or_else(|| missing("body"))?,
+        },
+        MESSAGE_DELETED => Change::Delete,
+        REACTION_ADDED => Change::React {
+            emoji: text.ok_or_else(|| missing("emoji"))?,
+        },
+        _ => Change::Unreact {
+            emoji: text.ok_or_else(|| missing("emoji"))?,
+        },
+    };
+    Ok(MessageChanged {
+        room: room.ok_or_else(|| missing("room"))?,
+        client_id: client_id.ok_or_else(|| missing("client_id"))?,
+        user: user.ok_or_else(|| missing("user"))?,
+        target: target.ok_or_else(|| missing("target"))?,
+        change,
         ts: ts.ok_or_else(|| missing("ts"))?,
     })
 }
@@ -915,7 +1087,23 @@ mod tests {
                 r#"{"name":"ts","type":"long"}]},"#,
                 r#"{"name":"chat.ReadPositionMoved","type":"record","fields":["#,
                 r#"{"name":"room","type":"string"},{"name":"user","type":"string"},"#,
-                r#"{"name":"offset","type":"long"},{"name":"ts","type":"long"}]}]"#
+                r#"{"name":"offset","type":"long"},{"name":"ts","type":"long"}]},"#,
+                r#"{"name":"chat.MessageEdited","type":"record","fields":["#,
+                r#"{"name":"room","type":"string"},{"name":"client_id","type":"string"},"#,
+                r#"{"name":"user","type":"string"},{"name":"target","type":"long"},"#,
+                r#"{"name":"body","type":"string"},{"name":"ts","type":"long"}]},"#,
+                r#"{"name":"chat.MessageDeleted","type":"record","fields":["#,
+                r#"{"name":"room","type":"string"},{"name":"client_id","type":"string"},"#,
+                r#"{"name":"user","type":"string"},{"name":"target","type":"long"},"#,
+                r#"{"name":"ts","type":"long"}]},"#,
+                r#"{"name":"chat.ReactionAdded","type":"record","fields":["#,
+                r#"{"name":"room","type":"string"},{"name":"client_id","type":"string"},"#,
+                r#"{"name":"user","type":"string"},{"name":"target","type":"long"},"#,
+                r#"{"name":"emoji","type":"string"},{"name":"ts","type":"long"}]},"#,
+                r#"{"name":"chat.ReactionRemoved","type":"record","fields":["#,
+                r#"{"name":"room","type":"string"},{"name":"client_id","type":"string"},"#,
+                r#"{"name":"user","type":"string"},{"name":"target","type":"long"},"#,
+                r#"{"name":"emoji","type":"string"},{"name":"ts","type":"long"}]}]"#
             )
         );
         assert_eq!(
@@ -946,7 +1134,20 @@ mod tests {
             ts: 0,
         }));
         // v2 added the event: its records carry v2's fingerprint.
-        assert_eq!(read[2..10], fingerprint().to_le_bytes());
+        let v2 = Schema::parse_str(RELEASED[1].1).unwrap();
+        assert_eq!(read[2..10], schema_fingerprint(&v2).to_le_bytes());
+        let delete = encode(&ChatEvent::MessageChanged(MessageChanged {
+            room: String::new(),
+            client_id: String::new(),
+            user: String::new(),
+            target: 0,
+            change: Change::Delete,
+            ts: 0,
+        }));
+        // v3 added changes: their records carry v3's fingerprint.
+        assert_eq!(delete[2..10], fingerprint().to_le_bytes());
+        // Branch 3 (zig-zag 6), three empty strings, target 0, ts 0.
+        assert_eq!(delete[10..], [6, 0, 0, 0, 0, 0]);
         // Branch 1 (zig-zag 2), two empty strings, offset 0, ts 0.
         assert_eq!(read[10..], [2, 0, 0, 0, 0]);
     }
@@ -970,13 +1171,39 @@ mod tests {
         }));
         assert!(matches!(
             v1.decode(&read),
-            Err(DecodeError::UnknownFingerprint(f)) if f == fingerprint()
+            Err(DecodeError::UnknownFingerprint(_))
         ));
         assert!(Decoder::released_through("v0").is_none());
-        assert!(Decoder::released_through("v2")
-            .unwrap()
-            .decode(&read)
-            .is_ok());
+        let v2 = Decoder::released_through("v2").unwrap();
+        assert!(v2.decode(&read).is_ok());
+        assert_eq!(v2.decode(&encode(&message)).unwrap(), message);
+        for change in [
+            Change::Edit { body: "x".into() },
+            Change::Delete,
+            Change::React {
+                emoji: "👍".into()
+            },
+            Change::Unreact {
+                emoji: "👍".into()
+            },
+        ] {
+            let bytes = encode(&ChatEvent::MessageChanged(MessageChanged {
+                room: "general".into(),
+                client_id: "e".into(),
+                user: "ada".into(),
+                target: 3,
+                change,
+                ts: 9,
+            }));
+            assert!(matches!(
+                v2.decode(&bytes),
+                Err(DecodeError::UnknownFingerprint(f)) if f == fingerprint()
+            ));
+            assert!(Decoder::released_through("v3")
+                .unwrap()
+                .decode(&bytes)
+                .is_ok());
+        }
     }
 
     #[test]
@@ -1042,7 +1269,17 @@ mod tests {
             .iter()
             .map(|b| b.fullname.as_str())
             .collect();
-        assert_eq!(names, [MESSAGE_POSTED, READ_POSITION_MOVED]);
+        assert_eq!(
+            names,
+            [
+                MESSAGE_POSTED,
+                READ_POSITION_MOVED,
+                MESSAGE_EDITED,
+                MESSAGE_DELETED,
+                REACTION_ADDED,
+                REACTION_REMOVED
+            ]
+        );
         let Schema::Union(union) = schema() else {
             panic!("chat_event.avsc is a union");
         };
@@ -1051,10 +1288,18 @@ mod tests {
             &union.variants()[MESSAGE_POSTED_BRANCH as usize],
             Schema::Record(r) if r.name.fullname(None) == MESSAGE_POSTED
         ));
-        assert!(matches!(
-            &union.variants()[READ_POSITION_MOVED_BRANCH as usize],
-            Schema::Record(r) if r.name.fullname(None) == READ_POSITION_MOVED
-        ));
+        for (branch, name) in [
+            (READ_POSITION_MOVED_BRANCH, READ_POSITION_MOVED),
+            (MESSAGE_EDITED_BRANCH, MESSAGE_EDITED),
+            (MESSAGE_DELETED_BRANCH, MESSAGE_DELETED),
+            (REACTION_ADDED_BRANCH, REACTION_ADDED),
+            (REACTION_REMOVED_BRANCH, REACTION_REMOVED),
+        ] {
+            assert!(matches!(
+                &union.variants()[branch as usize],
+                Schema::Record(r) if r.name.fullname(None) == name
+            ));
+        }
     }
 
     #[test]
@@ -1189,6 +1434,43 @@ mod tests {
             );
             let datum = apache_avro::to_avro_datum(schema(), value).unwrap();
             let event = ChatEvent::ReadPositionMoved(ReadPositionMoved { room, user, offset, ts });
+            let bytes = encode(&event);
+            prop_assert_eq!(&bytes[HEADER_LEN..], &datum[..]);
+            prop_assert_eq!(decode(&bytes).ok(), Some(event.clone()));
+            prop_assert_eq!(decode_resolving(schema(), &datum).ok(), Some(event));
+            agree(&datum)?;
+        }
+
+        #[test]
+        fn hand_coding_of_changes_matches_apache_avro(
+            room in ".*", client_id in ".*", user in ".*", target in any::<i64>(),
+            kind in 0u32..4, text in ".*", ts in any::<i64>(),
+        ) {
+            let mut fields = vec![
+                ("room".into(), Value::String(room.clone())),
+                ("client_id".into(), Value::String(client_id.clone())),
+                ("user".into(), Value::String(user.clone())),
+                ("target".into(), Value::Long(target)),
+            ];
+            let change = match kind {
+                0 => {
+                    fields.push(("body".into(), Value::String(text.clone())));
+                    Change::Edit { body: text }
+                }
+                1 => Change::Delete,
+                2 => {
+                    fields.push(("emoji".into(), Value::String(text.clone())));
+                    Change::React { emoji: text }
+                }
+                _ => {
+                    fields.push(("emoji".into(), Value::String(text.clone())));
+                    Change::Unreact { emoji: text }
+                }
+            };
+            fields.push(("ts".into(), Value::TimestampMillis(ts)));
+            let value = Value::Union(MESSAGE_EDITED_BRANCH as u32 + kind, Box::new(Value::Record(fields)));
+            let datum = apache_avro::to_avro_datum(schema(), value).unwrap();
+            let event = ChatEvent::MessageChanged(MessageChanged { room, client_id, user, target, change, ts });
             let bytes = encode(&event);
             prop_assert_eq!(&bytes[HEADER_LEN..], &datum[..]);
             prop_assert_eq!(decode(&bytes).ok(), Some(event.clone()));

@@ -8,7 +8,8 @@ pub mod event;
 pub mod protocol;
 
 pub use event::{
-    decode, encode, ChatEvent, DecodeError, Decoder, MessagePosted, ReadPositionMoved,
+    decode, encode, Change, ChatEvent, DecodeError, Decoder, MessageChanged, MessagePosted,
+    ReadPositionMoved,
 };
 
 /// The log topic of the chat's events, partitioned by room.

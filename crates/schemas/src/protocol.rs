@@ -17,6 +17,14 @@ pub const MAX_BODY_BYTES: usize = 4096;
 pub const MAX_ROOM_LEN: usize = 64;
 /// Longest client message id.
 pub const MAX_ID_LEN: usize = 128;
+/// Longest reaction, in bytes of UTF-8 (an emoji with modifiers and joiners
+/// fits; a sentence does not).
+pub const MAX_EMOJI_BYTES: usize = 32;
+/// Most distinct reactions one message takes; a new one past it is
+/// refused with `limit_reached`.
+pub const MAX_REACTIONS_PER_MESSAGE: usize = 32;
+/// Most users a history page names per reaction; `count` is always exact.
+pub const MAX_REACTION_USERS_LISTED: usize = 100;
 
 /// A log position: an offset in the room's partition and the log's epoch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +61,14 @@ pub enum ClientFrame {
         room: String,
         offset: i64,
     },
+    /// Extension: an `edit`, `delete` or `react` of the message at offset
+    /// `target`; acked like a send, idempotent by `id`.
+    Change {
+        room: String,
+        id: String,
+        target: i64,
+        change: crate::event::Change,
+    },
 }
 
 /// The error codes of the client protocol (docs/protocol.md, Error codes).
@@ -75,11 +91,14 @@ pub enum ErrorCode {
     /// of a newer schema during a rolling upgrade), so it was not shown.
     /// The frame names the `room` and the `offset`; reload the history.
     Unreadable,
+    /// Extension: the request names a message that is not in the room (an
+    /// `edit`, `delete` or `react` whose `target` is no message of it).
+    NotFound,
 }
 
 impl ErrorCode {
     /// Every error code, in declaration order.
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 11] = [
         ErrorCode::BadFrame,
         ErrorCode::TooLarge,
         ErrorCode::BadRoom,
@@ -90,6 +109,7 @@ impl ErrorCode {
         ErrorCode::NotJoined,
         ErrorCode::LimitReached,
         ErrorCode::Unreadable,
+        ErrorCode::NotFound,
     ];
 
     /// The code as it appears in an `error` frame's `code` field.
@@ -105,6 +125,7 @@ impl ErrorCode {
             ErrorCode::NotJoined => "not_joined",
             ErrorCode::LimitReached => "limit_reached",
             ErrorCode::Unreadable => "unreadable",
+            ErrorCode::NotFound => "not_found",
         }
     }
 }
@@ -321,6 +342,77 @@ pub fn check_body(body: &str, id: Option<&str>) -> Result<(), FrameError> {
     Ok(())
 }
 
+/// Checks a reaction: 1 to [`MAX_EMOJI_BYTES`] bytes, no whitespace or
+/// control characters.
+pub fn check_emoji(emoji: &str, id: Option<&str>) -> Result<(), FrameError> {
+    if emoji.is_empty()
+        || emoji.len() > MAX_EMOJI_BYTES
+        || emoji.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
+        return Err(FrameError::new(
+            ErrorCode::BadFrame,
+            format!(
+                "emoji must be 1 to {MAX_EMOJI_BYTES} bytes without spaces or control characters"
+            ),
+            id.map(str::to_owned),
+        ));
+    }
+    Ok(())
+}
+
+/// The fields of an `edit`, `delete` or `react` besides its room and id,
+/// validated: `kind` is the frame's type. Shared by the WebSocket frames
+/// and their HTTP equivalents.
+pub fn parse_change(
+    kind: &str,
+    obj: &serde_json::Map<String, Value>,
+    id: &str,
+) -> Result<crate::event::Change, FrameError> {
+    use crate::event::Change;
+    let str_field = |name: &str| obj.get(name).and_then(Value::as_str);
+    let bad = |message: &str| FrameError::new(ErrorCode::BadFrame, message, Some(id.to_owned()));
+    match kind {
+        "edit" => {
+            let body = str_field("body").ok_or_else(|| bad("edit needs a string body"))?;
+            check_body(body, Some(id))?;
+            Ok(Change::Edit {
+                body: body.to_owned(),
+            })
+        }
+        "delete" => Ok(Change::Delete),
+        "react" => {
+            let emoji = str_field("emoji").ok_or_else(|| bad("react needs a string emoji"))?;
+            check_emoji(emoji, Some(id))?;
+            let remove = match obj.get("remove") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(remove)) => *remove,
+                Some(_) => return Err(bad("remove must be true or false")),
+            };
+            let emoji = emoji.to_owned();
+            Ok(if remove {
+                Change::Unreact { emoji }
+            } else {
+                Change::React { emoji }
+            })
+        }
+        other => Err(bad(&format!("unknown change {other:?}"))),
+    }
+}
+
+/// The `target` of an `edit`, `delete` or `react`: a log offset, 0 or more.
+pub fn parse_target(value: Option<&Value>, id: &str) -> Result<i64, FrameError> {
+    value
+        .and_then(Value::as_i64)
+        .filter(|&target| target >= 0)
+        .ok_or_else(|| {
+            FrameError::new(
+                ErrorCode::BadFrame,
+                "target must be the offset of a message of the room: an integer, 0 or more",
+                Some(id.to_owned()),
+            )
+        })
+}
+
 /// Checks a client message id.
 pub fn check_id(id: &str) -> Result<(), FrameError> {
     if id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(char::is_control) {
@@ -404,6 +496,25 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
                 })?;
             Ok(ClientFrame::Read { room, offset })
         }
+        "edit" | "delete" | "react" => {
+            let Some(id) = id else {
+                return Err(FrameError::new(
+                    ErrorCode::BadFrame,
+                    format!("{kind} needs a string id"),
+                    None,
+                ));
+            };
+            check_id(id)?;
+            let room = check_room(str_field("room"), Some(id))?;
+            let target = parse_target(obj.get("target"), id)?;
+            let change = parse_change(kind, &obj, id)?;
+            Ok(ClientFrame::Change {
+                room,
+                id: id.to_owned(),
+                target,
+                change,
+            })
+        }
         "send" => {
             let Some(id) = id else {
                 return Err(FrameError::new(
@@ -436,8 +547,11 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
     }
 }
 
-/// A chat message as clients see it, live and in history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A chat message as clients see it, live and in history. Live, a message
+/// is as it was sent; in history, as it is now: the latest edit's body with
+/// `edited_ts`, a deleted message as a tombstone (`deleted`, empty body, no
+/// reactions), and its reactions.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MessageView {
     pub room: String,
     pub offset: i64,
@@ -445,6 +559,26 @@ pub struct MessageView {
     pub user: String,
     pub body: String,
     pub ts: i64,
+    /// Extension: the time of the latest edit, when it was edited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edited_ts: Option<i64>,
+    /// Extension: the author deleted it; `body` is empty.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+    /// Extension: its reactions, in the order each was first added.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reactions: Vec<Reaction>,
+}
+
+/// One emoji's reactions to a message.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reaction {
+    pub emoji: String,
+    /// How many users reacted so.
+    pub count: u64,
+    /// Who, in the order they reacted, at most
+    /// [`MAX_REACTION_USERS_LISTED`].
+    pub users: Vec<String>,
 }
 
 /// Frames a gateway sends to a client; `type` is serialized first.
@@ -499,6 +633,38 @@ pub enum ServerFrame<'a> {
         user: &'a str,
         offset: i64,
     },
+    /// Extension: the author edited the message at `target`; `offset` is
+    /// the edit's own place in the log.
+    Edit {
+        room: &'a str,
+        offset: i64,
+        id: &'a str,
+        target: i64,
+        user: &'a str,
+        body: &'a str,
+        ts: i64,
+    },
+    /// Extension: the author deleted the message at `target`.
+    Delete {
+        room: &'a str,
+        offset: i64,
+        id: &'a str,
+        target: i64,
+        user: &'a str,
+        ts: i64,
+    },
+    /// Extension: `user` added (or, with `remove`, took back) a reaction
+    /// to the message at `target`.
+    React {
+        room: &'a str,
+        offset: i64,
+        id: &'a str,
+        target: i64,
+        user: &'a str,
+        emoji: &'a str,
+        remove: bool,
+        ts: i64,
+    },
     Error {
         code: ErrorCode,
         message: &'a str,
@@ -543,6 +709,43 @@ impl FrameError {
             pending: self.pending,
         }
     }
+}
+
+/// The live frame of a change at log offset `offset`: `edit`, `delete` or
+/// `react`.
+pub fn change_frame(offset: i64, c: &crate::event::MessageChanged) -> String {
+    use crate::event::Change;
+    let (room, id, user, target, ts) = (&c.room, &c.client_id, &c.user, c.target, c.ts);
+    match &c.change {
+        Change::Edit { body } => ServerFrame::Edit {
+            room,
+            offset,
+            id,
+            target,
+            user,
+            body,
+            ts,
+        },
+        Change::Delete => ServerFrame::Delete {
+            room,
+            offset,
+            id,
+            target,
+            user,
+            ts,
+        },
+        Change::React { emoji } | Change::Unreact { emoji } => ServerFrame::React {
+            room,
+            offset,
+            id,
+            target,
+            user,
+            emoji,
+            remove: matches!(c.change, Change::Unreact { .. }),
+            ts,
+        },
+    }
+    .to_json()
 }
 
 /// The `unreadable` error frame: the message of `room` at `offset` could
@@ -635,6 +838,150 @@ mod tests {
     }
 
     #[test]
+    fn parses_changes_and_refuses_bad_ones() {
+        use crate::event::Change;
+        let change = |text: &str| parse_client_frame(text);
+        assert_eq!(
+            change(r#"{"type":"edit","room":"r","id":"e1","target":4,"body":"fixed"}"#).unwrap(),
+            ClientFrame::Change {
+                room: "r".into(),
+                id: "e1".into(),
+                target: 4,
+                change: Change::Edit {
+                    body: "fixed".into()
+                }
+            }
+        );
+        assert_eq!(
+            change(r#"{"type":"delete","room":"r","id":"d1","target":0}"#).unwrap(),
+            ClientFrame::Change {
+                room: "r".into(),
+                id: "d1".into(),
+                target: 0,
+                change: Change::Delete
+            }
+        );
+        assert_eq!(
+            change(r#"{"type":"react","room":"r","id":"x","target":4,"emoji":"👍"}"#).unwrap(),
+            ClientFrame::Change {
+                room: "r".into(),
+                id: "x".into(),
+                target: 4,
+                change: Change::React {
+                    emoji: "👍".into()
+                }
+            }
+        );
+        assert_eq!(
+            change(r#"{"type":"react","room":"r","id":"x","target":4,"emoji":"👍","remove":true}"#)
+                .unwrap(),
+            ClientFrame::Change {
+                room: "r".into(),
+                id: "x".into(),
+                target: 4,
+                change: Change::Unreact {
+                    emoji: "👍".into()
+                }
+            }
+        );
+        for (bad, code) in [
+            (r#"{"type":"edit","room":"r","target":4,"body":"b"}"#, None),
+            (
+                r#"{"type":"edit","room":"r","id":"i","target":-1,"body":"b"}"#,
+                Some("i"),
+            ),
+            (
+                r#"{"type":"edit","room":"r","id":"i","body":"b"}"#,
+                Some("i"),
+            ),
+            (
+                r#"{"type":"edit","room":"r","id":"i","target":"4","body":"b"}"#,
+                Some("i"),
+            ),
+            (
+                r#"{"type":"edit","room":"r","id":"i","target":4}"#,
+                Some("i"),
+            ),
+            (
+                r#"{"type":"edit","room":"r","id":"i","target":4,"body":""}"#,
+                Some("i"),
+            ),
+            (
+                r#"{"type":"react","room":"r","id":"i","target":4}"#,
+                Some("i"),
+            ),
+            (
+                r#"{"type":"react","room":"r","id":"i","target":4,"emoji":"a b"}"#,
+                Some("i"),
+            ),
+            (
+                r#"{"type":"react","room":"r","id":"i","target":4,"emoji":""}"#,
+                Some("i"),
+            ),
+            (
+                r#"{"type":"react","room":"r","id":"i","target":4,"emoji":"x","remove":1}"#,
+                Some("i"),
+            ),
+        ] {
+            let e = change(bad).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadFrame, "{bad}");
+            assert_eq!(e.id.as_deref(), code, "{bad}");
+        }
+        let long = format!(
+            r#"{{"type":"react","room":"r","id":"i","target":4,"emoji":"{}"}}"#,
+            "x".repeat(MAX_EMOJI_BYTES + 1)
+        );
+        assert_eq!(change(&long).unwrap_err().code, ErrorCode::BadFrame);
+        assert_eq!(
+            code(r#"{"type":"delete","room":"no room","id":"i","target":1}"#),
+            (ErrorCode::BadRoom, Some("i".into()))
+        );
+    }
+
+    #[test]
+    fn change_frames_name_their_target_and_their_own_offset() {
+        use crate::event::{Change, MessageChanged};
+        let mut c = MessageChanged {
+            room: "r".into(),
+            client_id: "e".into(),
+            user: "ada".into(),
+            target: 3,
+            change: Change::Edit { body: "b".into() },
+            ts: 9,
+        };
+        assert_eq!(
+            change_frame(7, &c),
+            r#"{"type":"edit","room":"r","offset":7,"id":"e","target":3,"user":"ada","body":"b","ts":9}"#
+        );
+        c.change = Change::Delete;
+        assert_eq!(
+            change_frame(7, &c),
+            r#"{"type":"delete","room":"r","offset":7,"id":"e","target":3,"user":"ada","ts":9}"#
+        );
+        c.change = Change::Unreact {
+            emoji: "👍".into()
+        };
+        assert_eq!(
+            change_frame(7, &c),
+            r#"{"type":"react","room":"r","offset":7,"id":"e","target":3,"user":"ada","emoji":"👍","remove":true,"ts":9}"#
+        );
+        // A plain message keeps the v1 fields alone.
+        let m = MessageView {
+            room: "r".into(),
+            offset: 1,
+            id: "i".into(),
+            user: "u".into(),
+            body: "b".into(),
+            ts: 2,
+            ..MessageView::default()
+        };
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            r#"{"room":"r","offset":1,"id":"i","user":"u","body":"b","ts":2}"#
+        );
+    }
+
+    #[test]
     fn bad_frames_get_their_codes() {
         assert_eq!(code("nope"), (ErrorCode::BadFrame, None));
         assert_eq!(code("[1]"), (ErrorCode::BadFrame, None));
@@ -705,6 +1052,7 @@ mod tests {
                 ErrorCode::NotJoined => 7,
                 ErrorCode::LimitReached => 8,
                 ErrorCode::Unreadable => 9,
+                ErrorCode::NotFound => 10,
             }
         }
         fn close_index(c: CloseCode) -> usize {
@@ -749,6 +1097,7 @@ mod tests {
             user: "u".into(),
             body: "b".into(),
             ts: 2,
+            ..MessageView::default()
         };
         assert!(ServerFrame::Message(&m)
             .to_json()

@@ -7,33 +7,23 @@ use apache_avro::types::Value;
 use apache_avro::Schema;
 use schemas::event::{self, ChatEvent, DecodeError, Decoder, MessagePosted};
 
-/// Today's schema plus an optional field, as a compatible v2 would add it.
-const EVOLVED: &str = r#"[
-  {
-    "type": "record",
-    "name": "MessagePosted",
-    "namespace": "chat",
-    "fields": [
-      {"name": "room", "type": "string"},
-      {"name": "client_id", "type": "string"},
-      {"name": "user", "type": "string"},
-      {"name": "body", "type": "string"},
-      {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-millis"}},
-      {"name": "edited_ts", "type": ["null", "long"], "default": null}
-    ]
-  },
-  {
-    "type": "record",
-    "name": "ReadPositionMoved",
-    "namespace": "chat",
-    "fields": [
-      {"name": "room", "type": "string"},
-      {"name": "user", "type": "string"},
-      {"name": "offset", "type": "long"},
-      {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-millis"}}
-    ]
-  }
-]"#;
+/// Today's schema plus an optional field in `MessagePosted`, as a
+/// compatible next release would add it.
+fn evolved_text() -> String {
+    let mut schema: serde_json::Value =
+        serde_json::from_str(include_str!("../../../schemas/avro/chat_event.avsc")).unwrap();
+    let posted = schema
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|branch| branch["name"] == "MessagePosted")
+        .unwrap();
+    posted["fields"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"name": "pinned_ts", "type": ["null", "long"], "default": null}));
+    schema.to_string()
+}
 
 fn message() -> MessagePosted {
     MessagePosted {
@@ -64,7 +54,7 @@ fn field<'a>(record: &'a Value, name: &str) -> &'a Value {
 
 #[test]
 fn the_change_is_compatible_both_ways() {
-    let evolved = Schema::parse_str(EVOLVED).unwrap();
+    let evolved = Schema::parse_str(&evolved_text()).unwrap();
     SchemaCompatibility::can_read(event::schema(), &evolved).unwrap();
     SchemaCompatibility::can_read(&evolved, event::schema()).unwrap();
     assert_ne!(event::schema_fingerprint(&evolved), event::fingerprint());
@@ -73,7 +63,7 @@ fn the_change_is_compatible_both_ways() {
 /// Old records, new reader: what a v2 build sees reading today's log.
 #[test]
 fn records_written_today_read_with_the_evolved_schema() {
-    let evolved = Schema::parse_str(EVOLVED).unwrap();
+    let evolved = Schema::parse_str(&evolved_text()).unwrap();
     let m = message();
     let bytes = event::encode(&ChatEvent::MessagePosted(m.clone()));
     // A message is written with the release that added it (v1).
@@ -92,7 +82,7 @@ fn records_written_today_read_with_the_evolved_schema() {
     assert_eq!(field(&value, "body"), &Value::String(m.body));
     assert_eq!(field(&value, "ts"), &Value::TimestampMillis(m.ts));
     assert_eq!(
-        field(&value, "edited_ts"),
+        field(&value, "pinned_ts"),
         &Value::Union(0, Box::new(Value::Null)),
         "the added field takes its default"
     );
@@ -102,7 +92,7 @@ fn records_written_today_read_with_the_evolved_schema() {
 /// given v2's writer schema (as a release or a registry would hand it over).
 #[test]
 fn records_written_with_the_evolved_schema_read_with_todays() {
-    let evolved = Schema::parse_str(EVOLVED).unwrap();
+    let evolved = Schema::parse_str(&evolved_text()).unwrap();
     let m = message();
     let datum = apache_avro::to_avro_datum(
         &evolved,
@@ -115,7 +105,7 @@ fn records_written_with_the_evolved_schema_read_with_todays() {
                 ("body".into(), Value::String(m.body.clone())),
                 ("ts".into(), Value::TimestampMillis(m.ts)),
                 (
-                    "edited_ts".into(),
+                    "pinned_ts".into(),
                     Value::Union(1, Box::new(Value::Long(m.ts + 5_000))),
                 ),
             ])),
@@ -156,7 +146,7 @@ fn a_new_event_type_is_not_mistaken_for_an_old_one() {
             {"name": "body", "type": "string"},
             {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-millis"}}
           ]},
-          {"type": "record", "name": "MessageEdited", "namespace": "chat", "fields": [
+          {"type": "record", "name": "MessagePinned", "namespace": "chat", "fields": [
             {"name": "room", "type": "string"},
             {"name": "client_id", "type": "string"},
             {"name": "user", "type": "string"},
@@ -182,7 +172,7 @@ fn a_new_event_type_is_not_mistaken_for_an_old_one() {
     let decoder = Decoder::new().with_writer(with_new_branch.clone());
     let err = decoder.decode(&bytes).unwrap_err();
     assert!(
-        matches!(&err, DecodeError::Malformed(msg) if msg.contains("chat.MessageEdited")),
+        matches!(&err, DecodeError::Malformed(msg) if msg.contains("chat.MessagePinned")),
         "{err:?}"
     );
 

@@ -21,15 +21,116 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::versions::{check_name, VersionError, VersionInfo, VersionState, Versions};
-use crate::{Batch, HistoryStore, StoreError, MAX_LISTED};
+use crate::{
+    fold, listed, AsOf, Batch, ChangeMark, HistoryStore, PastMessage, StoreError, MAX_LISTED,
+};
+use schemas::protocol::Reaction;
+use schemas::Change;
 
-/// What a message row holds besides its key (room, offset).
+/// What a message row holds besides its key (room, offset): the message as
+/// its changes left it (rows written before changes existed read with none).
 #[derive(Serialize, Deserialize)]
 struct Row {
     id: String,
     user: String,
     body: String,
     ts: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    edited_ts: Option<i64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    deleted: bool,
+    /// Every user of each reaction (pages name at most
+    /// [`schemas::protocol::MAX_REACTION_USERS_LISTED`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    reactions: Vec<Reaction>,
+    /// The body as posted, once an edit replaced it (for pages as of an
+    /// earlier moment); gone when the message is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    original: Option<String>,
+}
+
+impl Row {
+    fn of(m: &MessageView) -> Row {
+        Row {
+            id: m.id.clone(),
+            user: m.user.clone(),
+            body: m.body.clone(),
+            ts: m.ts,
+            edited_ts: m.edited_ts,
+            deleted: m.deleted,
+            reactions: m.reactions.clone(),
+            original: None,
+        }
+    }
+
+    fn view(self, room: &str, offset: u64) -> MessageView {
+        MessageView {
+            room: room.to_owned(),
+            offset: offset as i64,
+            id: self.id,
+            user: self.user,
+            body: self.body,
+            ts: self.ts,
+            edited_ts: self.edited_ts,
+            deleted: self.deleted,
+            reactions: self.reactions,
+        }
+    }
+}
+
+/// A change as the `changes` table keeps it, under (room, target, offset):
+/// what a room looked like at an earlier moment is its messages with the
+/// changes up to then. The body of an edit is erased when its message is
+/// deleted.
+#[derive(Serialize, Deserialize)]
+struct ChangeRow {
+    id: String,
+    user: String,
+    /// `edit`, `delete`, `react` or `unreact`.
+    kind: String,
+    /// An edit's body (until the message is deleted), or the emoji.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    text: Option<String>,
+    ts: i64,
+}
+
+impl ChangeRow {
+    /// The change as the store was handed it, at `offset` on `target` of
+    /// `room`; an erased edit's body reads as empty.
+    fn mark(self, room: &str, target: u64, offset: u64) -> ChangeMark {
+        let text = self.text.unwrap_or_default();
+        let change = match self.kind.as_str() {
+            "edit" => Change::Edit { body: text },
+            "delete" => Change::Delete,
+            "react" => Change::React { emoji: text },
+            _ => Change::Unreact { emoji: text },
+        };
+        ChangeMark {
+            room: room.to_owned(),
+            offset,
+            id: self.id,
+            user: self.user,
+            target,
+            change,
+            ts: self.ts,
+        }
+    }
+
+    fn of(c: &ChangeMark) -> ChangeRow {
+        let (kind, text) = match &c.change {
+            Change::Edit { body } => ("edit", Some(body.clone())),
+            Change::Delete => ("delete", None),
+            Change::React { emoji } => ("react", Some(emoji.clone())),
+            Change::Unreact { emoji } => ("unreact", Some(emoji.clone())),
+        };
+        ChangeRow {
+            id: c.id.clone(),
+            user: c.user.clone(),
+            kind: kind.to_owned(),
+            text,
+            ts: c.ts,
+        }
+    }
 }
 
 fn storage(e: impl std::fmt::Display) -> StoreError {
@@ -42,6 +143,8 @@ struct Tables {
     positions: String,
     reads: String,
     members: String,
+    changes: String,
+    change_ts: String,
 }
 
 impl Tables {
@@ -52,7 +155,20 @@ impl Tables {
             positions: format!("positions@{namespace}"),
             reads: format!("reads@{namespace}"),
             members: format!("members@{namespace}"),
+            changes: format!("changes@{namespace}"),
+            change_ts: format!("change_ts@{namespace}"),
         }
+    }
+
+    /// (room, target offset, change offset) -> [`ChangeRow`] as JSON.
+    fn changes(&self) -> TableDefinition<'_, (&'static str, u64, u64), &'static [u8]> {
+        TableDefinition::new(&self.changes)
+    }
+
+    /// (room, change offset) -> the change's time: how a retried change is
+    /// answered (its id is in `ids`, like a message's).
+    fn change_ts(&self) -> TableDefinition<'_, (&'static str, u64), i64> {
+        TableDefinition::new(&self.change_ts)
     }
 
     /// (room, user) -> the highest read position stored.
@@ -143,6 +259,8 @@ impl EmbeddedStore {
         txn.open_table(tables.positions()).map_err(storage)?;
         txn.open_table(tables.reads()).map_err(storage)?;
         txn.open_table(tables.members()).map_err(storage)?;
+        txn.open_table(tables.changes()).map_err(storage)?;
+        txn.open_table(tables.change_ts()).map_err(storage)?;
         let id = {
             let mut meta = txn.open_table(META).map_err(storage)?;
             let existing = meta
@@ -217,15 +335,60 @@ fn apply_in(
             metrics::counter!(crate::metrics::DUPLICATE_IDS_TOTAL).increment(1);
             continue;
         }
-        let row = serde_json::to_vec(&Row {
-            id: m.id.clone(),
-            user: m.user.clone(),
-            body: m.body.clone(),
-            ts: m.ts,
-        })
-        .map_err(storage)?;
+        let row = serde_json::to_vec(&Row::of(m)).map_err(storage)?;
         rows.insert((m.room.as_str(), offset), row.as_slice())
             .map_err(storage)?;
+    }
+    if !batch.changes.is_empty() {
+        let mut changes = txn.open_table(tables.changes()).map_err(storage)?;
+        let mut change_ts = txn.open_table(tables.change_ts()).map_err(storage)?;
+        for c in &batch.changes {
+            let room = c.room.as_str();
+            let key = (room, c.id.as_str());
+            let earlier = ids
+                .insert(key, c.offset)
+                .map_err(storage)?
+                .map(|v| v.value());
+            if let Some(first) = earlier.filter(|&first| first != c.offset) {
+                ids.insert(key, first).map_err(storage)?;
+                metrics::counter!(crate::metrics::DUPLICATE_IDS_TOTAL).increment(1);
+                continue;
+            }
+            change_ts.insert((room, c.offset), c.ts).map_err(storage)?;
+            let kept = serde_json::to_vec(&ChangeRow::of(c)).map_err(storage)?;
+            changes
+                .insert((room, c.target, c.offset), kept.as_slice())
+                .map_err(storage)?;
+            if c.target >= c.offset {
+                continue; // a change follows its target in the log
+            }
+            let Some(row) = rows
+                .get((room, c.target))
+                .map_err(storage)?
+                .map(|v| serde_json::from_slice::<Row>(v.value()))
+                .transpose()
+                .map_err(storage)?
+            else {
+                continue; // no message of the room there
+            };
+            let before = row.body.clone();
+            let original = row.original.clone();
+            let mut view = row.view(room, c.target);
+            if !fold(&mut view, c) {
+                continue;
+            }
+            let mut row = Row::of(&view);
+            if !view.deleted {
+                // Kept from the first edit on: what the message said as posted.
+                row.original = original.or_else(|| view.edited_ts.map(|_| before));
+            }
+            let row = serde_json::to_vec(&row).map_err(storage)?;
+            rows.insert((room, c.target), row.as_slice())
+                .map_err(storage)?;
+            if view.deleted {
+                erase_edits(&mut changes, room, c.target)?;
+            }
+        }
     }
     if !batch.reads.is_empty() {
         let mut reads = txn.open_table(tables.reads()).map_err(storage)?;
@@ -246,6 +409,34 @@ fn apply_in(
         }
     }
     positions.insert(partition, next).map_err(storage)?;
+    Ok(())
+}
+
+/// Takes the bodies out of the kept edits of a deleted message: a deleted
+/// body stays only in the log.
+fn erase_edits(
+    changes: &mut redb::Table<'_, (&'static str, u64, u64), &'static [u8]>,
+    room: &str,
+    target: u64,
+) -> Result<(), StoreError> {
+    let mut edits = Vec::new();
+    for entry in changes
+        .range((room, target, 0)..=(room, target, u64::MAX))
+        .map_err(storage)?
+    {
+        let (key, value) = entry.map_err(storage)?;
+        let mut row: ChangeRow = serde_json::from_slice(value.value()).map_err(storage)?;
+        if row.kind == "edit" && row.text.is_some() {
+            row.text = None;
+            edits.push((key.value().2, row));
+        }
+    }
+    for (offset, row) in edits {
+        let bytes = serde_json::to_vec(&row).map_err(storage)?;
+        changes
+            .insert((room, target, offset), bytes.as_slice())
+            .map_err(storage)?;
+    }
     Ok(())
 }
 
@@ -531,13 +722,83 @@ impl HistoryStore for EmbeddedStore {
             {
                 let (key, value) = entry.map_err(storage)?;
                 let row: Row = serde_json::from_slice(value.value()).map_err(storage)?;
-                page.push(MessageView {
+                page.push(listed(row.view(&room, key.value().1)));
+            }
+            page.reverse();
+            Ok(page)
+        })
+        .await
+    }
+
+    async fn page_as_of(
+        &self,
+        room: &str,
+        before: Option<u64>,
+        limit: usize,
+        at: AsOf,
+    ) -> Result<Vec<PastMessage>, StoreError> {
+        let room = room.to_owned();
+        self.blocking(move |db, tables| {
+            let txn = db.begin_read().map_err(storage)?;
+            let rows = txn.open_table(tables.messages()).map_err(storage)?;
+            let changes = txn.open_table(tables.changes()).map_err(storage)?;
+            let mut end = before.unwrap_or(u64::MAX);
+            if let AsOf::Offset(upto) = at {
+                end = end.min(upto.saturating_add(1));
+            }
+            let mut page = Vec::with_capacity(limit.min(1024));
+            for entry in rows
+                .range((room.as_str(), 0)..(room.as_str(), end))
+                .map_err(storage)?
+                .rev()
+            {
+                if page.len() >= limit {
+                    break;
+                }
+                let (key, value) = entry.map_err(storage)?;
+                let offset = key.value().1;
+                let row: Row = serde_json::from_slice(value.value()).map_err(storage)?;
+                if !at.covers(offset, row.ts) {
+                    continue;
+                }
+                // The message as posted; a deleted one's body is on the log.
+                let (body, mut body_on_log) = if row.deleted {
+                    (String::new(), Some(offset))
+                } else {
+                    (row.original.unwrap_or(row.body), None)
+                };
+                let mut message = MessageView {
                     room: room.clone(),
-                    offset: key.value().1 as i64,
+                    offset: offset as i64,
                     id: row.id,
                     user: row.user,
-                    body: row.body,
+                    body,
                     ts: row.ts,
+                    ..MessageView::default()
+                };
+                for change in changes
+                    .range((room.as_str(), offset, 0)..=(room.as_str(), offset, u64::MAX))
+                    .map_err(storage)?
+                {
+                    let (key, value) = change.map_err(storage)?;
+                    let at_offset = key.value().2;
+                    let kept: ChangeRow = serde_json::from_slice(value.value()).map_err(storage)?;
+                    if at_offset <= offset || !at.covers(at_offset, kept.ts) {
+                        continue;
+                    }
+                    let erased = kept.kind == "edit" && kept.text.is_none();
+                    let mark = kept.mark(&room, offset, at_offset);
+                    if fold(&mut message, &mark) {
+                        match mark.change {
+                            Change::Edit { .. } => body_on_log = erased.then_some(at_offset),
+                            Change::Delete => body_on_log = None,
+                            _ => {}
+                        }
+                    }
+                }
+                page.push(PastMessage {
+                    message: listed(message),
+                    body_on_log,
                 });
             }
             page.reverse();
@@ -636,6 +897,7 @@ impl HistoryStore for EmbeddedStore {
             let txn = db.begin_read().map_err(storage)?;
             let ids = txn.open_table(tables.ids()).map_err(storage)?;
             let rows = txn.open_table(tables.messages()).map_err(storage)?;
+            let change_ts = txn.open_table(tables.change_ts()).map_err(storage)?;
             let mut found = Vec::with_capacity(keys.len());
             for (room, id) in keys {
                 let offset = ids
@@ -643,13 +905,20 @@ impl HistoryStore for EmbeddedStore {
                     .map_err(storage)?
                     .map(|v| v.value());
                 let hit = match offset {
-                    Some(offset) => rows
+                    Some(offset) => match rows
                         .get((room.as_str(), offset))
                         .map_err(storage)?
                         .map(|v| serde_json::from_slice::<Row>(v.value()))
                         .transpose()
                         .map_err(storage)?
-                        .map(|row| (offset, row.ts)),
+                    {
+                        Some(row) => Some((offset, row.ts)),
+                        // Not a message: a change's id.
+                        None => change_ts
+                            .get((room.as_str(), offset))
+                            .map_err(storage)?
+                            .map(|ts| (offset, ts.value())),
+                    },
                     None => None,
                 };
                 found.push(hit);
@@ -980,6 +1249,7 @@ mod tests {
             user: "u".into(),
             body: "b".into(),
             ts: 1,
+            ..MessageView::default()
         }
     }
 

@@ -15,8 +15,9 @@
 //!
 //! Promises every backend keeps (checked by the conformance suite): a batch
 //! is applied together with the position it reaches, a batch the store
-//! already covers is ignored, and a message id already in a room is not
-//! stored twice.
+//! already covers is ignored, a message or change id already in a room is
+//! not stored twice, and pages show each message as its changes left it
+//! ([`fold`]: latest edit, tombstone, reactions).
 
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
@@ -28,7 +29,8 @@ pub mod scylla;
 pub mod versions;
 
 use async_trait::async_trait;
-use schemas::protocol::MessageView;
+use schemas::protocol::{MessageView, Reaction, MAX_REACTION_USERS_LISTED};
+use schemas::Change;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -54,6 +56,23 @@ pub struct ReadMark {
     pub offset: u64,
 }
 
+/// A change to a message (edit, delete, reaction) as the projector hands
+/// it to a store: the event at `offset` changes the message at `target`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeMark {
+    pub room: String,
+    /// The change's own log offset; always above `target`.
+    pub offset: u64,
+    /// The client id of the change: a change whose id is already in its
+    /// room (a retry that reached the log twice) is not applied again.
+    pub id: String,
+    /// Who made it: an edit or delete counts only from the author.
+    pub user: String,
+    pub target: u64,
+    pub change: Change,
+    pub ts: i64,
+}
+
 /// What one apply stores, all of it from one log partition.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Batch {
@@ -64,6 +83,114 @@ pub struct Batch {
     /// (user, room): rooms to list among the user's rooms (a sender's, both
     /// users' of a direct message, a reader's), each kept once.
     pub members: Vec<(String, String)>,
+    /// Changes to messages, in offset order; each applies after every
+    /// message of the batch (its target is always at a lower offset).
+    pub changes: Vec<ChangeMark>,
+}
+
+/// Applies `change` to `message` (which it targets) by the projection's
+/// rules, the same in every store: an edit or a delete counts only from the
+/// message's author; a deleted message keeps no body, no edit time and no
+/// reactions, and takes no further change; a user reacts at most once per
+/// emoji (adding again, or removing one never added, changes nothing).
+/// Returns whether anything changed.
+pub fn fold(message: &mut MessageView, change: &ChangeMark) -> bool {
+    if message.deleted {
+        return false;
+    }
+    match &change.change {
+        Change::Edit { body } => {
+            if change.user != message.user {
+                return false;
+            }
+            message.body.clone_from(body);
+            message.edited_ts = Some(change.ts);
+        }
+        Change::Delete => {
+            if change.user != message.user {
+                return false;
+            }
+            message.deleted = true;
+            message.body.clear();
+            message.edited_ts = None;
+            message.reactions.clear();
+        }
+        Change::React { emoji } => {
+            let at = match message.reactions.iter().position(|r| &r.emoji == emoji) {
+                Some(at) => at,
+                None => {
+                    message.reactions.push(Reaction {
+                        emoji: emoji.clone(),
+                        count: 0,
+                        users: Vec::new(),
+                    });
+                    message.reactions.len() - 1
+                }
+            };
+            let reaction = &mut message.reactions[at];
+            if reaction.users.contains(&change.user) {
+                return false;
+            }
+            reaction.users.push(change.user.clone());
+            reaction.count = reaction.users.len() as u64;
+        }
+        Change::Unreact { emoji } => {
+            let Some(at) = message.reactions.iter().position(|r| &r.emoji == emoji) else {
+                return false;
+            };
+            let reaction = &mut message.reactions[at];
+            let Some(user) = reaction.users.iter().position(|u| u == &change.user) else {
+                return false;
+            };
+            reaction.users.remove(user);
+            reaction.count = reaction.users.len() as u64;
+            if reaction.users.is_empty() {
+                message.reactions.remove(at);
+            }
+        }
+    }
+    true
+}
+
+/// A moment of a room's history, for [`HistoryStore::page_as_of`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AsOf {
+    /// Everything at log offsets up to this one, inclusive.
+    Offset(u64),
+    /// Everything stamped at or before this time (milliseconds since the
+    /// Unix epoch).
+    Time(i64),
+}
+
+impl AsOf {
+    /// Whether an event at `offset`, stamped `ts`, had happened by then.
+    pub fn covers(self, offset: u64, ts: i64) -> bool {
+        match self {
+            AsOf::Offset(upto) => offset <= upto,
+            AsOf::Time(upto) => ts <= upto,
+        }
+    }
+}
+
+/// A message as it stood at a moment ([`HistoryStore::page_as_of`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PastMessage {
+    pub message: MessageView,
+    /// Set when its body then is no longer in the store (the message was
+    /// deleted since: a deleted body stays only in the log): the offset of
+    /// the log record that holds it, the message's own or the edit's that
+    /// set it. `message.body` is then empty.
+    pub body_on_log: Option<u64>,
+}
+
+/// `message` as a page shows it: at most [`MAX_REACTION_USERS_LISTED`]
+/// users named per reaction (`count` stays exact). Stores keep every user,
+/// to apply later changes by the rules of [`fold`].
+pub fn listed(mut message: MessageView) -> MessageView {
+    for reaction in &mut message.reactions {
+        reaction.users.truncate(MAX_REACTION_USERS_LISTED);
+    }
+    message
 }
 
 impl Batch {
@@ -76,7 +203,10 @@ impl Batch {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.messages.is_empty() && self.reads.is_empty() && self.members.is_empty()
+        self.messages.is_empty()
+            && self.reads.is_empty()
+            && self.members.is_empty()
+            && self.changes.is_empty()
     }
 }
 
@@ -95,7 +225,10 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// records `next` as the partition's position, atomically. A batch whose
     /// `next` is not beyond the stored position is ignored; a message whose
     /// id is already in its room is skipped; a read position lower than the
-    /// stored one is ignored.
+    /// stored one is ignored; a change whose id is already in its room is
+    /// skipped, and the others [`fold`] into their targets in offset order
+    /// (a change whose target is no message of its room changes nothing,
+    /// but its id is kept).
     async fn apply_batch(&self, partition: u32, batch: Batch, next: u64) -> Result<(), StoreError>;
 
     /// [`HistoryStore::apply_batch`] of messages alone.
@@ -113,13 +246,29 @@ pub trait HistoryStore: Send + Sync + 'static {
     async fn position(&self, partition: u32) -> Result<Option<u64>, StoreError>;
 
     /// Up to `limit` of the newest messages of `room` with an offset below
-    /// `before` (all when `None`), oldest first.
+    /// `before` (all when `None`), oldest first, each as its changes left
+    /// it ([`fold`], then [`listed`]).
     async fn page(
         &self,
         room: &str,
         before: Option<u64>,
         limit: usize,
     ) -> Result<Vec<MessageView>, StoreError>;
+
+    /// Like [`HistoryStore::page`], but the room as it stood at `at`: only
+    /// messages that were in it then, each with only the changes made by
+    /// then ([`fold`]ed in offset order, then [`listed`]).
+    async fn page_as_of(
+        &self,
+        room: &str,
+        before: Option<u64>,
+        limit: usize,
+        at: AsOf,
+    ) -> Result<Vec<PastMessage>, StoreError> {
+        // TODO(as_of): required once the Scylla store implements it.
+        let _ = (room, before, limit, at);
+        Err(StoreError::Storage("this store cannot answer as_of".into()))
+    }
 
     /// The read position of `user` in `room`, if any was stored.
     async fn read_position(&self, room: &str, user: &str) -> Result<Option<u64>, StoreError>;
@@ -168,9 +317,19 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// The offset of the message of `room` sent with client id `id`.
     async fn find_id(&self, room: &str, id: &str) -> Result<Option<u64>, StoreError>;
 
-    /// For each (room, id), the offset and timestamp of the stored message,
-    /// if any: how a gateway answers a retry whose first attempt another
-    /// node (or an earlier process) appended.
+    /// The message of `room` at `offset`, as a page shows it, if one is
+    /// stored there.
+    async fn message(&self, room: &str, offset: u64) -> Result<Option<MessageView>, StoreError> {
+        Ok(self
+            .page(room, Some(offset.saturating_add(1)), 1)
+            .await?
+            .into_iter()
+            .find(|m| m.offset == offset as i64))
+    }
+
+    /// For each (room, id), the offset and timestamp of the stored message
+    /// or change, if any: how a gateway answers a retry whose first attempt
+    /// another node (or an earlier process) appended.
     async fn find_ids(
         &self,
         keys: &[(String, String)],

@@ -251,6 +251,23 @@ impl HistoryStore for CurrentVersion {
         self.active().store.page(room, before, limit).await
     }
 
+    async fn page_as_of(
+        &self,
+        room: &str,
+        before: Option<u64>,
+        limit: usize,
+        at: crate::AsOf,
+    ) -> Result<Vec<crate::PastMessage>, StoreError> {
+        self.active()
+            .store
+            .page_as_of(room, before, limit, at)
+            .await
+    }
+
+    async fn message(&self, room: &str, offset: u64) -> Result<Option<MessageView>, StoreError> {
+        self.active().store.message(room, offset).await
+    }
+
     async fn find_id(&self, room: &str, id: &str) -> Result<Option<u64>, StoreError> {
         self.active().store.find_id(room, id).await
     }

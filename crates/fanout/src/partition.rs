@@ -65,6 +65,7 @@ pub(crate) fn decode(record: &LogRecord) -> Result<Entry, Unreadable> {
     let m = match schemas::decode(&record.value) {
         Ok(schemas::ChatEvent::MessagePosted(m)) => m,
         Ok(schemas::ChatEvent::ReadPositionMoved(r)) => return Ok(read_entry(record, r)),
+        Ok(schemas::ChatEvent::MessageChanged(c)) => return Ok(change_entry(record, c)),
         Err(e) => return Err(unreadable(record, e.to_string())),
     };
     let view = MessageView {
@@ -74,6 +75,7 @@ pub(crate) fn decode(record: &LogRecord) -> Result<Entry, Unreadable> {
         user: m.user,
         body: m.body,
         ts: m.ts,
+        ..MessageView::default()
     };
     Ok(Entry {
         offset: record.offset,
@@ -83,6 +85,24 @@ pub(crate) fn decode(record: &LogRecord) -> Result<Entry, Unreadable> {
         ts: record.ts,
         reader: None,
     })
+}
+
+/// A change (edit, delete, reaction) as its frame. It goes where a message
+/// goes (the room's members, the ring, catch-ups from the log), under the
+/// identity of its client id, so a retry that reached the log twice is
+/// delivered once. Whether it counts (only the author edits or deletes) is
+/// the projection's judgement, which the fan-out does not repeat: no
+/// gateway appends a change it refused.
+fn change_entry(record: &LogRecord, c: schemas::MessageChanged) -> Entry {
+    let frame = schemas::protocol::change_frame(record.offset as i64, &c);
+    Entry {
+        offset: record.offset,
+        key: identity(&c.room, &c.client_id),
+        frame: Frame::from(frame),
+        room: c.room,
+        ts: record.ts,
+        reader: None,
+    }
 }
 
 /// A read position as its frame: cut, as the projector cuts it, at the

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use history::versions::Active;
-use history::{Batch, HistoryStore, ReadMark, StoreError};
+use history::{Batch, ChangeMark, HistoryStore, ReadMark, StoreError};
 
 /// Name of the dead-letter topic.
 pub const DLQ_TOPIC: &str = "chat.dlq";
@@ -124,11 +124,11 @@ impl ProjectorHandle {
 }
 
 /// Turns a log record into the message it holds; `None` for an event that
-/// is not a message (a read position).
+/// is not a message (a read position, a change of a message).
 pub fn to_message(record: &LogRecord) -> Result<Option<MessageView>, schemas::DecodeError> {
     Ok(match schemas::decode(&record.value)? {
         ChatEvent::MessagePosted(m) => Some(view(record, m)),
-        ChatEvent::ReadPositionMoved(_) => None,
+        ChatEvent::ReadPositionMoved(_) | ChatEvent::MessageChanged(_) => None,
     })
 }
 
@@ -140,6 +140,7 @@ fn view(record: &LogRecord, m: schemas::MessagePosted) -> MessageView {
         user: m.user,
         body: m.body,
         ts: m.ts,
+        ..MessageView::default()
     }
 }
 
@@ -149,7 +150,11 @@ fn view(record: &LogRecord, m: schemas::MessagePosted) -> MessageView {
 ///   room up to it;
 /// - a read position is kept, never beyond the offset before its own (it
 ///   is appended after every message its user can have seen: a claim
-///   further on is cut there), and lists the room among the reader's.
+///   further on is cut there), and lists the room among the reader's;
+/// - a change (edit, delete, reaction) goes to the store, which folds it
+///   into its target by the rules of `history::fold` (only the author
+///   edits or deletes); one naming a target at or after its own offset
+///   (no writer of ours appends one) is kept out.
 pub fn project(batch: &mut Batch, record: &LogRecord, event: ChatEvent) {
     match event {
         ChatEvent::MessagePosted(m) => {
@@ -177,6 +182,28 @@ pub fn project(batch: &mut Batch, record: &LogRecord, event: ChatEvent) {
                     offset: claimed.min(before),
                 });
             }
+        }
+        ChatEvent::MessageChanged(c) => {
+            let Some(target) = u64::try_from(c.target)
+                .ok()
+                .filter(|&target| target < record.offset)
+            else {
+                tracing::warn!(
+                    offset = record.offset,
+                    target = c.target,
+                    "a change names a target at or after itself; ignored"
+                );
+                return;
+            };
+            batch.changes.push(ChangeMark {
+                room: c.room,
+                offset: record.offset,
+                id: c.client_id,
+                user: c.user,
+                target,
+                change: c.change,
+                ts: c.ts,
+            });
         }
     }
 }
@@ -828,9 +855,146 @@ mod tests {
             reason,
             format!(
                 "unknown schema fingerprint {:#018x}",
-                schemas::event::fingerprint()
+                schemas::event::release_fingerprint("v2").unwrap()
             )
         );
+    }
+
+    fn changed(room: &str, user: &str, target: i64, change: schemas::Change) -> Record {
+        let event = ChatEvent::MessageChanged(schemas::MessageChanged {
+            room: room.to_owned(),
+            client_id: format!("{room}-{user}-{target}-{change:?}"),
+            user: user.to_owned(),
+            target,
+            change,
+            ts: 1_700_000_000_000 + target,
+        });
+        Record {
+            key: room.as_bytes().to_vec(),
+            value: schemas::encode(&event),
+            ts: 1_700_000_000_000 + target,
+        }
+    }
+
+    /// A build of the release before changes (schema v2) meets edits,
+    /// deletes and reactions on the log: each goes to the dead-letter topic
+    /// with the reason, and every message around them is projected.
+    #[tokio::test]
+    async fn a_v2_build_dead_letters_changes_and_moves_on() {
+        use schemas::Change;
+        let dir = tempfile::tempdir().unwrap();
+        let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(dir.path(), "m", 1).unwrap());
+        let dlq: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(dir.path(), DLQ_TOPIC, 1).unwrap());
+        let store: Arc<dyn HistoryStore> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("h"), "v1").unwrap());
+        log.append(vec![
+            posted("r", 0),
+            changed("r", "ada", 0, Change::Edit { body: "e".into() }),
+            changed(
+                "r",
+                "bob",
+                0,
+                Change::React {
+                    emoji: "👍".into()
+                },
+            ),
+            posted("r", 3),
+            changed(
+                "r",
+                "bob",
+                0,
+                Change::Unreact {
+                    emoji: "👍".into()
+                },
+            ),
+            changed("r", "ada", 3, Change::Delete),
+            posted("r", 6),
+        ])
+        .await
+        .unwrap();
+        let v2 = schemas::Decoder::released_through("v2").unwrap();
+        let stop = CancellationToken::new();
+        let projector = Projector::new(log.clone(), store.clone(), Some(dlq.clone()), config())
+            .with_decoder(v2);
+        let task = tokio::spawn(projector.run(stop.clone()));
+        caught_up(&*log, &*store).await;
+        stop.cancel();
+        tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+        let page = store.page("r", None, 100).await.unwrap();
+        assert_eq!(bodies(&page), ["message 0", "message 3", "message 6"]);
+        assert!(page.iter().all(|m| m.edited_ts.is_none() && !m.deleted));
+        assert_eq!(store.position(0).await.unwrap(), Some(7));
+        assert_eq!(dlq.end_offset(0).await.unwrap(), 4, "four dead letters");
+        let mut read = dlq.read(0, 0);
+        let mut letters: Vec<serde_json::Value> = Vec::new();
+        while letters.len() < 4 {
+            let batch = tokio::time::timeout(WAIT, read.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            letters.extend(
+                batch
+                    .iter()
+                    .map(|r| serde_json::from_slice::<serde_json::Value>(&r.value).unwrap()),
+            );
+        }
+        let offsets: Vec<u64> = letters
+            .iter()
+            .map(|l| l["offset"].as_u64().unwrap())
+            .collect();
+        assert_eq!(offsets, [1, 2, 4, 5]);
+        let v3 = format!(
+            "unknown schema fingerprint {:#018x}",
+            schemas::event::release_fingerprint("v3").unwrap()
+        );
+        for letter in &letters {
+            assert_eq!(letter["reason"], v3.as_str());
+            assert_eq!(letter["consumer"], "projector");
+        }
+    }
+
+    /// Today's build projects the same log: the edit and the delete by
+    /// their author, the reaction taken back; a change by someone else is
+    /// on the log but changes nothing.
+    #[tokio::test]
+    async fn changes_are_projected_into_their_targets() {
+        use schemas::Change;
+        let dir = tempfile::tempdir().unwrap();
+        let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(dir.path(), "m", 1).unwrap());
+        let store: Arc<dyn HistoryStore> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("h"), "v1").unwrap());
+        let author = "ada"; // who `posted` sends as
+        log.append(vec![
+            posted("r", 0),
+            changed("r", author, 0, Change::Edit { body: "e".into() }),
+            changed(
+                "r",
+                "bob",
+                0,
+                Change::React {
+                    emoji: "👍".into()
+                },
+            ),
+            posted("r", 3),
+            changed("r", "mallory", 3, Change::Delete),
+            changed("r", author, 3, Change::Delete),
+            changed("r", "bob", 9, Change::Delete),
+        ])
+        .await
+        .unwrap();
+        let stop = CancellationToken::new();
+        let projector = Projector::new(log.clone(), store.clone(), None, config());
+        let task = tokio::spawn(projector.run(stop.clone()));
+        caught_up(&*log, &*store).await;
+        stop.cancel();
+        tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+        let page = store.page("r", None, 100).await.unwrap();
+        assert_eq!(bodies(&page), ["e", ""]);
+        assert!(page[0].edited_ts.is_some());
+        assert_eq!(page[0].reactions.len(), 1);
+        assert_eq!(page[0].reactions[0].users, ["bob"]);
+        assert!(page[1].deleted);
     }
 
     /// An embedded store whose first `failures` applies fail, retriable or

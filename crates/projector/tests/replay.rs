@@ -271,6 +271,11 @@ async fn fixtures_of_every_released_schema_version_replay() {
     let s = setup(4);
     let mut expected = Vec::new();
     let mut read_positions = Vec::new();
+    let mut changes = Vec::new();
+    // The v3 fixtures change the message at offset 17 of `general`: put
+    // their records after it, as a writer would have.
+    let padding: Vec<_> = (0..18).map(|n| posted("general", 3000 + n, 1)).collect();
+    s.log.append(padding).await.unwrap();
     for (i, (_, path)) in fixtures.iter().enumerate() {
         let bytes = std::fs::read(path).unwrap();
         // What the build that wrote it meant, by the codec's own reading.
@@ -278,6 +283,7 @@ async fn fixtures_of_every_released_schema_version_replay() {
         let (room, ts) = match &event {
             ChatEvent::MessagePosted(m) => (m.room.clone(), m.ts),
             ChatEvent::ReadPositionMoved(r) => (r.room.clone(), r.ts),
+            ChatEvent::MessageChanged(c) => (c.room.clone(), c.ts),
         };
         // Appended raw, as the old writer put it on the log, between
         // records of today's schema.
@@ -305,13 +311,19 @@ async fn fixtures_of_every_released_schema_version_replay() {
                 };
                 read_positions.push((r.room, r.user, after));
             }
+            // Projected (not dead-lettered): its id is kept at its offset.
+            ChatEvent::MessageChanged(c) => changes.push((c.room, c.client_id, offsets[1].offset)),
         }
     }
     let v2 = s.versions.create("v2", "earliest").await.unwrap();
     let summary = replay(&s.log, v2.clone(), Some(s.dlq.clone()), StartAt::Earliest).await;
     assert_eq!(summary.dead_lettered, 0);
-    assert_eq!(summary.events, 3 * fixtures.len() as u64);
+    assert_eq!(summary.events, 18 + 3 * fixtures.len() as u64);
     assert!(!read_positions.is_empty());
+    assert_eq!(changes.len(), 4, "the v3 fixtures are found: {fixtures:?}");
+    for (room, id, offset) in changes {
+        assert_eq!(v2.find_id(&room, &id).await.unwrap(), Some(offset), "{id}");
+    }
     for (room, user, offset) in read_positions {
         assert_eq!(v2.read_position(&room, &user).await.unwrap(), Some(offset));
         assert!(v2.user_rooms(&user).await.unwrap().contains(&room));

@@ -49,6 +49,7 @@ fn views(offsets: std::ops::Range<usize>, body: &str) -> Vec<MessageView> {
             user: "alice".into(),
             body: body.into(),
             ts: 1_763_800_000_000,
+            ..MessageView::default()
         })
         .collect()
 }

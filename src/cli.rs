@@ -313,6 +313,12 @@ pub struct ServeArgs {
     /// gateways, which cannot read them (docs/operations.md).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "CHAT_READ_POSITIONS")]
     read_positions: bool,
+    /// Whether this node appends edits, deletes and reactions (`edit`,
+    /// `delete` and `react` frames and their HTTP equivalents). Turn it off
+    /// while a rolling upgrade from a release before them (schema v2)
+    /// still runs old projectors or gateways (docs/operations.md).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "CHAT_MESSAGE_CHANGES")]
+    message_changes: bool,
     /// On a node that projects: `/readyz` answers 503 while the history of
     /// a partition it projects is more than this many records behind the
     /// log (a paused or stuck projector, a store too slow, a node catching
@@ -927,6 +933,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             jwks_refresh: args.jwks_refresh,
             limits,
             read_positions: args.read_positions,
+            message_changes: args.message_changes,
             ready_max_lag: args.ready_max_lag_records,
             shared_reads: std::sync::Arc::new(shared_reads),
             ..Default::default()

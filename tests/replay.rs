@@ -572,6 +572,40 @@ async fn rooms_say(server: &Server, user: &str, room: &str, want: (i64, Option<i
     }
 }
 
+/// Two gateways (`gw-a`, `gw-b`), each with its own data dir, on one test
+/// broker; B's control socket is up (for `chat replay` into it).
+struct TwoGateways {
+    a: Server,
+    b: Server,
+    url: String,
+    b_data: tempfile::TempDir,
+    _a_data: tempfile::TempDir,
+    _broker: eventlog::kafka::testing::Broker,
+}
+
+impl TwoGateways {
+    async fn start() -> TwoGateways {
+        let broker = eventlog::kafka::testing::Broker::start(None);
+        let url = broker.url();
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = Server::start_with(da.path(), PARTITIONS, &["--log", &url, "--node", "gw-a"]).await;
+        let b = Server::start_with(db.path(), PARTITIONS, &["--log", &url, "--node", "gw-b"]).await;
+        control_socket(db.path()).await;
+        TwoGateways {
+            a,
+            b,
+            url,
+            b_data: db,
+            _a_data: da,
+            _broker: broker,
+        }
+    }
+
+    fn b_dir(&self) -> String {
+        self.b_data.path().to_str().unwrap().to_owned()
+    }
+}
+
 /// Read positions and unread counts (issue 19, point 2), on two gateways
 /// of one broker: alice reads up to an offset on A, bob sends 5, alice asks
 /// B: 5 unread; a replay into a new projection version says the same. In a
@@ -579,13 +613,8 @@ async fn rooms_say(server: &Server, user: &str, room: &str, want: (i64, Option<i
 /// public one they are the reader's own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unread_counts_hold_on_another_gateway_and_after_a_replay() {
-    let broker = eventlog::kafka::testing::Broker::start(None);
-    let url = broker.url();
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let b_dir = db.path().to_str().unwrap().to_owned();
-    let a = Server::start_with(da.path(), PARTITIONS, &["--log", &url, "--node", "gw-a"]).await;
-    let b = Server::start_with(db.path(), PARTITIONS, &["--log", &url, "--node", "gw-b"]).await;
-    control_socket(db.path()).await;
+    let g = TwoGateways::start().await;
+    let (url, b_dir, a, b) = (g.url.clone(), g.b_dir(), &g.a, &g.b);
     const DM: &str = "dm:alice:bob";
     let mut alice = a.connect("alice").await;
     let mut bob = b.connect("bob").await;
@@ -636,11 +665,11 @@ async fn unread_counts_hold_on_another_gateway_and_after_a_replay() {
     alice.close().await;
     let mut alice = b.connect("alice").await;
     alice.join("general", None).await;
-    rooms_say(&b, "alice", "general", (last, Some(read_to), 5)).await;
-    rooms_say(&b, "alice", DM, (dm[1], Some(dm[0]), 1)).await;
+    rooms_say(b, "alice", "general", (last, Some(read_to), 5)).await;
+    rooms_say(b, "alice", DM, (dm[1], Some(dm[0]), 1)).await;
     // Bob's own messages are read by him.
-    rooms_say(&b, "bob", "general", (last, Some(last), 0)).await;
-    rooms_say(&a, "alice", "general", (last, Some(read_to), 5)).await;
+    rooms_say(b, "bob", "general", (last, Some(last), 0)).await;
+    rooms_say(a, "alice", "general", (last, Some(read_to), 5)).await;
 
     // Public rooms keep read positions to their reader; DMs share them.
     let (status, reads) = b.get_as("/rooms/general/reads?user=bob", None).await;
@@ -665,7 +694,7 @@ async fn unread_counts_hold_on_another_gateway_and_after_a_replay() {
     let report = replay_and_switch(&url, &b_dir).await;
     assert_eq!(report["version"], "v2");
     assert_eq!(report["switched"], true);
-    let rooms = my_rooms(&b, "alice").await;
+    let rooms = my_rooms(b, "alice").await;
     let general = &rooms["general"];
     assert_eq!(
         (
@@ -820,4 +849,259 @@ async fn doctor_reports_the_topics_and_the_store_and_what_is_wrong() {
         "{wrong:?}"
     );
     drop(server);
+}
+
+/// Sends `frame` (an edit, delete or react with its `id`) and returns the
+/// answer to it, an `ack` or an `error`; every other frame read meanwhile is
+/// added to `heard`.
+async fn answer_to(c: &mut Client, frame: Value, heard: &mut Vec<Value>) -> Value {
+    let id = frame["id"].clone();
+    c.send_json(frame).await;
+    loop {
+        let f = c.recv().await;
+        if (f["type"] == "ack" || f["type"] == "error") && f["id"] == id {
+            return f;
+        }
+        heard.push(f);
+    }
+}
+
+/// The frames of `c` up to (and with) its change frame of id `id`, added to
+/// `heard`; that frame.
+async fn change_frame(c: &mut Client, id: &str, heard: &mut Vec<Value>) -> Value {
+    loop {
+        let f = c.recv().await;
+        heard.push(f.clone());
+        if ["edit", "delete", "react"].contains(&f["type"].as_str().unwrap_or("")) && f["id"] == id
+        {
+            return f;
+        }
+    }
+}
+
+/// `GET /rooms/{room}/messages` with `query` on `server`: the messages.
+async fn page_with(server: &Server, room: &str, query: &str) -> Vec<Value> {
+    let (status, page) = server
+        .get_as(&format!("/rooms/{room}/messages?{query}"), None)
+        .await;
+    assert_eq!(status, 200, "{query}: {page}");
+    page["messages"].as_array().unwrap().clone()
+}
+
+/// Waits until the history of `room` on `server` says `want` of the
+/// message at `offset` (compared field by field, as JSON).
+async fn history_says(server: &Server, room: &str, offset: i64, want: &Value) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let page = page_with(server, room, "limit=100").await;
+        let got = page.iter().find(|m| m["offset"] == offset);
+        let agrees = got.is_some_and(|m| {
+            want.as_object()
+                .unwrap()
+                .iter()
+                .all(|(k, v)| m.get(k).unwrap_or(&Value::Null) == v)
+        });
+        if agrees {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{room}@{offset} on {} is {got:?}, not {want}",
+            server.addr
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An RFC 3339 time of `ms` milliseconds since the Unix epoch.
+fn rfc3339(ms: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap();
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+/// Issue 20, points 1 and 2, on two gateways of one broker: an edit, a
+/// delete and reactions reach both live and the history of both; a
+/// non-author's edit and delete are `forbidden` and append nothing; a
+/// retried edit is one event; `as_of` shows the room as it stood; a replay
+/// into a new projection version gives the same pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_deletes_and_reactions_on_two_gateways() {
+    use serde_json::json;
+    let g = TwoGateways::start().await;
+    let (url, b_dir, a, b) = (g.url.clone(), g.b_dir(), &g.a, &g.b);
+    const ROOM: &str = "general";
+    let mut alice = a.connect("alice").await;
+    let mut bob = b.connect("bob").await;
+    alice.join(ROOM, None).await;
+    bob.join(ROOM, None).await;
+    let (mut heard_a, mut heard_b) = (Vec::new(), Vec::new());
+
+    let first = acked_offsets(&mut alice, ROOM, 1, &mut heard_a).await[0];
+    let second = acked_offsets(&mut bob, ROOM, 1, &mut heard_b).await[0];
+    let second_ts = b.history_with(ROOM, 2).await[1]["ts"].as_i64().unwrap();
+    // The edit's time is after the second message's (as_of by time below).
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    // Alice edits her message: both gateways' members get it live.
+    let edit =
+        json!({"type": "edit", "room": ROOM, "id": id(), "target": first, "body": "first, edited"});
+    let edit_id = edit["id"].as_str().unwrap().to_owned();
+    let acked = answer_to(&mut alice, edit.clone(), &mut heard_a).await;
+    assert_eq!(acked["type"], "ack", "{acked}");
+    let edit_offset = acked["offset"].as_i64().unwrap();
+    for (c, heard) in [(&mut alice, &mut heard_a), (&mut bob, &mut heard_b)] {
+        let live = change_frame(c, &edit_id, heard).await;
+        assert_eq!(
+            live,
+            json!({"type": "edit", "room": ROOM, "offset": edit_offset, "id": edit_id,
+                   "target": first, "user": "alice", "body": "first, edited", "ts": acked["ts"]})
+        );
+    }
+    // Retried on the same connection: the first ack, nothing appended.
+    assert_eq!(
+        answer_to(&mut alice, edit.clone(), &mut heard_a).await,
+        acked
+    );
+    // Retried over HTTP on the other gateway, once its history has it.
+    history_says(b, ROOM, first, &json!({"body": "first, edited"})).await;
+    let http = reqwest::Client::new();
+    let patch = http
+        .patch(b.url(&format!("/rooms/{ROOM}/messages/{first}?user=alice")))
+        .json(&json!({"id": edit_id, "body": "first, edited"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patch.status(), 200);
+    assert_eq!(patch.json::<Value>().await.unwrap(), acked);
+
+    // Bob may neither edit nor delete alice's message, by frame or HTTP.
+    for frame in [
+        json!({"type": "edit", "room": ROOM, "id": id(), "target": first, "body": "mine now"}),
+        json!({"type": "delete", "room": ROOM, "id": id(), "target": first}),
+    ] {
+        let refused = answer_to(&mut bob, frame, &mut heard_b).await;
+        assert_eq!(refused["code"], "forbidden", "{refused}");
+    }
+    let refused = http
+        .delete(a.url(&format!("/rooms/{ROOM}/messages/{first}?user=bob")))
+        .json(&json!({"id": id()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403);
+    // No such message: not_found.
+    let missing =
+        json!({"type": "react", "room": ROOM, "id": id(), "target": 1_000_000, "emoji": "👍"});
+    assert_eq!(
+        answer_to(&mut bob, missing, &mut heard_b).await["code"],
+        "not_found"
+    );
+
+    // Reactions: bob 👍, alice 👍 (over HTTP), bob 🎉, bob takes back 👍.
+    let react = |emoji: &str, remove: bool| json!({"type": "react", "room": ROOM, "id": id(), "target": first, "emoji": emoji, "remove": remove});
+    let r1 = answer_to(&mut bob, react("👍", false), &mut heard_b).await;
+    assert_eq!(r1["type"], "ack", "{r1}");
+    // Nothing the refusals tried was appended: the partition went on
+    // from the edit to this reaction (the retries appended nothing either).
+    assert_eq!(r1["offset"].as_i64().unwrap(), edit_offset + 1);
+    let r2_id = id();
+    let r2 = http
+        .post(a.url(&format!(
+            "/rooms/{ROOM}/messages/{first}/reactions?user=alice"
+        )))
+        .json(&json!({"id": r2_id, "emoji": "👍"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r2.status(), 200);
+    let r3 = answer_to(&mut bob, react("🎉", false), &mut heard_b).await;
+    let r4 = react("👍", true);
+    let r4_id = r4["id"].as_str().unwrap().to_owned();
+    assert_eq!(answer_to(&mut bob, r4, &mut heard_b).await["type"], "ack");
+    for (c, heard) in [(&mut alice, &mut heard_a), (&mut bob, &mut heard_b)] {
+        let live = change_frame(c, &r4_id, heard).await;
+        assert_eq!(
+            (
+                &live["user"],
+                &live["emoji"],
+                &live["remove"],
+                &live["target"]
+            ),
+            (&json!("bob"), &json!("👍"), &json!(true), &json!(first))
+        );
+        for id in [&r2_id, r3["id"].as_str().unwrap()] {
+            assert!(heard.iter().any(|f| f["id"] == *id), "{id} not heard");
+        }
+    }
+
+    // Bob deletes his own message.
+    let delete = json!({"type": "delete", "room": ROOM, "id": id(), "target": second});
+    let delete_id = delete["id"].as_str().unwrap().to_owned();
+    let deleted = answer_to(&mut bob, delete, &mut heard_b).await;
+    assert_eq!(deleted["type"], "ack", "{deleted}");
+    let delete_offset = deleted["offset"].as_i64().unwrap();
+    for (c, heard) in [(&mut alice, &mut heard_a), (&mut bob, &mut heard_b)] {
+        let live = change_frame(c, &delete_id, heard).await;
+        assert_eq!(
+            (&live["type"], &live["target"]),
+            (&json!("delete"), &json!(second))
+        );
+    }
+    // Each change reached each member once.
+    for heard in [&heard_a, &heard_b] {
+        let edits = heard
+            .iter()
+            .filter(|f| f["id"] == edit_id.as_str() && f["type"] == "edit");
+        assert_eq!(edits.count(), 1, "{heard:?}");
+    }
+
+    // The history of both gateways: the latest body with its edit time,
+    // reactions with who, a tombstone without its body.
+    let now_first = json!({
+        "body": "first, edited", "edited_ts": acked["ts"],
+        "reactions": [
+            {"emoji": "👍", "count": 1, "users": ["alice"]},
+            {"emoji": "🎉", "count": 1, "users": ["bob"]},
+        ],
+    });
+    let now_second = json!({"body": "", "deleted": true, "user": "bob", "reactions": null});
+    for server in [&a, &b] {
+        history_says(server, ROOM, first, &now_first).await;
+        history_says(server, ROOM, second, &now_second).await;
+    }
+
+    // As of a moment: before the edit, the old body and no reactions; the
+    // deleted message as it was (its body read back from the log).
+    let as_of = |at: String| async move { page_with(b, ROOM, &format!("as_of={at}")).await };
+    let before_edit = as_of((edit_offset - 1).to_string()).await;
+    assert_eq!(before_edit.len(), 2, "{before_edit:?}");
+    assert_eq!(before_edit[0]["body"], "alice says 0");
+    assert_eq!(before_edit[0].get("edited_ts"), None);
+    assert_eq!(before_edit[0].get("reactions"), None);
+    assert_eq!(before_edit[1]["body"], "bob says 0");
+    assert_eq!(before_edit[1].get("deleted"), None);
+    assert_eq!(as_of(rfc3339(second_ts)).await, before_edit, "by time");
+    let before_delete = as_of((delete_offset - 1).to_string()).await;
+    assert_eq!(before_delete[0]["body"], "first, edited");
+    assert_eq!(before_delete[0]["reactions"], now_first["reactions"]);
+    assert_eq!(before_delete[1]["body"], "bob says 0");
+    let at_end = as_of(delete_offset.to_string()).await;
+    assert_eq!(at_end, page_with(b, ROOM, "limit=100").await);
+    let (status, bad) = b
+        .get_as(&format!("/rooms/{ROOM}/messages?as_of=yesterday"), None)
+        .await;
+    assert_eq!((status, &bad["code"]), (400, &json!("bad_frame")));
+
+    // A replay into a new projection version: page for page the same, and
+    // the same room as of a moment.
+    let live = all_pages(b, &[ROOM]).await;
+    let report = replay_and_switch(&url, &b_dir).await;
+    assert_eq!(report["version"], "v2");
+    assert_eq!(report["switched"], true);
+    assert_eq!(all_pages(b, &[ROOM]).await, live);
+    assert_eq!(as_of((edit_offset - 1).to_string()).await, before_edit);
+    assert_eq!(as_of((delete_offset - 1).to_string()).await, before_delete);
+    alice.close().await;
+    bob.close().await;
 }

@@ -5,15 +5,17 @@
 //! path still reaches the JSON parser with odd input). When a frame is
 //! accepted, it must satisfy what the gateway relies on without checking
 //! again: a room that passes `valid_room`, a `since` offset of -1 or more, a
-//! send's id and body within the protocol limits; and the frame written back
-//! as JSON parses to the same frame.
+//! send's id and body within the protocol limits, a change's id, target,
+//! body and emoji within them too; and the frame written back as JSON parses
+//! to the same frame.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use schemas::protocol::{
-    check_body, check_id, parse_client_frame, valid_room, ClientFrame, Position,
+    check_body, check_emoji, check_id, parse_client_frame, valid_room, ClientFrame, Position,
 };
+use schemas::Change;
 use serde_json::{json, Value};
 
 fuzz_target!(|data: &[u8]| {
@@ -51,6 +53,27 @@ fn check(frame: &ClientFrame) {
             );
             room
         }
+        ClientFrame::Change {
+            room,
+            id,
+            target,
+            change,
+        } => {
+            assert!(check_id(id).is_ok(), "bad id accepted: {frame:?}");
+            assert!(*target >= 0, "a negative target accepted: {frame:?}");
+            match change {
+                Change::Edit { body } => assert!(
+                    check_body(body, Some(id)).is_ok(),
+                    "bad body accepted: {frame:?}"
+                ),
+                Change::React { emoji } | Change::Unreact { emoji } => assert!(
+                    check_emoji(emoji, Some(id)).is_ok(),
+                    "bad emoji accepted: {frame:?}"
+                ),
+                Change::Delete => {}
+            }
+            room
+        }
     };
     assert!(valid_room(room), "bad room accepted: {frame:?}");
 }
@@ -72,5 +95,20 @@ fn to_json(frame: &ClientFrame) -> Value {
         ClientFrame::Send { room, id, body } => {
             json!({"type": "send", "room": room, "id": id, "body": body})
         }
+        ClientFrame::Change {
+            room,
+            id,
+            target,
+            change,
+        } => match change {
+            Change::Edit { body } => {
+                json!({"type": "edit", "room": room, "id": id, "target": target, "body": body})
+            }
+            Change::Delete => json!({"type": "delete", "room": room, "id": id, "target": target}),
+            Change::React { emoji } | Change::Unreact { emoji } => json!({
+                "type": "react", "room": room, "id": id, "target": target, "emoji": emoji,
+                "remove": matches!(change, Change::Unreact { .. }),
+            }),
+        },
     }
 }

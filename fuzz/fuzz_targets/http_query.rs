@@ -247,6 +247,7 @@ async fn seed(store: &dyn HistoryStore) {
                 user: "alice".to_owned(),
                 body: format!("message {i}"),
                 ts: 1_763_800_000_000 + i,
+                ..MessageView::default()
             })
             .collect();
         store

@@ -9,13 +9,15 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use futures::{StreamExt, TryStreamExt};
-use schemas::protocol::{check_body, check_id, dm_members, valid_room, ErrorCode, FrameError};
+use schemas::protocol::{
+    check_body, check_id, dm_members, valid_room, ErrorCode, FrameError, MessageView,
+};
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::auth::{access, AuthError, Identity};
 use crate::dedup::{self, Claim};
-use crate::{now_ms, AppState, PendingSend};
+use crate::{now_ms, AppState, PendingSend, What};
 
 const INDEX: &str = include_str!("web/index.html");
 /// Largest history page.
@@ -33,6 +35,7 @@ fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::Forbidden | ErrorCode::NotJoined => StatusCode::FORBIDDEN,
         ErrorCode::RateLimited | ErrorCode::LimitReached => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::NotFound => StatusCode::NOT_FOUND,
         // Never the answer to a request; a store that cannot read a row
         // it holds cannot serve the page.
         ErrorCode::Unreadable => StatusCode::INTERNAL_SERVER_ERROR,
@@ -91,6 +94,101 @@ pub(crate) async fn auth_mode(State(state): State<Arc<AppState>>, headers: Heade
 pub(crate) struct HistoryQuery {
     limit: Option<usize>,
     before: Option<u64>,
+    /// The room as it stood at this moment: a log offset, or an RFC 3339
+    /// time.
+    as_of: Option<String>,
+}
+
+/// Reads an `as_of`: digits are a log offset, anything else an RFC 3339
+/// time.
+fn parse_as_of(text: &str) -> Result<history::AsOf, FrameError> {
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        if let Ok(offset) = text.parse() {
+            return Ok(history::AsOf::Offset(offset));
+        }
+    }
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .and_then(|t| i64::try_from(t.unix_timestamp_nanos().div_euclid(1_000_000)).ok())
+        .map(history::AsOf::Time)
+        .ok_or_else(|| {
+            FrameError::new(
+                ErrorCode::BadFrame,
+                "as_of is a log offset (0 or more) or an RFC 3339 time, like 2026-12-06T19:30:00Z",
+                None,
+            )
+        })
+}
+
+/// Most records of deleted bodies one `as_of` page reads back from the log
+/// at once.
+const LOG_BODIES_AT_ONCE: usize = 8;
+
+/// How long reading a deleted body back from the log may take.
+const LOG_BODY_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The body held by the record at `offset` of `partition`: a message's, or
+/// an edit's.
+async fn body_on_log(
+    log: &dyn eventlog::EventLog,
+    partition: u32,
+    offset: u64,
+) -> Result<String, String> {
+    let mut records = log.read(partition, offset);
+    let read = async {
+        loop {
+            let batch = match records.next().await {
+                Some(Ok(batch)) => batch,
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Err("the log ended".to_owned()),
+            };
+            if let Some(record) = batch.iter().find(|r| r.offset >= offset) {
+                if record.offset != offset {
+                    return Err(format!("the log has no record at offset {offset}"));
+                }
+                return match schemas::decode(&record.value) {
+                    Ok(schemas::ChatEvent::MessagePosted(m)) => Ok(m.body),
+                    Ok(schemas::ChatEvent::MessageChanged(schemas::MessageChanged {
+                        change: schemas::Change::Edit { body },
+                        ..
+                    })) => Ok(body),
+                    Ok(_) => Err(format!("the record at offset {offset} holds no body")),
+                    Err(e) => Err(e.to_string()),
+                };
+            }
+        }
+    };
+    tokio::time::timeout(LOG_BODY_WITHIN, read)
+        .await
+        .unwrap_or_else(|_| Err("the log did not answer in time".to_owned()))
+}
+
+/// A page of `room` as it stood at `at`, bodies deleted since read back
+/// from the log (where they stay).
+async fn page_as_of(
+    state: &AppState,
+    store: &dyn history::HistoryStore,
+    room: &str,
+    before: Option<u64>,
+    limit: usize,
+    at: history::AsOf,
+) -> Result<Vec<MessageView>, String> {
+    let page = timed("as_of", store.page_as_of(room, before, limit, at))
+        .await
+        .map_err(|e| e.to_string())?;
+    let partition = state.gw.log.partition_for(room.as_bytes());
+    let log = &*state.gw.log;
+    futures::stream::iter(page)
+        .map(|past| async move {
+            let mut message = past.message;
+            if let Some(offset) = past.body_on_log {
+                message.body = body_on_log(log, partition, offset).await?;
+            }
+            Ok::<_, String>(message)
+        })
+        .buffered(LOG_BODIES_AT_ONCE)
+        .try_collect()
+        .await
 }
 
 /// Whether the request may read `room` (its history, its presence): a
@@ -138,7 +236,7 @@ pub(crate) async fn history(
     let Ok(Query(query)) = query else {
         return error_response(&FrameError::new(
             ErrorCode::BadFrame,
-            "limit and before are non-negative integers",
+            "limit and before are non-negative integers; as_of an offset or an RFC 3339 time",
             None,
         ));
     };
@@ -150,6 +248,33 @@ pub(crate) async fn history(
         ));
     };
     let limit = query.limit.unwrap_or(50).clamp(1, MAX_LIMIT);
+    if let Some(as_of) = &query.as_of {
+        let at = match parse_as_of(as_of) {
+            Ok(at) => at,
+            Err(e) => return error_response(&e),
+        };
+        return match page_as_of(&state, &**store, &room, query.before, limit + 1, at).await {
+            Ok(mut messages) => {
+                let more = messages.len() > limit;
+                if more {
+                    messages.remove(0);
+                }
+                let before = more.then(|| messages[0].offset);
+                Json(
+                    json!({ "room": room, "messages": messages, "before": before, "as_of": as_of }),
+                )
+                .into_response()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "history read as of a moment failed");
+                error_response(&FrameError::new(
+                    ErrorCode::Unavailable,
+                    "the history as of that moment cannot be read now",
+                    None,
+                ))
+            }
+        };
+    }
     // One more than asked tells whether an older page exists.
     match timed("page", store.page(&room, query.before, limit + 1)).await {
         Ok(mut messages) => {
@@ -484,7 +609,27 @@ pub(crate) async fn post_message(
             .increment(1);
         return error_response(&e);
     }
-    let user = identity.user;
+    append_one(
+        &state,
+        room,
+        id,
+        identity.user,
+        What::Message(text),
+        arrived,
+    )
+    .await
+}
+
+/// Appends one message or change like a `send` (idempotent by `id`) and
+/// answers its `ack` object, or its error.
+async fn append_one(
+    state: &Arc<AppState>,
+    room: String,
+    id: String,
+    user: String,
+    what: What,
+    arrived: std::time::Instant,
+) -> Response {
     let outcome = match state.dedup.claim(&room, &id, &user) {
         Err(e) => Err(e),
         Ok(Claim::Done(ack)) => Ok(ack),
@@ -494,7 +639,7 @@ pub(crate) async fn post_message(
                 room: room.clone(),
                 id: id.clone(),
                 user,
-                body: text,
+                what,
                 ts: now_ms(),
                 arrived: std::time::Instant::now(),
             };
@@ -514,6 +659,98 @@ pub(crate) async fn post_message(
         }
         Err(e) => error_response(&e),
     }
+}
+
+/// An `edit`, `delete` or `react` (`kind`) over HTTP: validated as the
+/// frame is, then appended like a post. `PATCH /rooms/{room}/messages/{target}`
+/// with `{"id","body"}` edits, `DELETE` of it with `{"id"}` (or `?id=`)
+/// deletes, `POST /rooms/{room}/messages/{target}/reactions` with
+/// `{"id","emoji","remove"}` reacts.
+pub(crate) async fn post_change(
+    kind: &str,
+    State(state): State<Arc<AppState>>,
+    Path((room, target)): Path<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let arrived = std::time::Instant::now();
+    let identity: Identity = match state.gw.auth.identify_http(&query, &headers).await {
+        Ok(identity) => identity,
+        Err(e) => return unauthorized(&e),
+    };
+    let bytes = match body {
+        Ok(bytes) => bytes,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return error_response(&FrameError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "the request body is over {} bytes",
+                    state.guard.limits.max_body_bytes
+                ),
+                None,
+            ));
+        }
+        Err(_) => {
+            return error_response(&FrameError::new(
+                ErrorCode::BadFrame,
+                "the request body could not be read",
+                None,
+            ))
+        }
+    };
+    let fields = if bytes.iter().all(u8::is_ascii_whitespace) {
+        serde_json::Map::new()
+    } else {
+        match serde_json::from_slice::<serde_json::Value>(&bytes) {
+            Ok(serde_json::Value::Object(fields)) => fields,
+            _ => {
+                return error_response(&FrameError::new(
+                    ErrorCode::BadFrame,
+                    "the body is a json object",
+                    None,
+                ))
+            }
+        }
+    };
+    let id = fields
+        .get("id")
+        .and_then(serde_json::Value::as_str)
+        .or_else(|| query.get("id").map(String::as_str));
+    let Some(id) = id.map(str::to_owned) else {
+        return error_response(&FrameError::new(ErrorCode::BadFrame, "missing id", None));
+    };
+    if let Err(e) = check_id(&id) {
+        return error_response(&e);
+    }
+    if !valid_room(&room) {
+        return error_response(&FrameError {
+            id: Some(id),
+            ..bad_room()
+        });
+    }
+    let target = serde_json::Value::from(target.parse::<i64>().ok());
+    let target = match schemas::protocol::parse_target(Some(&target), &id) {
+        Ok(target) => target,
+        Err(e) => return error_response(&e),
+    };
+    let change = match schemas::protocol::parse_change(kind, &fields, &id) {
+        Ok(change) => change,
+        Err(e) => return error_response(&e),
+    };
+    if !identity.may_use(&room) {
+        return forbidden(&room, Some(id));
+    }
+    if let Err(e) = state.refuse_change(&id) {
+        return error_response(&e);
+    }
+    if let Err(e) = state.guard.take_send(None, &identity.user, Some(&id)) {
+        ::metrics::counter!(crate::metrics::BAD_FRAMES_TOTAL, "code" => ErrorCode::RateLimited.as_str())
+            .increment(1);
+        return error_response(&e);
+    }
+    let what = What::Change { target, change };
+    append_one(&state, room, id, identity.user, what, arrived).await
 }
 
 pub(crate) async fn healthz() -> &'static str {

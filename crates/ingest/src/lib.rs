@@ -26,8 +26,8 @@ use fanout::Fanout;
 use history::HistoryStore;
 use metrics_exporter_prometheus::PrometheusHandle;
 pub(crate) use schemas::now_ms;
-use schemas::protocol::{ErrorCode, FrameError};
-use schemas::{ChatEvent, MessagePosted, ReadPositionMoved};
+use schemas::protocol::{ErrorCode, FrameError, MAX_REACTIONS_PER_MESSAGE};
+use schemas::{Change, ChatEvent, MessageChanged, MessagePosted, ReadPositionMoved};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -65,6 +65,10 @@ pub struct GatewayConfig {
     /// upgrade from a release before read positions (schema v1) still has
     /// old projectors or gateways: they cannot read the new event.
     pub read_positions: bool,
+    /// Whether edits, deletes and reactions are appended. Off while a
+    /// rolling upgrade from a release before them (schema v2) still has old
+    /// projectors or gateways: they cannot read the new events.
+    pub message_changes: bool,
     /// Rooms whose members see each other's read positions (the fan-out is
     /// given the same).
     pub shared_reads: Arc<schemas::protocol::RoomPatterns>,
@@ -87,6 +91,7 @@ impl Default for GatewayConfig {
             jwks_refresh: Duration::from_secs(300),
             limits: limits::Limits::default(),
             read_positions: true,
+            message_changes: true,
             shared_reads: Arc::new(fanout::default_shared_reads()),
             ready_max_lag: 10_000,
         }
@@ -121,26 +126,44 @@ pub(crate) struct AppState {
     connections: TaskTracker,
 }
 
-/// A validated message waiting to be appended.
+/// A validated message or change waiting to be appended.
 pub(crate) struct PendingSend {
     pub room: String,
     pub id: String,
     pub user: String,
-    pub body: String,
+    pub what: What,
     pub ts: i64,
     /// When the send reached the gateway, for its ack's latency.
     pub arrived: std::time::Instant,
 }
 
+/// What a [`PendingSend`] appends.
+pub(crate) enum What {
+    /// A message with this body.
+    Message(String),
+    /// An edit, delete or reaction of the message at offset `target`.
+    Change { target: i64, change: Change },
+}
+
 impl PendingSend {
     fn record(&self) -> Record {
-        let event = ChatEvent::MessagePosted(MessagePosted {
-            room: self.room.clone(),
-            client_id: self.id.clone(),
-            user: self.user.clone(),
-            body: self.body.clone(),
-            ts: self.ts,
-        });
+        let event = match &self.what {
+            What::Message(body) => ChatEvent::MessagePosted(MessagePosted {
+                room: self.room.clone(),
+                client_id: self.id.clone(),
+                user: self.user.clone(),
+                body: body.clone(),
+                ts: self.ts,
+            }),
+            What::Change { target, change } => ChatEvent::MessageChanged(MessageChanged {
+                room: self.room.clone(),
+                client_id: self.id.clone(),
+                user: self.user.clone(),
+                target: *target,
+                change: change.clone(),
+                ts: self.ts,
+            }),
+        };
         Record {
             key: self.room.as_bytes().to_vec(),
             value: schemas::encode(&event),
@@ -149,7 +172,31 @@ impl PendingSend {
     }
 }
 
+/// How long a change waits for its target to reach the history (a message
+/// acked a moment ago may not be projected yet) before it is answered
+/// `unavailable`; within the send timeout, when there is one.
+const TARGET_WAIT: Duration = Duration::from_secs(5);
+/// How often a change waiting for its target looks again.
+const TARGET_POLL: Duration = Duration::from_millis(20);
+
 impl AppState {
+    /// Why this node appends no edit, delete or reaction now, if it does
+    /// not.
+    pub(crate) fn refuse_change(&self, id: &str) -> Result<(), FrameError> {
+        let why = if !self.gw.config.ingest {
+            "this node does not accept writes"
+        } else if !self.gw.config.message_changes {
+            "edits, deletes and reactions are turned off on this node"
+        } else {
+            return Ok(());
+        };
+        Err(FrameError::new(
+            ErrorCode::Unavailable,
+            why,
+            Some(id.to_owned()),
+        ))
+    }
+
     /// Why this node appends no read position now, if it does not.
     pub(crate) fn refuse_read(&self, room: &str) -> Result<(), FrameError> {
         let why = if !self.gw.config.ingest {
@@ -279,10 +326,21 @@ impl AppState {
         // A retry whose first attempt went through another node, or an
         // earlier process, is answered from the history instead of appended.
         let known = self.known(batch).await;
+        // A change the history refuses (not the author's, no such
+        // message) is answered so and appends nothing.
+        let mut refused = Vec::with_capacity(batch.len());
+        for (s, known) in batch.iter().zip(&known) {
+            refused.push(match (&s.what, known) {
+                (What::Change { target, change }, None) => {
+                    self.check_target(s, *target, change).await.err()
+                }
+                _ => None,
+            });
+        }
         let fresh: Vec<&PendingSend> = batch
             .iter()
-            .zip(&known)
-            .filter(|(_, k)| k.is_none())
+            .zip(known.iter().zip(&refused))
+            .filter(|(_, (k, r))| k.is_none() && r.is_none())
             .map(|(s, _)| s)
             .collect();
         let records = fresh.iter().map(|s| s.record()).collect();
@@ -303,9 +361,10 @@ impl AppState {
         };
         let outcomes: Vec<dedup::Outcome> = batch
             .iter()
-            .zip(known)
-            .map(|(s, known)| match (known, placed.as_mut()) {
+            .zip(known.into_iter().zip(refused))
+            .map(|(s, (known, refused))| match (known, placed.as_mut()) {
                 (Some(ack), _) => Ok(ack),
+                (None, _) if refused.is_some() => Err(refused.expect("checked")),
                 (None, Some(placed)) => match placed.next() {
                     Some(a) => Ok(AckInfo {
                         offset: a.offset as i64,
@@ -334,6 +393,106 @@ impl AppState {
 }
 
 impl AppState {
+    /// Whether `s`, a change of the message at `target`, may be appended:
+    /// the message is in the room's history (waiting up to [`TARGET_WAIT`]
+    /// for a message not projected yet), not deleted, and, for an edit or
+    /// a delete, `s`'s user wrote it. The history store judges: a node
+    /// without one cannot tell, and answers `unavailable`.
+    async fn check_target(
+        &self,
+        s: &PendingSend,
+        target: i64,
+        change: &Change,
+    ) -> Result<(), FrameError> {
+        let id = Some(s.id.clone());
+        let refuse = |code, message: String| Err(FrameError::new(code, message, id.clone()));
+        let Some(store) = &self.gw.store else {
+            return refuse(
+                ErrorCode::Unavailable,
+                "this node keeps no history, so it cannot tell whose message this is; send it to a node that does".to_owned(),
+            );
+        };
+        let unavailable = |e: &dyn std::fmt::Display| {
+            refuse(
+                ErrorCode::Unavailable,
+                format!("the history cannot be read ({e}); nothing was appended; retry with the same id"),
+            )
+        };
+        let not_found = || {
+            refuse(
+                ErrorCode::NotFound,
+                format!("room {} has no message at offset {target}", s.room),
+            )
+        };
+        let Ok(offset) = u64::try_from(target) else {
+            return not_found();
+        };
+        let partition = self.gw.log.partition_for(s.room.as_bytes());
+        let deadline = tokio::time::Instant::now() + TARGET_WAIT;
+        let mut asked_log = false;
+        let message = loop {
+            // The position first: a store applies a message with the
+            // position past it, so a position past the target and no
+            // message there means there is none.
+            let covered = match http::timed("position", store.position(partition)).await {
+                Ok(position) => position.is_some_and(|p| p > offset),
+                Err(e) => return unavailable(&e),
+            };
+            match http::timed("message", store.message(&s.room, offset)).await {
+                Ok(Some(message)) => break message,
+                Ok(None) if covered => return not_found(),
+                Ok(None) => {}
+                Err(e) => return unavailable(&e),
+            }
+            if !asked_log {
+                asked_log = true;
+                match self.gw.log.end_offset(partition).await {
+                    Ok(end) if offset >= end => return not_found(),
+                    Ok(_) => {}
+                    Err(e) => return unavailable(&e),
+                }
+            }
+            if tokio::time::Instant::now() + TARGET_POLL > deadline {
+                return refuse(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "message {target} of room {} is not in the history yet; nothing was appended; retry with the same id",
+                        s.room
+                    ),
+                );
+            }
+            tokio::time::sleep(TARGET_POLL).await;
+        };
+        if message.deleted {
+            return refuse(
+                ErrorCode::NotFound,
+                format!("message {target} of room {} was deleted", s.room),
+            );
+        }
+        match change {
+            Change::Edit { .. } | Change::Delete if message.user != s.user => refuse(
+                ErrorCode::Forbidden,
+                format!(
+                    "only its author ({}) may {} message {target}",
+                    message.user,
+                    change.kind()
+                ),
+            ),
+            Change::React { emoji }
+                if message.reactions.len() >= MAX_REACTIONS_PER_MESSAGE
+                    && !message.reactions.iter().any(|r| &r.emoji == emoji) =>
+            {
+                refuse(
+                    ErrorCode::LimitReached,
+                    format!(
+                        "message {target} has {MAX_REACTIONS_PER_MESSAGE} different reactions, the most it takes"
+                    ),
+                )
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The acks of sends already in the history, when the node has one.
     async fn known(&self, batch: &[PendingSend]) -> Vec<Option<AckInfo>> {
         let Some(store) = self
@@ -379,6 +538,15 @@ fn router(state: Arc<AppState>) -> Router {
         .route(
             "/rooms/{room}/messages",
             get(http::history).post(http::post_message),
+        )
+        .route(
+            "/rooms/{room}/messages/{target}",
+            axum::routing::patch(|s, p, q, h, b| http::post_change("edit", s, p, q, h, b))
+                .delete(|s, p, q, h, b| http::post_change("delete", s, p, q, h, b)),
+        )
+        .route(
+            "/rooms/{room}/messages/{target}/reactions",
+            axum::routing::post(|s, p, q, h, b| http::post_change("react", s, p, q, h, b)),
         )
         .route("/rooms/{room}/presence", get(http::presence))
         .route(

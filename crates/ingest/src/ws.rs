@@ -41,7 +41,7 @@ use tracing::Instrument;
 
 use crate::auth::{access, AuthError, Identity};
 use crate::dedup::{self, AckInfo, Claim, Outcome};
-use crate::{now_ms, AppState, PendingSend};
+use crate::{now_ms, AppState, PendingSend, What};
 
 /// Close codes, as [`CloseCode`] names them (docs/protocol.md, Close codes).
 pub const CLOSE_UNAUTHORIZED: u16 = CloseCode::Unauthorized.code();
@@ -590,7 +590,18 @@ impl Connection {
             }
         };
         match frame {
-            ClientFrame::Send { room, id, body } => self.send(room, id, body),
+            ClientFrame::Send { room, id, body } => self.send(room, id, What::Message(body)),
+            ClientFrame::Change {
+                room,
+                id,
+                target,
+                change,
+            } => {
+                if let Err(e) = self.state.refuse_change(&id) {
+                    return self.push(error_frame(&e));
+                }
+                self.send(room, id, What::Change { target, change })
+            }
             ClientFrame::Join { room, since } => self.join(room, since).await,
             ClientFrame::Leave { room } => {
                 if !self.rooms.remove(&room) {
@@ -688,7 +699,9 @@ impl Connection {
         taken
     }
 
-    fn send(&mut self, room: String, id: String, body: String) {
+    /// Appends a message or a change, acked once durable; idempotent by
+    /// `id` (a retry is answered with the first attempt's outcome).
+    fn send(&mut self, room: String, id: String, what: What) {
         if self.refuse_room(&room, Some(&id)) {
             return;
         }
@@ -713,7 +726,7 @@ impl Connection {
                     room,
                     id,
                     user: self.user.clone(),
-                    body,
+                    what,
                     ts: now_ms(),
                     arrived: std::time::Instant::now(),
                 });

@@ -2,10 +2,13 @@
 //! the store already holds, read by room (the store is indexed by room)
 //! instead of scanning the partition in the log.
 //!
-//! Promises: the member gets the room's messages in `[from, upto)`, in
-//! offset order, each once, at its own pace, where `upto` is what the
-//! store covers of `[from, until)` (its position for the partition); it is
-//! told `upto` so the rest comes from the log. When the store cannot serve
+//! Promises: the member gets the room's messages and changes (edits,
+//! deletes, reactions) in `[from, upto)`, in offset order, each once, at its
+//! own pace, where `upto` is what the store covers of `[from, until)` (its
+//! position for the partition); it is told `upto` so the rest comes from
+//! the log. A message comes as the store holds it now (its edits,
+//! tombstone and reactions applied), and the change frames of the range
+//! follow in their places: applied again, they change nothing. When the store cannot serve
 //! (no store, it is behind `from`, it fails, or the room's share is more
 //! than [`MOST_HELD`] messages) nothing is sent and `from` comes back: the
 //! log serves it all. The store holds one copy per message id, the first,
@@ -52,15 +55,46 @@ impl Fanout {
         let Some(messages) = messages_between(&**store, room, from, upto).await else {
             return Ok(from);
         };
+        let changes = match store.changes_between(room, from, upto).await {
+            Ok(changes) => changes,
+            Err(e) => {
+                tracing::warn!(room, error = %e, "history store failed in a catch-up: reading the log");
+                return Ok(from);
+            }
+        };
+        let mut changes = changes.into_iter().peekable();
         for m in &messages {
+            while let Some(c) = changes.next_if(|c| (c.offset as i64) < m.offset) {
+                member
+                    .send_paced(change_frame(&c), self.config.catch_up_stall)
+                    .await?;
+            }
             member
                 .send_paced(message_frame(m), self.config.catch_up_stall)
+                .await?;
+        }
+        for c in changes {
+            member
+                .send_paced(change_frame(&c), self.config.catch_up_stall)
                 .await?;
         }
         ::metrics::counter!(crate::metrics::CATCH_UP_MESSAGES_TOTAL, "source" => "store")
             .increment(messages.len() as u64);
         Ok(upto)
     }
+}
+
+/// The live frame of a change the store lists.
+fn change_frame(c: &history::ChangeMark) -> crate::Frame {
+    let event = schemas::MessageChanged {
+        room: c.room.clone(),
+        client_id: c.id.clone(),
+        user: c.user.clone(),
+        target: c.target as i64,
+        change: c.change.clone(),
+        ts: c.ts,
+    };
+    crate::Frame::from(schemas::protocol::change_frame(c.offset as i64, &event))
 }
 
 /// The messages of `room` with offsets in `[from, upto)`, oldest first, or

@@ -115,6 +115,134 @@ async fn a_store_behind_the_since_leaves_the_catch_up_to_the_log() {
     fanout.shutdown().await;
 }
 
+/// A change record of room `a`: `user`'s `change` of the message at `target`.
+fn change_record(id: &str, user: &str, target: i64, change: schemas::Change) -> Record {
+    let ts = 1_763_800_000_000;
+    let event = schemas::ChatEvent::MessageChanged(schemas::MessageChanged {
+        room: "a".to_owned(),
+        client_id: id.to_owned(),
+        user: user.to_owned(),
+        target,
+        change,
+        ts,
+    });
+    Record {
+        key: b"a".to_vec(),
+        value: schemas::encode(&event),
+        ts,
+    }
+}
+
+/// A resume served from the store gets the changes made while the client
+/// was away, in their places among the messages, also those of messages
+/// older than its `since` (which no message it gets carries).
+#[tokio::test]
+async fn a_resume_from_the_store_passes_on_the_changes_in_its_range() {
+    use schemas::Change;
+    let s = setup(30, 0).await;
+    let edit = change_record(
+        "e",
+        "alice",
+        2,
+        Change::Edit {
+            body: "fixed".into(),
+        },
+    );
+    let react = change_record(
+        "x",
+        "bob",
+        3,
+        Change::React {
+            emoji: "👍".into()
+        },
+    );
+    s.log.append(vec![edit, react]).await.unwrap();
+    s.log
+        .append(
+            (0..4)
+                .map(|i| record("a", &format!("n{i}"), "log"))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    // The store holds the messages and both changes: up to offset 32.
+    let change =
+        |offset: u64, id: &str, user: &str, target: u64, change: Change| history::ChangeMark {
+            room: "a".into(),
+            offset,
+            id: id.into(),
+            user: user.into(),
+            target,
+            change,
+            ts: 1_763_800_000_000,
+        };
+    s.store
+        .apply_batch(
+            0,
+            history::Batch {
+                messages: views(0..30, "store"),
+                changes: vec![
+                    change(
+                        30,
+                        "e",
+                        "alice",
+                        2,
+                        Change::Edit {
+                            body: "fixed".into(),
+                        },
+                    ),
+                    change(
+                        31,
+                        "x",
+                        "bob",
+                        3,
+                        Change::React {
+                            emoji: "👍".into()
+                        },
+                    ),
+                ],
+                ..history::Batch::default()
+            },
+            32,
+        )
+        .await
+        .unwrap();
+    let history: Arc<dyn HistoryStore> = s.store.clone();
+    let fanout = Fanout::with_history(s.log.clone(), Some(history), small_ring(4));
+    let (tx, mut rx) = mpsc::channel(1024);
+    let member = Member::new("carol", tx, CancellationToken::new());
+    let since = Position {
+        offset: 4,
+        epoch: fanout.epoch().to_owned(),
+    };
+    within("join", fanout.join("a", &member, Some(&since)))
+        .await
+        .unwrap();
+    expect_joined(&mut rx).await;
+    s.log
+        .append(vec![record("a", "live", "log")])
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    loop {
+        let f = next_frame(&mut rx).await;
+        let done = f["id"] == "live";
+        got.push((
+            f["type"].as_str().unwrap().to_owned(),
+            f["offset"].as_i64().unwrap(),
+        ));
+        if done {
+            break;
+        }
+    }
+    let mut want: Vec<(String, i64)> = (5..30).map(|o| ("message".to_owned(), o)).collect();
+    want.push(("edit".into(), 30));
+    want.push(("react".into(), 31));
+    want.extend((32..37).map(|o| ("message".to_owned(), o)));
+    assert_eq!(got, want);
+    fanout.shutdown().await;
+}
+
 /// A store that cannot be reached.
 struct Down;
 

@@ -497,6 +497,7 @@ async fn a_retry_the_history_knows_is_answered_from_it() {
         user: "alice".to_owned(),
         body: "hi".to_owned(),
         ts: 1_234,
+        ..MessageView::default()
     };
     node.store
         .apply(node.partition(ROOM), vec![stored], 8)

@@ -74,6 +74,7 @@ macro_rules! store_conformance_suite {
             reactions_name_at_most_the_listed_users,
             as_of_shows_the_room_as_it_stood,
             as_of_points_to_the_log_for_a_body_deleted_since,
+            changes_between_lists_a_rooms_changes_in_log_order,
         );
     };
     ($($input:tt)*) => {
@@ -769,4 +770,39 @@ pub async fn as_of_points_to_the_log_for_a_body_deleted_since(h: &impl StoreHarn
         ..gone
     };
     assert_eq!(at(2).await.unwrap(), vec![past(tombstone, None)]);
+}
+
+pub async fn changes_between_lists_a_rooms_changes_in_log_order(h: &impl StoreHarness) {
+    let s = h.fresh().await;
+    let (m0, m1, q2) = (
+        message("r", 0, "m0"),
+        message("r", 1, "m1"),
+        message("q", 2, "q2"),
+    );
+    let e3 = change("r", 3, "e3", "alice", 1, edit("one"));
+    let x4 = change("r", 4, "x4", "bob", 0, react("👍"));
+    let y5 = change("q", 5, "y5", "bob", 2, react("👍"));
+    let e6 = change("r", 6, "e6", "alice", 0, edit("edited, then deleted"));
+    let retry = change("r", 7, "x4", "bob", 0, react("👍"));
+    let d8 = change("r", 8, "d8", "alice", 0, Change::Delete);
+    s.apply_batch(
+        0,
+        Batch {
+            messages: vec![m0, m1, q2],
+            changes: vec![e3.clone(), x4.clone(), y5.clone(), e6, retry, d8.clone()],
+            ..Batch::default()
+        },
+        9,
+    )
+    .await
+    .unwrap();
+    // In log order, the retry not listed, the deleted message's edit left
+    // out (its body is gone; the delete follows it).
+    assert_eq!(
+        s.changes_between("r", 0, 9).await.unwrap(),
+        vec![e3.clone(), x4.clone(), d8]
+    );
+    assert_eq!(s.changes_between("r", 4, 8).await.unwrap(), vec![x4]);
+    assert_eq!(s.changes_between("q", 0, 9).await.unwrap(), vec![y5]);
+    assert!(s.changes_between("r", 9, 100).await.unwrap().is_empty());
 }

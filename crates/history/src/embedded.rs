@@ -144,7 +144,7 @@ struct Tables {
     reads: String,
     members: String,
     changes: String,
-    change_ts: String,
+    change_at: String,
 }
 
 impl Tables {
@@ -156,7 +156,7 @@ impl Tables {
             reads: format!("reads@{namespace}"),
             members: format!("members@{namespace}"),
             changes: format!("changes@{namespace}"),
-            change_ts: format!("change_ts@{namespace}"),
+            change_at: format!("change_at@{namespace}"),
         }
     }
 
@@ -165,10 +165,11 @@ impl Tables {
         TableDefinition::new(&self.changes)
     }
 
-    /// (room, change offset) -> the change's time: how a retried change is
-    /// answered (its id is in `ids`, like a message's).
-    fn change_ts(&self) -> TableDefinition<'_, (&'static str, u64), i64> {
-        TableDefinition::new(&self.change_ts)
+    /// (room, change offset) -> (target offset, the change's time): the
+    /// room's changes in log order (a resume's catch-up), and how a retried
+    /// change is answered (its id is in `ids`, like a message's).
+    fn change_at(&self) -> TableDefinition<'_, (&'static str, u64), (u64, i64)> {
+        TableDefinition::new(&self.change_at)
     }
 
     /// (room, user) -> the highest read position stored.
@@ -260,7 +261,7 @@ impl EmbeddedStore {
         txn.open_table(tables.reads()).map_err(storage)?;
         txn.open_table(tables.members()).map_err(storage)?;
         txn.open_table(tables.changes()).map_err(storage)?;
-        txn.open_table(tables.change_ts()).map_err(storage)?;
+        txn.open_table(tables.change_at()).map_err(storage)?;
         let id = {
             let mut meta = txn.open_table(META).map_err(storage)?;
             let existing = meta
@@ -341,7 +342,7 @@ fn apply_in(
     }
     if !batch.changes.is_empty() {
         let mut changes = txn.open_table(tables.changes()).map_err(storage)?;
-        let mut change_ts = txn.open_table(tables.change_ts()).map_err(storage)?;
+        let mut change_at = txn.open_table(tables.change_at()).map_err(storage)?;
         for c in &batch.changes {
             let room = c.room.as_str();
             let key = (room, c.id.as_str());
@@ -354,7 +355,9 @@ fn apply_in(
                 metrics::counter!(crate::metrics::DUPLICATE_IDS_TOTAL).increment(1);
                 continue;
             }
-            change_ts.insert((room, c.offset), c.ts).map_err(storage)?;
+            change_at
+                .insert((room, c.offset), (c.target, c.ts))
+                .map_err(storage)?;
             let kept = serde_json::to_vec(&ChangeRow::of(c)).map_err(storage)?;
             changes
                 .insert((room, c.target, c.offset), kept.as_slice())
@@ -807,6 +810,43 @@ impl HistoryStore for EmbeddedStore {
         .await
     }
 
+    async fn changes_between(
+        &self,
+        room: &str,
+        from: u64,
+        upto: u64,
+    ) -> Result<Vec<ChangeMark>, StoreError> {
+        let room = room.to_owned();
+        self.blocking(move |db, tables| {
+            let txn = db.begin_read().map_err(storage)?;
+            let change_at = txn.open_table(tables.change_at()).map_err(storage)?;
+            let changes = txn.open_table(tables.changes()).map_err(storage)?;
+            let mut found = Vec::new();
+            for entry in change_at
+                .range((room.as_str(), from)..(room.as_str(), upto.max(from)))
+                .map_err(storage)?
+            {
+                let (key, value) = entry.map_err(storage)?;
+                let (offset, (target, _)) = (key.value().1, value.value());
+                let Some(kept) = changes
+                    .get((room.as_str(), target, offset))
+                    .map_err(storage)?
+                    .map(|v| serde_json::from_slice::<ChangeRow>(v.value()))
+                    .transpose()
+                    .map_err(storage)?
+                else {
+                    continue;
+                };
+                if kept.kind == "edit" && kept.text.is_none() {
+                    continue; // erased: its message was deleted since
+                }
+                found.push(kept.mark(&room, target, offset));
+            }
+            Ok(found)
+        })
+        .await
+    }
+
     async fn read_position(&self, room: &str, user: &str) -> Result<Option<u64>, StoreError> {
         let (room, user) = (room.to_owned(), user.to_owned());
         self.blocking(move |db, tables| {
@@ -897,7 +937,7 @@ impl HistoryStore for EmbeddedStore {
             let txn = db.begin_read().map_err(storage)?;
             let ids = txn.open_table(tables.ids()).map_err(storage)?;
             let rows = txn.open_table(tables.messages()).map_err(storage)?;
-            let change_ts = txn.open_table(tables.change_ts()).map_err(storage)?;
+            let change_at = txn.open_table(tables.change_at()).map_err(storage)?;
             let mut found = Vec::with_capacity(keys.len());
             for (room, id) in keys {
                 let offset = ids
@@ -914,10 +954,10 @@ impl HistoryStore for EmbeddedStore {
                     {
                         Some(row) => Some((offset, row.ts)),
                         // Not a message: a change's id.
-                        None => change_ts
+                        None => change_at
                             .get((room.as_str(), offset))
                             .map_err(storage)?
-                            .map(|ts| (offset, ts.value())),
+                            .map(|at| (offset, at.value().1)),
                     },
                     None => None,
                 };

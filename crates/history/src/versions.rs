@@ -264,6 +264,15 @@ impl HistoryStore for CurrentVersion {
             .await
     }
 
+    async fn changes_between(
+        &self,
+        room: &str,
+        from: u64,
+        upto: u64,
+    ) -> Result<Vec<crate::ChangeMark>, StoreError> {
+        self.active().store.changes_between(room, from, upto).await
+    }
+
     async fn message(&self, room: &str, offset: u64) -> Result<Option<MessageView>, StoreError> {
         self.active().store.message(room, offset).await
     }

@@ -1101,3 +1101,136 @@ async fn a_refused_read_appends_nothing() {
     assert_eq!(refused["room"], ROOM, "{refused}");
     assert_eq!(off.end(ROOM).await, 0, "turned off: nothing appended");
 }
+
+/// A message of alice's at offset 7 of `ROOM`, in the node's history only
+/// (as if appended through another node and projected).
+async fn stored_message(node: &Node) {
+    let stored = MessageView {
+        room: ROOM.to_owned(),
+        offset: 7,
+        id: "elsewhere".to_owned(),
+        user: "alice".to_owned(),
+        body: "hi".to_owned(),
+        ts: 1_234,
+        ..MessageView::default()
+    };
+    node.store
+        .apply(node.partition(ROOM), vec![stored], 8)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_change_is_checked_against_the_history_before_it_is_appended() {
+    let node = Node::new();
+    stored_message(&node).await;
+    let mut bob = Client::connect(&node, "bob").await;
+    let change = |kind: &str, id: &str, target: i64| json!({"type": kind, "room": ROOM, "id": id, "target": target, "body": "b", "emoji": "👍"});
+    // Not bob's message: he may neither edit nor delete it.
+    for (kind, id) in [("edit", "e1"), ("delete", "d1")] {
+        bob.send(change(kind, id, 7));
+        assert_eq!(bob.expect_error("forbidden").await["id"], id);
+    }
+    let mut alice = Client::connect(&node, "alice").await;
+    // No message there: the history covers offset 5, or the log ends
+    // before 100.
+    for target in [5, 100] {
+        alice.send(change("edit", "e2", target));
+        assert_eq!(alice.expect_error("not_found").await["id"], "e2");
+    }
+    assert_eq!(node.end(ROOM).await, 0, "nothing refused was appended");
+    // Her own: acked like a send, and a retry gets the same ack.
+    alice.send(change("edit", "e3", 7));
+    let ack = alice.recv().await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    alice.send(change("edit", "e3", 7));
+    assert_eq!(alice.recv().await, ack);
+    // Anyone may react.
+    bob.send(change("react", "x1", 7));
+    assert_eq!(bob.recv().await["type"], "ack");
+    assert_eq!(node.end(ROOM).await, 2, "the edit once, the reaction");
+    let record = node.record(ROOM, 0).await;
+    assert!(matches!(
+        schemas::decode(&record.value).unwrap(),
+        schemas::ChatEvent::MessageChanged(schemas::MessageChanged {
+            target: 7,
+            change: schemas::Change::Edit { .. },
+            ..
+        })
+    ));
+}
+
+#[tokio::test]
+async fn a_deleted_message_and_a_full_set_of_reactions_are_refused() {
+    use schemas::protocol::MAX_REACTIONS_PER_MESSAGE;
+    let node = Node::new();
+    stored_message(&node).await;
+    let partition = node.partition(ROOM);
+    let reactions: Vec<history::ChangeMark> = (0..MAX_REACTIONS_PER_MESSAGE)
+        .map(|i| history::ChangeMark {
+            room: ROOM.to_owned(),
+            offset: 8 + i as u64,
+            id: format!("x{i}"),
+            user: "bob".to_owned(),
+            target: 7,
+            change: schemas::Change::React {
+                emoji: format!("e{i}"),
+            },
+            ts: 1_235,
+        })
+        .collect();
+    let next = 8 + MAX_REACTIONS_PER_MESSAGE as u64;
+    let batch = history::Batch {
+        changes: reactions,
+        ..history::Batch::default()
+    };
+    node.store
+        .apply_batch(partition, batch, next)
+        .await
+        .unwrap();
+    let mut carol = Client::connect(&node, "carol").await;
+    let react = |id: &str, emoji: &str| json!({"type": "react", "room": ROOM, "id": id, "target": 7, "emoji": emoji});
+    carol.send(react("new", "🆕"));
+    carol.expect_error("limit_reached").await;
+    // One of the 32 already there is still fine.
+    carol.send(react("old", "e3"));
+    assert_eq!(carol.recv().await["type"], "ack");
+    // Once deleted, the message takes no change at all.
+    let delete = history::ChangeMark {
+        room: ROOM.to_owned(),
+        offset: next,
+        id: "gone".to_owned(),
+        user: "alice".to_owned(),
+        target: 7,
+        change: schemas::Change::Delete,
+        ts: 1_236,
+    };
+    let batch = history::Batch {
+        changes: vec![delete],
+        ..history::Batch::default()
+    };
+    node.store
+        .apply_batch(partition, batch, next + 1)
+        .await
+        .unwrap();
+    carol.send(react("late", "e3"));
+    carol.expect_error("not_found").await;
+    assert_eq!(node.end(ROOM).await, 1, "only the accepted reaction");
+}
+
+#[tokio::test]
+async fn changes_turned_off_append_nothing() {
+    let off = Node::with(
+        GatewayConfig {
+            message_changes: false,
+            limits: crate::limits::Limits::unlimited(),
+            ..GatewayConfig::default()
+        },
+        true,
+    );
+    stored_message(&off).await;
+    let mut alice = Client::connect(&off, "alice").await;
+    alice.send(json!({"type": "delete", "room": ROOM, "id": "d", "target": 7}));
+    assert_eq!(alice.expect_error("unavailable").await["id"], "d");
+    assert_eq!(off.end(ROOM).await, 0);
+}

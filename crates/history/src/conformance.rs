@@ -494,7 +494,34 @@ pub async fn a_deleted_message_is_a_tombstone_that_takes_no_change(h: &impl Stor
         deleted: true,
         ..m0
     };
-    assert_eq!(s.page("r", None, 50).await.unwrap(), vec![tombstone]);
+    assert_eq!(
+        s.page("r", None, 50).await.unwrap(),
+        vec![tombstone.clone()]
+    );
+    // No body of it is left to read back, not even the edit that came after
+    // the delete (in another batch too): every moment after the delete
+    // shows the tombstone, and a catch-up lists no edit of it.
+    s.apply_batch(
+        0,
+        changes(vec![change("r", 6, "e3", "alice", 0, edit("later still"))]),
+        7,
+    )
+    .await
+    .unwrap();
+    for upto in 3..7 {
+        let page = s
+            .page_as_of("r", None, 50, AsOf::Offset(upto))
+            .await
+            .unwrap();
+        assert_eq!(page, vec![past(tombstone.clone(), None)], "as of {upto}");
+    }
+    let listed = s.changes_between("r", 0, 7).await.unwrap();
+    assert!(
+        listed
+            .iter()
+            .all(|c| !matches!(c.change, Change::Edit { .. })),
+        "{listed:?}"
+    );
 }
 
 pub async fn a_retried_change_is_applied_once(h: &impl StoreHarness) {

@@ -358,20 +358,24 @@ fn apply_in(
             change_at
                 .insert((room, c.offset), (c.target, c.ts))
                 .map_err(storage)?;
-            let kept = serde_json::to_vec(&ChangeRow::of(c)).map_err(storage)?;
+            let target = if c.target < c.offset {
+                rows.get((room, c.target))
+                    .map_err(storage)?
+                    .map(|v| serde_json::from_slice::<Row>(v.value()))
+                    .transpose()
+                    .map_err(storage)?
+            } else {
+                None // a change follows its target in the log
+            };
+            let mut kept = ChangeRow::of(c);
+            if kept.kind == "edit" && target.as_ref().is_some_and(|row| row.deleted) {
+                kept.text = None; // an edit that came after the delete keeps no body either
+            }
+            let kept = serde_json::to_vec(&kept).map_err(storage)?;
             changes
                 .insert((room, c.target, c.offset), kept.as_slice())
                 .map_err(storage)?;
-            if c.target >= c.offset {
-                continue; // a change follows its target in the log
-            }
-            let Some(row) = rows
-                .get((room, c.target))
-                .map_err(storage)?
-                .map(|v| serde_json::from_slice::<Row>(v.value()))
-                .transpose()
-                .map_err(storage)?
-            else {
+            let Some(row) = target else {
                 continue; // no message of the room there
             };
             let before = row.body.clone();

@@ -24,17 +24,19 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use futures::TryStreamExt;
 use schemas::protocol::MessageView;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::errors::{
     DbError, ExecutionError, IntoRowsResultError, MaybeFirstRowError, NewSessionError,
-    PrepareError, RequestAttemptError, RowsError, SchemaAgreementError,
+    NextPageError, NextRowError, PagerExecutionError, PrepareError, RequestAttemptError,
+    RequestError, RowsError, SchemaAgreementError, TypeCheckError,
 };
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 
-use super::buckets::{Bucketing, Claim, RowBatch};
+use super::buckets::{Bucketing, ChangeBatch, ChangeRow, Claim, RowBatch};
 use super::schema::{keyspace_statement, table_statements, Names, Statements};
 use super::store::{BucketedStore, ClaimRow, Tables};
 use super::uri::{ScyllaUri, UriError};
@@ -53,12 +55,22 @@ pub enum ScyllaError {
     Prepare(#[from] PrepareError),
     #[error("executing a statement: {0}")]
     Execute(#[from] ExecutionError),
+    #[error("executing a paged statement: {0}")]
+    Pager(#[from] PagerExecutionError),
+    #[error("reading a page: {0}")]
+    NextRow(#[from] NextRowError),
     #[error("reading rows: {0}")]
     Rows(String),
 }
 
 impl From<IntoRowsResultError> for ScyllaError {
     fn from(e: IntoRowsResultError) -> Self {
+        ScyllaError::Rows(e.to_string())
+    }
+}
+
+impl From<TypeCheckError> for ScyllaError {
+    fn from(e: TypeCheckError) -> Self {
         ScyllaError::Rows(e.to_string())
     }
 }
@@ -99,6 +111,20 @@ fn attempt_unavailable(e: &RequestAttemptError) -> bool {
     }
 }
 
+fn request_unavailable(e: &RequestError) -> bool {
+    match e {
+        RequestError::EmptyPlan
+        | RequestError::ConnectionPoolError(_)
+        | RequestError::RequestTimeout(_) => true,
+        RequestError::LastAttemptError(a) => attempt_unavailable(a),
+        _ => false,
+    }
+}
+
+fn next_page_unavailable(e: &NextPageError) -> bool {
+    matches!(e, NextPageError::RequestFailure(r) if request_unavailable(r))
+}
+
 fn prepare_unavailable(e: &PrepareError) -> bool {
     match e {
         PrepareError::ConnectionPoolError(_) => true,
@@ -125,14 +151,28 @@ impl ScyllaError {
                 | ExecutionError::MetadataError(_) => true,
                 ExecutionError::LastAttemptError(a) => attempt_unavailable(a),
                 ExecutionError::PrepareError(p) => prepare_unavailable(p),
-                ExecutionError::SchemaAgreementError(s) => matches!(
-                    s,
-                    SchemaAgreementError::ConnectionPoolError(_) | SchemaAgreementError::Timeout(_)
-                ),
+                ExecutionError::SchemaAgreementError(s) => schema_agreement_unavailable(s),
+                _ => false,
+            },
+            ScyllaError::Pager(e) => match e {
+                PagerExecutionError::PrepareError(p) => prepare_unavailable(p),
+                PagerExecutionError::NextPageError(n) => next_page_unavailable(n),
+                PagerExecutionError::SchemaAgreementError(s) => schema_agreement_unavailable(s),
+                _ => false,
+            },
+            ScyllaError::NextRow(e) => match e {
+                NextRowError::NextPageError(n) => next_page_unavailable(n),
                 _ => false,
             },
         }
     }
+}
+
+fn schema_agreement_unavailable(e: &SchemaAgreementError) -> bool {
+    matches!(
+        e,
+        SchemaAgreementError::ConnectionPoolError(_) | SchemaAgreementError::Timeout(_)
+    )
 }
 
 impl From<ScyllaError> for StoreError {
@@ -185,6 +225,13 @@ struct Prepared {
     select_reads: PreparedStatement,
     insert_member: PreparedStatement,
     select_member_rooms: PreparedStatement,
+    erase_body: PreparedStatement,
+    insert_change: PreparedStatement,
+    select_changes: PreparedStatement,
+    erase_edit: PreparedStatement,
+    insert_room_change: PreparedStatement,
+    select_room_changes: PreparedStatement,
+    erase_room_edit: PreparedStatement,
 }
 
 /// Prepares `text`, marked idempotent (every write of the store is, so the
@@ -215,6 +262,13 @@ impl Prepared {
             select_reads: prepare_idempotent(session, &texts.select_reads).await?,
             insert_member: prepare_idempotent(session, &texts.insert_member).await?,
             select_member_rooms: prepare_idempotent(session, &texts.select_member_rooms).await?,
+            erase_body: prepare_idempotent(session, &texts.erase_body).await?,
+            insert_change: prepare_idempotent(session, &texts.insert_change).await?,
+            select_changes: prepare_idempotent(session, &texts.select_changes).await?,
+            erase_edit: prepare_idempotent(session, &texts.erase_edit).await?,
+            insert_room_change: prepare_idempotent(session, &texts.insert_room_change).await?,
+            select_room_changes: prepare_idempotent(session, &texts.select_room_changes).await?,
+            erase_room_edit: prepare_idempotent(session, &texts.erase_room_edit).await?,
         })
     }
 }
@@ -328,7 +382,8 @@ impl Tables for CqlTables {
                     m.offset,
                     m.id.as_str(),
                     m.user.as_str(),
-                    m.body.as_str(),
+                    // A message deleted by its author: its body erased.
+                    (!m.deleted).then_some(m.body.as_str()),
                     m.ts,
                 )
             })
@@ -348,6 +403,187 @@ impl Tables for CqlTables {
         }
         cql.set_is_idempotent(true);
         self.session.batch(&cql, values).await.map_err(exec)?;
+        Ok(())
+    }
+
+    async fn erase_body(&self, room: &str, bucket: i64, offset: i64) -> Result<(), StoreError> {
+        self.session
+            .execute_unpaged(&self.prepared.erase_body, (room, bucket, offset))
+            .await
+            .map_err(exec)?;
+        Ok(())
+    }
+
+    async fn write_changes(&self, batch: &ChangeBatch) -> Result<(), StoreError> {
+        let values: Vec<_> = batch
+            .rows
+            .iter()
+            .map(|c| {
+                let (kind, text) = c.kind_and_text();
+                (
+                    batch.room.as_str(),
+                    batch.bucket,
+                    c.target,
+                    c.offset,
+                    c.id.as_str(),
+                    c.user.as_str(),
+                    kind,
+                    text,
+                    c.ts,
+                )
+            })
+            .collect();
+        if let [row] = values.as_slice() {
+            self.session
+                .execute_unpaged(&self.prepared.insert_change, row)
+                .await
+                .map_err(exec)?;
+            return Ok(());
+        }
+        // One partition, so UNLOGGED, as for messages.
+        let mut cql = Batch::new(BatchType::Unlogged);
+        for _ in &values {
+            cql.append_statement(self.prepared.insert_change.clone());
+        }
+        cql.set_is_idempotent(true);
+        self.session.batch(&cql, values).await.map_err(exec)?;
+        Ok(())
+    }
+
+    async fn changes(
+        &self,
+        room: &str,
+        bucket: i64,
+        first: i64,
+        last: i64,
+    ) -> Result<Vec<ChangeRow>, StoreError> {
+        // Paged: a message with many reactions makes a long answer.
+        type Row = (i64, i64, String, String, String, Option<String>, i64);
+        let stream = self
+            .session
+            .execute_iter(
+                self.prepared.select_changes.clone(),
+                (room, bucket, first, last),
+            )
+            .await
+            .map_err(rows)?
+            .rows_stream::<Row>()
+            .map_err(rows)?;
+        let found: Vec<Row> = stream.try_collect().await.map_err(rows)?;
+        found
+            .into_iter()
+            .map(|(target, offset, id, user, kind, text, ts)| {
+                let change = ChangeRow::change_of(&kind, text)
+                    .map_err(|e| StoreError::Storage(e.to_string()))?;
+                Ok(ChangeRow {
+                    target,
+                    offset,
+                    id,
+                    user,
+                    change,
+                    ts,
+                })
+            })
+            .collect()
+    }
+
+    async fn erase_edit(
+        &self,
+        room: &str,
+        bucket: i64,
+        target: i64,
+        offset: i64,
+    ) -> Result<(), StoreError> {
+        self.session
+            .execute_unpaged(&self.prepared.erase_edit, (room, bucket, target, offset))
+            .await
+            .map_err(exec)?;
+        Ok(())
+    }
+
+    async fn write_room_changes(&self, batch: &ChangeBatch) -> Result<(), StoreError> {
+        let values: Vec<_> = batch
+            .rows
+            .iter()
+            .map(|c| {
+                let (kind, text) = c.kind_and_text();
+                (
+                    batch.room.as_str(),
+                    batch.bucket,
+                    c.offset,
+                    c.target,
+                    c.id.as_str(),
+                    c.user.as_str(),
+                    kind,
+                    text,
+                    c.ts,
+                )
+            })
+            .collect();
+        if let [row] = values.as_slice() {
+            self.session
+                .execute_unpaged(&self.prepared.insert_room_change, row)
+                .await
+                .map_err(exec)?;
+            return Ok(());
+        }
+        // One partition, so UNLOGGED, as for messages.
+        let mut cql = Batch::new(BatchType::Unlogged);
+        for _ in &values {
+            cql.append_statement(self.prepared.insert_room_change.clone());
+        }
+        cql.set_is_idempotent(true);
+        self.session.batch(&cql, values).await.map_err(exec)?;
+        Ok(())
+    }
+
+    async fn room_changes(
+        &self,
+        room: &str,
+        bucket: i64,
+        from: i64,
+        upto: i64,
+    ) -> Result<Vec<ChangeRow>, StoreError> {
+        // Paged: a bucket of a busy room holds up to 16,384 changes.
+        type Row = (i64, i64, String, String, String, Option<String>, i64);
+        let stream = self
+            .session
+            .execute_iter(
+                self.prepared.select_room_changes.clone(),
+                (room, bucket, from, upto),
+            )
+            .await
+            .map_err(rows)?
+            .rows_stream::<Row>()
+            .map_err(rows)?;
+        let found: Vec<Row> = stream.try_collect().await.map_err(rows)?;
+        found
+            .into_iter()
+            .map(|(offset, target, id, user, kind, text, ts)| {
+                let change = ChangeRow::change_of(&kind, text)
+                    .map_err(|e| StoreError::Storage(e.to_string()))?;
+                Ok(ChangeRow {
+                    target,
+                    offset,
+                    id,
+                    user,
+                    change,
+                    ts,
+                })
+            })
+            .collect()
+    }
+
+    async fn erase_room_edit(
+        &self,
+        room: &str,
+        bucket: i64,
+        offset: i64,
+    ) -> Result<(), StoreError> {
+        self.session
+            .execute_unpaged(&self.prepared.erase_room_edit, (room, bucket, offset))
+            .await
+            .map_err(exec)?;
         Ok(())
     }
 
@@ -397,7 +633,7 @@ impl Tables for CqlTables {
             .into_rows_result()
             .map_err(rows)?;
         result
-            .rows::<(i64, String, String, String, i64)>()
+            .rows::<(i64, String, String, Option<String>, i64)>()
             .map_err(rows)?
             .map(|row| {
                 let (offset, id, user, body, ts) = row.map_err(rows)?;
@@ -406,8 +642,11 @@ impl Tables for CqlTables {
                     offset,
                     id,
                     user,
-                    body,
+                    // A null body was erased: the message is deleted.
+                    deleted: body.is_none(),
+                    body: body.unwrap_or_default(),
                     ts,
+                    ..MessageView::default()
                 })
             })
             .collect()
@@ -642,6 +881,29 @@ impl HistoryStore for ScyllaStore {
         keys: &[(String, String)],
     ) -> Result<Vec<Option<(u64, i64)>>, StoreError> {
         self.inner.find_ids(keys).await
+    }
+
+    async fn message(&self, room: &str, offset: u64) -> Result<Option<MessageView>, StoreError> {
+        self.inner.message(room, offset).await
+    }
+
+    async fn page_as_of(
+        &self,
+        room: &str,
+        before: Option<u64>,
+        limit: usize,
+        at: crate::AsOf,
+    ) -> Result<Vec<crate::PastMessage>, StoreError> {
+        self.inner.page_as_of(room, before, limit, at).await
+    }
+
+    async fn changes_between(
+        &self,
+        room: &str,
+        from: u64,
+        upto: u64,
+    ) -> Result<Vec<crate::ChangeMark>, StoreError> {
+        self.inner.changes_between(room, from, upto).await
     }
 }
 

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use schemas::protocol::MessageView;
 
-use super::buckets::{Bucketing, Claim, RowBatch};
+use super::buckets::{Bucketing, ChangeBatch, ChangeRow, Claim, RowBatch};
 use super::catalog::{Catalog, VersionRow};
 use super::store::{BucketedStore, ClaimRow, Tables};
 use crate::{HistoryStore, StoreError};
@@ -35,8 +35,15 @@ struct State {
     /// room_buckets: room -> (static log_partition, buckets read in
     /// descending order).
     buckets: HashMap<String, (u32, BTreeSet<i64>)>,
-    /// messages: (room, bucket) -> log_offset -> row (read descending).
+    /// messages: (room, bucket) -> log_offset -> row (read descending). A
+    /// row whose body is erased (null) has `deleted` set.
     rows: HashMap<(String, i64), BTreeMap<i64, MessageView>>,
+    /// message_changes: (room, bucket of the target) -> (target_offset,
+    /// change_offset) -> row (read ascending).
+    changes: HashMap<(String, i64), BTreeMap<(i64, i64), ChangeRow>>,
+    /// room_changes: (room, bucket of the change) -> change_offset -> row
+    /// (read ascending).
+    room_changes: HashMap<(String, i64), BTreeMap<i64, ChangeRow>>,
     /// room_reads: room -> user -> read_offset (written USING TIMESTAMP
     /// read_offset: the highest wins).
     reads: HashMap<String, BTreeMap<String, i64>>,
@@ -75,6 +82,45 @@ impl MemTables {
             .collect();
         sizes.sort();
         sizes
+    }
+
+    /// Change rows per (room, bucket) partition.
+    pub fn change_partition_sizes(&self) -> Vec<((String, i64), usize)> {
+        let state = self.state.lock().unwrap();
+        let mut sizes: Vec<_> = state
+            .changes
+            .iter()
+            .map(|(k, rows)| (k.clone(), rows.len()))
+            .collect();
+        sizes.sort();
+        sizes
+    }
+
+    /// Change rows per (room, bucket of the change) partition of
+    /// `room_changes`.
+    pub fn room_change_partition_sizes(&self) -> Vec<((String, i64), usize)> {
+        let state = self.state.lock().unwrap();
+        let mut sizes: Vec<_> = state
+            .room_changes
+            .iter()
+            .map(|(k, rows)| (k.clone(), rows.len()))
+            .collect();
+        sizes.sort();
+        sizes
+    }
+
+    /// Every stored message row and change row (of both change tables), as
+    /// the tables hold them (what a test looks through for a body that
+    /// should be gone).
+    pub fn dump(&self) -> (Vec<MessageView>, Vec<ChangeRow>) {
+        let state = self.state.lock().unwrap();
+        let rows = state.rows.values().flat_map(|r| r.values().cloned());
+        let changes = state.changes.values().flat_map(|r| r.values().cloned());
+        let logged = state
+            .room_changes
+            .values()
+            .flat_map(|r| r.values().cloned());
+        (rows.collect(), changes.chain(logged).collect())
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
@@ -150,6 +196,121 @@ impl Tables for MemTables {
                 .or_default();
             for m in &batch.rows {
                 partition.insert(m.offset, m.clone());
+            }
+        });
+        Ok(())
+    }
+
+    async fn erase_body(&self, room: &str, bucket: i64, offset: i64) -> Result<(), StoreError> {
+        // DELETE body: a cell of a row; no row where there was none.
+        self.with(|s| {
+            if let Some(m) = s
+                .rows
+                .get_mut(&(room.to_owned(), bucket))
+                .and_then(|rows| rows.get_mut(&offset))
+            {
+                m.body.clear();
+                m.deleted = true;
+            }
+        });
+        Ok(())
+    }
+
+    async fn write_changes(&self, batch: &ChangeBatch) -> Result<(), StoreError> {
+        self.with(|s| {
+            let partition = s
+                .changes
+                .entry((batch.room.clone(), batch.bucket))
+                .or_default();
+            for c in &batch.rows {
+                partition.insert((c.target, c.offset), c.clone());
+            }
+        });
+        Ok(())
+    }
+
+    async fn changes(
+        &self,
+        room: &str,
+        bucket: i64,
+        first: i64,
+        last: i64,
+    ) -> Result<Vec<ChangeRow>, StoreError> {
+        Ok(self.with(|s| {
+            s.changes
+                .get(&(room.to_owned(), bucket))
+                .map(|rows| {
+                    rows.range((first, i64::MIN)..=(last, i64::MAX))
+                        .map(|(_, c)| c.clone())
+                        .collect()
+                })
+                .unwrap_or_default()
+        }))
+    }
+
+    async fn erase_edit(
+        &self,
+        room: &str,
+        bucket: i64,
+        target: i64,
+        offset: i64,
+    ) -> Result<(), StoreError> {
+        // DELETE text: the cell only, of a row that is there.
+        self.with(|s| {
+            if let Some(c) = s
+                .changes
+                .get_mut(&(room.to_owned(), bucket))
+                .and_then(|rows| rows.get_mut(&(target, offset)))
+            {
+                c.change = None;
+            }
+        });
+        Ok(())
+    }
+
+    async fn write_room_changes(&self, batch: &ChangeBatch) -> Result<(), StoreError> {
+        self.with(|s| {
+            let partition = s
+                .room_changes
+                .entry((batch.room.clone(), batch.bucket))
+                .or_default();
+            for c in &batch.rows {
+                partition.insert(c.offset, c.clone());
+            }
+        });
+        Ok(())
+    }
+
+    async fn room_changes(
+        &self,
+        room: &str,
+        bucket: i64,
+        from: i64,
+        upto: i64,
+    ) -> Result<Vec<ChangeRow>, StoreError> {
+        Ok(self.with(|s| {
+            s.room_changes
+                .get(&(room.to_owned(), bucket))
+                .filter(|_| from < upto)
+                .map(|rows| rows.range(from..upto).map(|(_, c)| c.clone()).collect())
+                .unwrap_or_default()
+        }))
+    }
+
+    async fn erase_room_edit(
+        &self,
+        room: &str,
+        bucket: i64,
+        offset: i64,
+    ) -> Result<(), StoreError> {
+        // DELETE text: the cell only, of a row that is there.
+        self.with(|s| {
+            if let Some(c) = s
+                .room_changes
+                .get_mut(&(room.to_owned(), bucket))
+                .and_then(|rows| rows.get_mut(&offset))
+            {
+                c.change = None;
             }
         });
         Ok(())
@@ -479,7 +640,8 @@ mod tests {
     async fn a_quiet_room_skips_empty_buckets() {
         // A room with one message every 1,000 offsets, buckets of 10: the
         // index lists only its buckets, so a page of 5 reads 1 index page,
-        // the position, and 5 buckets, not the ~500 buckets between them.
+        // the position, 5 buckets and the changes of those 5 buckets, not
+        // the ~500 buckets between them.
         let store = BucketedStore::new(MemTables::default(), Bucketing::new(10));
         let batch: Vec<_> = (0..20)
             .map(|i| message("quiet", i * 1_000, &format!("q{i}")))
@@ -489,7 +651,172 @@ mod tests {
         let page = store.page("quiet", None, 5).await.unwrap();
         assert_eq!(page.len(), 5);
         assert_eq!(page[0].offset, 15_000);
+        assert_eq!(store.tables().requests() - before, 12);
+        // A count reads no change: a first step of 16 rows is an index
+        // page, the position and 16 buckets.
+        let before = store.tables().requests();
+        assert_eq!(
+            store.count_after("quiet", Some(14_000), 100).await.unwrap(),
+            5
+        );
+        assert_eq!(store.tables().requests() - before, 18);
+    }
+
+    #[tokio::test]
+    async fn changes_live_with_their_target_and_a_delete_leaves_no_body() {
+        use crate::conformance::change;
+        use crate::Batch;
+        use schemas::Change;
+
+        let store = BucketedStore::new(MemTables::default(), Bucketing::new(10));
+        let edit = |body: &str| Change::Edit {
+            body: body.to_owned(),
+        };
+        let mut m = message("r", 3, "m");
+        m.body = "secret one".into();
+        store
+            .apply(0, vec![m, message("r", 4, "n")], 5)
+            .await
+            .unwrap();
+        let batch = |changes| Batch {
+            changes,
+            ..Batch::default()
+        };
+        store
+            .apply_batch(
+                0,
+                batch(vec![change("r", 25, "e1", "alice", 3, edit("secret two"))]),
+                26,
+            )
+            .await
+            .unwrap();
+        // Kept in the target's bucket (0), and by its own offset in the
+        // change's (2), which the room index lists.
+        assert_eq!(
+            store.tables().change_partition_sizes(),
+            vec![(("r".to_owned(), 0), 1)]
+        );
+        assert_eq!(
+            store.tables().room_change_partition_sizes(),
+            vec![(("r".to_owned(), 2), 1)]
+        );
+        assert_eq!(
+            store.tables().buckets("r", 10, 10).await.unwrap(),
+            (vec![2, 0], Some(0))
+        );
+        store
+            .apply_batch(
+                0,
+                batch(vec![
+                    change("r", 30, "e2", "alice", 3, edit("secret three")),
+                    change("r", 31, "d", "alice", 3, Change::Delete),
+                    change("r", 32, "e3", "alice", 4, edit("kept")),
+                ]),
+                33,
+            )
+            .await
+            .unwrap();
+        // An edit racing the delete, in a later batch: no body either.
+        store
+            .apply_batch(
+                0,
+                batch(vec![change("r", 40, "e4", "alice", 3, edit("secret four"))]),
+                41,
+            )
+            .await
+            .unwrap();
+        let page = store.page("r", None, 10).await.unwrap();
+        assert!(page[0].deleted && page[0].body.is_empty(), "{page:?}");
+        assert_eq!(page[1].body, "kept");
+        let listed: Vec<u64> = store
+            .changes_between("r", 0, 41)
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.offset)
+            .collect();
+        assert_eq!(listed, vec![31, 32], "no edit of the deleted message");
+        let (rows, changes) = store.tables().dump();
+        let texts: Vec<String> = rows
+            .iter()
+            .map(|m| m.body.clone())
+            .chain(
+                changes
+                    .iter()
+                    .filter_map(|c| c.kind_and_text().1.map(str::to_owned)),
+            )
+            .collect();
+        assert!(texts.iter().all(|t| !t.contains("secret")), "{texts:?}");
+        assert!(texts.contains(&"kept".to_owned()));
+    }
+}
+
+#[cfg(test)]
+mod change_list_tests {
+    use super::*;
+    use crate::conformance::{change, message};
+    use crate::Batch;
+    use schemas::Change;
+
+    fn react(emoji: &str) -> Change {
+        Change::React {
+            emoji: emoji.to_owned(),
+        }
+    }
+
+    #[tokio::test]
+    async fn changes_show_only_once_their_position_is_written() {
+        let store = BucketedStore::new(MemTables::default(), Bucketing::new(4));
+        store.apply(0, vec![message("r", 0, "m")], 1).await.unwrap();
+        let batch = Batch {
+            changes: vec![change("r", 9, "x", "bob", 0, react("x"))],
+            ..Batch::default()
+        };
+        store.tables().fail_position_writes(1);
+        assert!(store.apply_batch(0, batch.clone(), 10).await.is_err());
+        assert!(store.changes_between("r", 0, 10).await.unwrap().is_empty());
+        store.apply_batch(0, batch.clone(), 10).await.unwrap();
+        assert_eq!(
+            store.changes_between("r", 0, 10).await.unwrap(),
+            batch.changes
+        );
+        assert!(store.changes_between("r", 10, 9).await.unwrap().is_empty());
+        assert!(store
+            .changes_between("nobody", 0, 10)
+            .await
+            .unwrap()
+            .is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_catch_up_reads_only_the_buckets_holding_changes() {
+        // A quiet room, buckets of 10: one message, then a reaction every
+        // 1,000 offsets. Listing the changes of 2,500..7,500 reads the index
+        // once, the position, and the 5 buckets holding a change; a page
+        // of the room reads the buckets of the reactions too, empty.
+        let store = BucketedStore::new(MemTables::default(), Bucketing::new(10));
+        store
+            .apply(0, vec![message("quiet", 0, "m")], 1)
+            .await
+            .unwrap();
+        let changes: Vec<_> = (1..10)
+            .map(|i| {
+                let user = format!("user{i}");
+                change("quiet", i * 1_000, &format!("x{i}"), &user, 0, react("x"))
+            })
+            .collect();
+        let batch = Batch {
+            changes: changes.clone(),
+            ..Batch::default()
+        };
+        store.apply_batch(0, batch, 10_000).await.unwrap();
+        let before = store.tables().requests();
+        let listed = store.changes_between("quiet", 2_500, 7_500).await.unwrap();
+        assert_eq!(listed, changes[2..7]);
         assert_eq!(store.tables().requests() - before, 7);
+        let page = store.page("quiet", None, 10).await.unwrap();
+        assert_eq!(page.len(), 1);
+        assert_eq!(page[0].reactions[0].count, 9);
     }
 }
 

@@ -27,7 +27,7 @@ pub struct Names {
 
 impl Names {
     /// `namespace` is the projection version: 1 to 32 of `[a-z0-9_]`, so
-    /// the longest table name (`room_buckets_` + namespace) stays under
+    /// the longest table name (`message_changes_` + namespace) stays within
     /// Scylla's 48 characters.
     pub fn new(keyspace: &str, namespace: &str) -> Result<Self, String> {
         if !is_plain_name(keyspace, 48, true) {
@@ -72,8 +72,16 @@ impl Names {
         self.table("user_rooms")
     }
 
+    pub fn message_changes(&self) -> String {
+        self.table("message_changes")
+    }
+
+    pub fn room_changes(&self) -> String {
+        self.table("room_changes")
+    }
+
     /// Every table of the version, as [`table_statements`] creates them.
-    pub fn tables(&self) -> [String; 6] {
+    pub fn tables(&self) -> [String; 8] {
         [
             self.messages(),
             self.room_buckets(),
@@ -81,6 +89,8 @@ impl Names {
             self.positions(),
             self.room_reads(),
             self.user_rooms(),
+            self.message_changes(),
+            self.room_changes(),
         ]
     }
 }
@@ -202,6 +212,24 @@ pub struct Statements {
     pub insert_member: String,
     /// (member, limit) -> (room), by room
     pub select_member_rooms: String,
+    /// (room, bucket, log_offset): the body of a message deleted by its author
+    pub erase_body: String,
+    /// (room, bucket, target_offset, change_offset, msg_id, author, kind, text, ts)
+    pub insert_change: String,
+    /// (room, bucket, first, last) -> (target_offset, change_offset, msg_id,
+    /// author, kind, text, ts), by target then change; paged
+    pub select_changes: String,
+    /// (room, bucket, target_offset, change_offset): the body of an edit of a
+    /// deleted message
+    pub erase_edit: String,
+    /// (room, bucket, change_offset, target_offset, msg_id, author, kind, text, ts)
+    pub insert_room_change: String,
+    /// (room, bucket, from, upto) -> (change_offset, target_offset, msg_id,
+    /// author, kind, text, ts), by change; paged
+    pub select_room_changes: String,
+    /// (room, bucket, change_offset): the body of an edit of a deleted
+    /// message, in `room_changes`
+    pub erase_room_edit: String,
 }
 
 impl Statements {
@@ -212,7 +240,12 @@ impl Statements {
             names.message_ids(),
             names.positions(),
         );
-        let (reads, members) = (names.room_reads(), names.user_rooms());
+        let (reads, members, changes, logged) = (
+            names.room_reads(),
+            names.user_rooms(),
+            names.message_changes(),
+            names.room_changes(),
+        );
         Statements {
             insert_message: format!(
                 "INSERT INTO {messages} (room, bucket, log_offset, msg_id, author, body, ts) \
@@ -250,6 +283,36 @@ impl Statements {
             select_reads: format!("SELECT reader, read_offset FROM {reads} WHERE room = ? LIMIT ?"),
             insert_member: format!("INSERT INTO {members} (member, room) VALUES (?, ?)"),
             select_member_rooms: format!("SELECT room FROM {members} WHERE member = ? LIMIT ?"),
+            erase_body: format!(
+                "DELETE body FROM {messages} WHERE room = ? AND bucket = ? AND log_offset = ?"
+            ),
+            insert_change: format!(
+                "INSERT INTO {changes} \
+                 (room, bucket, target_offset, change_offset, msg_id, author, kind, text, ts) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ),
+            select_changes: format!(
+                "SELECT target_offset, change_offset, msg_id, author, kind, text, ts \
+                 FROM {changes} \
+                 WHERE room = ? AND bucket = ? AND target_offset >= ? AND target_offset <= ?"
+            ),
+            erase_edit: format!(
+                "DELETE text FROM {changes} \
+                 WHERE room = ? AND bucket = ? AND target_offset = ? AND change_offset = ?"
+            ),
+            insert_room_change: format!(
+                "INSERT INTO {logged} \
+                 (room, bucket, change_offset, target_offset, msg_id, author, kind, text, ts) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ),
+            select_room_changes: format!(
+                "SELECT change_offset, target_offset, msg_id, author, kind, text, ts \
+                 FROM {logged} \
+                 WHERE room = ? AND bucket = ? AND change_offset >= ? AND change_offset < ?"
+            ),
+            erase_room_edit: format!(
+                "DELETE text FROM {logged} WHERE room = ? AND bucket = ? AND change_offset = ?"
+            ),
         }
     }
 }
@@ -281,9 +344,9 @@ mod tests {
     }
 
     #[test]
-    fn table_statements_create_the_six_tables_of_the_version() {
+    fn table_statements_create_the_eight_tables_of_the_version() {
         let stmts = table_statements(&names());
-        assert_eq!(stmts.len(), 6, "{stmts:#?}");
+        assert_eq!(stmts.len(), 8, "{stmts:#?}");
         for (stmt, table) in stmts.iter().zip([
             "chat.messages_v1",
             "chat.room_buckets_v1",
@@ -291,6 +354,8 @@ mod tests {
             "chat.positions_v1",
             "chat.room_reads_v1",
             "chat.user_rooms_v1",
+            "chat.message_changes_v1",
+            "chat.room_changes_v1",
         ]) {
             assert!(
                 stmt.starts_with(&format!("CREATE TABLE IF NOT EXISTS {table} (")),
@@ -306,6 +371,12 @@ mod tests {
         assert!(stmts[1].ends_with("WITH CLUSTERING ORDER BY (bucket DESC)"));
         assert!(stmts[2].contains("PRIMARY KEY ((room, msg_id))"));
         assert!(stmts[3].contains("PRIMARY KEY (log_partition)"));
+        assert!(stmts[6].contains("PRIMARY KEY ((room, bucket), target_offset, change_offset)"));
+        assert!(
+            stmts[6].ends_with("WITH CLUSTERING ORDER BY (target_offset ASC, change_offset ASC)")
+        );
+        assert!(stmts[7].contains("PRIMARY KEY ((room, bucket), change_offset)"));
+        assert!(stmts[7].ends_with("WITH CLUSTERING ORDER BY (change_offset ASC)"));
     }
 
     #[test]
@@ -336,6 +407,28 @@ mod tests {
             "SELECT log_offset, ts, log_partition FROM chat_test.message_ids_t42 \
              WHERE room = ? AND msg_id = ?"
         );
+        assert_eq!(
+            s.select_changes,
+            "SELECT target_offset, change_offset, msg_id, author, kind, text, ts \
+             FROM chat_test.message_changes_t42 \
+             WHERE room = ? AND bucket = ? AND target_offset >= ? AND target_offset <= ?"
+        );
+        assert_eq!(
+            s.erase_body,
+            "DELETE body FROM chat_test.messages_t42 \
+             WHERE room = ? AND bucket = ? AND log_offset = ?"
+        );
+        assert_eq!(
+            s.select_room_changes,
+            "SELECT change_offset, target_offset, msg_id, author, kind, text, ts \
+             FROM chat_test.room_changes_t42 \
+             WHERE room = ? AND bucket = ? AND change_offset >= ? AND change_offset < ?"
+        );
+        assert_eq!(
+            s.erase_room_edit,
+            "DELETE text FROM chat_test.room_changes_t42 \
+             WHERE room = ? AND bucket = ? AND change_offset = ?"
+        );
         // Every statement binds its values: no literal partition keys.
         for text in [
             &s.insert_message,
@@ -347,6 +440,13 @@ mod tests {
             &s.select_buckets,
             &s.select_rows,
             &s.select_positions,
+            &s.erase_body,
+            &s.insert_change,
+            &s.select_changes,
+            &s.erase_edit,
+            &s.insert_room_change,
+            &s.select_room_changes,
+            &s.erase_room_edit,
         ] {
             assert!(!text.contains('\''), "{text}");
             assert!(
@@ -402,7 +502,7 @@ mod tests {
     }
 
     #[test]
-    fn dropping_a_version_drops_its_six_tables_only() {
+    fn dropping_a_version_drops_its_eight_tables_only() {
         let drops = drop_statements(&Names::new("chat", "v2").unwrap());
         assert_eq!(
             drops,
@@ -413,13 +513,14 @@ mod tests {
                 "DROP TABLE IF EXISTS chat.positions_v2",
                 "DROP TABLE IF EXISTS chat.room_reads_v2",
                 "DROP TABLE IF EXISTS chat.user_rooms_v2",
+                "DROP TABLE IF EXISTS chat.message_changes_v2",
+                "DROP TABLE IF EXISTS chat.room_changes_v2",
             ]
         );
         // The same tables the version's schema creates.
-        for (create, drop) in table_statements(&Names::new("chat", "v2").unwrap())
-            .iter()
-            .zip(&drops)
-        {
+        let creates = table_statements(&Names::new("chat", "v2").unwrap());
+        assert_eq!(creates.len(), drops.len());
+        for (create, drop) in creates.iter().zip(&drops) {
             let table = drop.strip_prefix("DROP TABLE IF EXISTS ").unwrap();
             assert!(
                 create.starts_with(&format!("CREATE TABLE IF NOT EXISTS {table} (")),
@@ -437,8 +538,9 @@ mod tests {
             assert!(Names::new("chat", ns).is_err(), "{ns:?}");
         }
         assert!(Names::new("Chat", "v1").is_err());
-        let longest = Names::new("chat", &"n".repeat(32)).unwrap().room_buckets();
-        let table = longest.split_once('.').unwrap().1;
-        assert!(table.len() <= 48, "{table}");
+        for table in Names::new("chat", &"n".repeat(32)).unwrap().tables() {
+            let table = table.split_once('.').unwrap().1;
+            assert!(table.len() <= 48, "{table}");
+        }
     }
 }

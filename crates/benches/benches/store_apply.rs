@@ -29,6 +29,7 @@ fn apply(c: &mut Criterion) {
                             user: "alice".into(),
                             body: "x".repeat(100),
                             ts: 1_763_800_000_000,
+                            ..MessageView::default()
                         })
                         .collect();
                     next += batch as u64;

@@ -331,6 +331,11 @@ fn handle(
                 .in_room(&room);
             member.offer(frame(e.to_frame()));
         }
+        ClientFrame::Change { id, .. } => {
+            // Nor edits, deletes or reactions: as a node with them turned off.
+            let e = FrameError::new(ErrorCode::Unavailable, "no message changes here", Some(id));
+            member.offer(frame(e.to_frame()));
+        }
         ClientFrame::Send { room, id, body } => {
             let ts = schemas::now_ms();
             let mut rooms = state.rooms.lock().unwrap();
@@ -350,6 +355,7 @@ fn handle(
                 user: user.to_owned(),
                 body,
                 ts,
+                ..MessageView::default()
             };
             let f = frame(ServerFrame::Message(&view));
             for m in &r.members {

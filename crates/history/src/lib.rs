@@ -264,11 +264,7 @@ pub trait HistoryStore: Send + Sync + 'static {
         before: Option<u64>,
         limit: usize,
         at: AsOf,
-    ) -> Result<Vec<PastMessage>, StoreError> {
-        // TODO(as_of): required once the Scylla store implements it.
-        let _ = (room, before, limit, at);
-        Err(StoreError::Storage("this store cannot answer as_of".into()))
-    }
+    ) -> Result<Vec<PastMessage>, StoreError>;
 
     /// The changes of `room` at offsets in `[from, upto)`, in offset order:
     /// what a resume served from the store passes on besides the messages.
@@ -280,11 +276,7 @@ pub trait HistoryStore: Send + Sync + 'static {
         room: &str,
         from: u64,
         upto: u64,
-    ) -> Result<Vec<ChangeMark>, StoreError> {
-        // TODO(as_of): required once the Scylla store implements it.
-        let _ = (room, from, upto);
-        Err(StoreError::Storage("this store cannot list changes".into()))
-    }
+    ) -> Result<Vec<ChangeMark>, StoreError>;
 
     /// The read position of `user` in `room`, if any was stored.
     async fn read_position(&self, room: &str, user: &str) -> Result<Option<u64>, StoreError>;

@@ -1052,6 +1052,25 @@ mod tests {
         async fn find_id(&self, room: &str, id: &str) -> Result<Option<u64>, StoreError> {
             self.inner.find_id(room, id).await
         }
+
+        async fn page_as_of(
+            &self,
+            room: &str,
+            before: Option<u64>,
+            limit: usize,
+            at: history::AsOf,
+        ) -> Result<Vec<history::PastMessage>, StoreError> {
+            self.inner.page_as_of(room, before, limit, at).await
+        }
+
+        async fn changes_between(
+            &self,
+            room: &str,
+            from: u64,
+            upto: u64,
+        ) -> Result<Vec<ChangeMark>, StoreError> {
+            self.inner.changes_between(room, from, upto).await
+        }
     }
 
     #[tokio::test]

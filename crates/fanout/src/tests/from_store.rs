@@ -274,6 +274,23 @@ impl HistoryStore for Down {
     async fn find_id(&self, _: &str, _: &str) -> Result<Option<u64>, StoreError> {
         Err(StoreError::Unavailable("down".into()))
     }
+    async fn page_as_of(
+        &self,
+        _: &str,
+        _: Option<u64>,
+        _: usize,
+        _: history::AsOf,
+    ) -> Result<Vec<history::PastMessage>, StoreError> {
+        Err(StoreError::Unavailable("down".into()))
+    }
+    async fn changes_between(
+        &self,
+        _: &str,
+        _: u64,
+        _: u64,
+    ) -> Result<Vec<history::ChangeMark>, StoreError> {
+        Err(StoreError::Unavailable("down".into()))
+    }
 }
 
 #[tokio::test]

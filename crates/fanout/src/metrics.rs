@@ -70,7 +70,7 @@ pub const CATALOGUE: &[(&str, &str, &str)] = &[
     (
         DELIVERIES_TOTAL,
         "counter",
-        "message frames handed to members' queues",
+        "message and change frames handed to members' queues",
     ),
     (
         PRESENCE_NOTICES_SENT_TOTAL,

@@ -18,7 +18,7 @@ pub const CATALOGUE: &[(&str, &str, &str)] = &[
     (
         DUPLICATE_IDS_TOTAL,
         "counter",
-        "messages not stored because their id was already in their room",
+        "messages and changes not stored because their id was already in their room",
     ),
     (
         STORE_COMMITS_TOTAL,

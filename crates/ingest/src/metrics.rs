@@ -73,6 +73,6 @@ pub const CATALOGUE: &[(&str, &str, &str)] = &[
     (
         STORE_READ_SECONDS,
         "histogram",
-        "seconds a history store read of the gateway took, by op (page, ids, reads, rooms)",
+        "seconds a history store read of the gateway took, by op (page, as_of, ids, reads, rooms; position and message: the target of an edit, delete or react)",
     ),
 ];

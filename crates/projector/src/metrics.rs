@@ -43,7 +43,7 @@ pub const CATALOGUE: &[(&str, &str, &str)] = &[
     (
         EVENTS_TOTAL,
         "counter",
-        "events (messages, read positions) applied to the history store",
+        "events (messages, read positions, edits, deletes, reactions) applied to the history store",
     ),
     (
         BATCH_SECONDS,

@@ -279,6 +279,86 @@ pub struct CqlTables {
     prepared: Prepared,
 }
 
+/// A change row as `message_changes` and `room_changes` are read (the same
+/// columns, in the same order, in both).
+type ChangeColumns = (i64, i64, String, String, String, Option<String>, i64);
+
+impl CqlTables {
+    /// Writes `batch`, one partition of `message_changes` or `room_changes`
+    /// (`insert`: that table's statement, the same columns in both).
+    async fn insert_changes(
+        &self,
+        insert: &PreparedStatement,
+        batch: &ChangeBatch,
+    ) -> Result<(), StoreError> {
+        let values: Vec<_> = batch
+            .rows
+            .iter()
+            .map(|c| {
+                let (kind, text) = c.kind_and_text();
+                (
+                    batch.room.as_str(),
+                    batch.bucket,
+                    c.target,
+                    c.offset,
+                    c.id.as_str(),
+                    c.user.as_str(),
+                    kind,
+                    text,
+                    c.ts,
+                )
+            })
+            .collect();
+        if let [row] = values.as_slice() {
+            self.session
+                .execute_unpaged(insert, row)
+                .await
+                .map_err(exec)?;
+            return Ok(());
+        }
+        // One partition, so UNLOGGED, as for messages.
+        let mut cql = Batch::new(BatchType::Unlogged);
+        for _ in &values {
+            cql.append_statement(insert.clone());
+        }
+        cql.set_is_idempotent(true);
+        self.session.batch(&cql, values).await.map_err(exec)?;
+        Ok(())
+    }
+
+    /// Every row `select` (of `message_changes` or `room_changes`) answers,
+    /// page by page.
+    async fn select_changes(
+        &self,
+        select: &PreparedStatement,
+        values: (&str, i64, i64, i64),
+    ) -> Result<Vec<ChangeRow>, StoreError> {
+        let stream = self
+            .session
+            .execute_iter(select.clone(), values)
+            .await
+            .map_err(rows)?
+            .rows_stream::<ChangeColumns>()
+            .map_err(rows)?;
+        let found: Vec<ChangeColumns> = stream.try_collect().await.map_err(rows)?;
+        found
+            .into_iter()
+            .map(|(target, offset, id, user, kind, text, ts)| {
+                let change = ChangeRow::change_of(&kind, text)
+                    .map_err(|e| StoreError::Storage(e.to_string()))?;
+                Ok(ChangeRow {
+                    target,
+                    offset,
+                    id,
+                    user,
+                    change,
+                    ts,
+                })
+            })
+            .collect()
+    }
+}
+
 #[async_trait]
 impl Tables for CqlTables {
     async fn position(&self, partition: u32) -> Result<Option<i64>, StoreError> {
@@ -415,39 +495,8 @@ impl Tables for CqlTables {
     }
 
     async fn write_changes(&self, batch: &ChangeBatch) -> Result<(), StoreError> {
-        let values: Vec<_> = batch
-            .rows
-            .iter()
-            .map(|c| {
-                let (kind, text) = c.kind_and_text();
-                (
-                    batch.room.as_str(),
-                    batch.bucket,
-                    c.target,
-                    c.offset,
-                    c.id.as_str(),
-                    c.user.as_str(),
-                    kind,
-                    text,
-                    c.ts,
-                )
-            })
-            .collect();
-        if let [row] = values.as_slice() {
-            self.session
-                .execute_unpaged(&self.prepared.insert_change, row)
-                .await
-                .map_err(exec)?;
-            return Ok(());
-        }
-        // One partition, so UNLOGGED, as for messages.
-        let mut cql = Batch::new(BatchType::Unlogged);
-        for _ in &values {
-            cql.append_statement(self.prepared.insert_change.clone());
-        }
-        cql.set_is_idempotent(true);
-        self.session.batch(&cql, values).await.map_err(exec)?;
-        Ok(())
+        self.insert_changes(&self.prepared.insert_change, batch)
+            .await
     }
 
     async fn changes(
@@ -458,33 +507,8 @@ impl Tables for CqlTables {
         last: i64,
     ) -> Result<Vec<ChangeRow>, StoreError> {
         // Paged: a message with many reactions makes a long answer.
-        type Row = (i64, i64, String, String, String, Option<String>, i64);
-        let stream = self
-            .session
-            .execute_iter(
-                self.prepared.select_changes.clone(),
-                (room, bucket, first, last),
-            )
+        self.select_changes(&self.prepared.select_changes, (room, bucket, first, last))
             .await
-            .map_err(rows)?
-            .rows_stream::<Row>()
-            .map_err(rows)?;
-        let found: Vec<Row> = stream.try_collect().await.map_err(rows)?;
-        found
-            .into_iter()
-            .map(|(target, offset, id, user, kind, text, ts)| {
-                let change = ChangeRow::change_of(&kind, text)
-                    .map_err(|e| StoreError::Storage(e.to_string()))?;
-                Ok(ChangeRow {
-                    target,
-                    offset,
-                    id,
-                    user,
-                    change,
-                    ts,
-                })
-            })
-            .collect()
     }
 
     async fn erase_edit(
@@ -502,39 +526,8 @@ impl Tables for CqlTables {
     }
 
     async fn write_room_changes(&self, batch: &ChangeBatch) -> Result<(), StoreError> {
-        let values: Vec<_> = batch
-            .rows
-            .iter()
-            .map(|c| {
-                let (kind, text) = c.kind_and_text();
-                (
-                    batch.room.as_str(),
-                    batch.bucket,
-                    c.offset,
-                    c.target,
-                    c.id.as_str(),
-                    c.user.as_str(),
-                    kind,
-                    text,
-                    c.ts,
-                )
-            })
-            .collect();
-        if let [row] = values.as_slice() {
-            self.session
-                .execute_unpaged(&self.prepared.insert_room_change, row)
-                .await
-                .map_err(exec)?;
-            return Ok(());
-        }
-        // One partition, so UNLOGGED, as for messages.
-        let mut cql = Batch::new(BatchType::Unlogged);
-        for _ in &values {
-            cql.append_statement(self.prepared.insert_room_change.clone());
-        }
-        cql.set_is_idempotent(true);
-        self.session.batch(&cql, values).await.map_err(exec)?;
-        Ok(())
+        self.insert_changes(&self.prepared.insert_room_change, batch)
+            .await
     }
 
     async fn room_changes(
@@ -545,33 +538,11 @@ impl Tables for CqlTables {
         upto: i64,
     ) -> Result<Vec<ChangeRow>, StoreError> {
         // Paged: a bucket of a busy room holds up to 16,384 changes.
-        type Row = (i64, i64, String, String, String, Option<String>, i64);
-        let stream = self
-            .session
-            .execute_iter(
-                self.prepared.select_room_changes.clone(),
-                (room, bucket, from, upto),
-            )
-            .await
-            .map_err(rows)?
-            .rows_stream::<Row>()
-            .map_err(rows)?;
-        let found: Vec<Row> = stream.try_collect().await.map_err(rows)?;
-        found
-            .into_iter()
-            .map(|(offset, target, id, user, kind, text, ts)| {
-                let change = ChangeRow::change_of(&kind, text)
-                    .map_err(|e| StoreError::Storage(e.to_string()))?;
-                Ok(ChangeRow {
-                    target,
-                    offset,
-                    id,
-                    user,
-                    change,
-                    ts,
-                })
-            })
-            .collect()
+        self.select_changes(
+            &self.prepared.select_room_changes,
+            (room, bucket, from, upto),
+        )
+        .await
     }
 
     async fn erase_room_edit(

@@ -300,13 +300,15 @@ impl Statements {
                 "DELETE text FROM {changes} \
                  WHERE room = ? AND bucket = ? AND target_offset = ? AND change_offset = ?"
             ),
+            // The same columns in the same order as `message_changes`, so
+            // one piece of code binds and reads both.
             insert_room_change: format!(
                 "INSERT INTO {logged} \
-                 (room, bucket, change_offset, target_offset, msg_id, author, kind, text, ts) \
+                 (room, bucket, target_offset, change_offset, msg_id, author, kind, text, ts) \
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
             ),
             select_room_changes: format!(
-                "SELECT change_offset, target_offset, msg_id, author, kind, text, ts \
+                "SELECT target_offset, change_offset, msg_id, author, kind, text, ts \
                  FROM {logged} \
                  WHERE room = ? AND bucket = ? AND change_offset >= ? AND change_offset < ?"
             ),
@@ -420,7 +422,7 @@ mod tests {
         );
         assert_eq!(
             s.select_room_changes,
-            "SELECT change_offset, target_offset, msg_id, author, kind, text, ts \
+            "SELECT target_offset, change_offset, msg_id, author, kind, text, ts \
              FROM chat_test.room_changes_t42 \
              WHERE room = ? AND bucket = ? AND change_offset >= ? AND change_offset < ?"
         );

@@ -765,6 +765,31 @@ mod tests {
         assert!(!letter["reason"].as_str().unwrap().is_empty());
     }
 
+    /// A projector of a build that reads what `decoder` reads (today's
+    /// when `None`) run over `records`, one partition, until caught up: the
+    /// dir holding it all, the store and the dead-letter topic.
+    async fn projected_by(
+        records: Vec<Record>,
+        decoder: Option<schemas::Decoder>,
+    ) -> (tempfile::TempDir, Arc<dyn HistoryStore>, Arc<dyn EventLog>) {
+        let dir = tempfile::tempdir().unwrap();
+        let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(dir.path(), "m", 1).unwrap());
+        let dlq: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(dir.path(), DLQ_TOPIC, 1).unwrap());
+        let store: Arc<dyn HistoryStore> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("h"), "v1").unwrap());
+        log.append(records).await.unwrap();
+        let stop = CancellationToken::new();
+        let mut projector = Projector::new(log.clone(), store.clone(), Some(dlq.clone()), config());
+        if let Some(decoder) = decoder {
+            projector = projector.with_decoder(decoder);
+        }
+        let task = tokio::spawn(projector.run(stop.clone()));
+        caught_up(&*log, &*store).await;
+        stop.cancel();
+        tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+        (dir, store, dlq)
+    }
+
     /// The one record of the dead-letter topic, as JSON.
     async fn only_dead_letter(dlq: &dyn EventLog) -> serde_json::Value {
         assert_eq!(dlq.end_offset(0).await.unwrap(), 1, "one dead letter");
@@ -828,22 +853,9 @@ mod tests {
     /// with the reason, and projects what follows.
     #[tokio::test]
     async fn a_v1_build_dead_letters_a_read_position_and_moves_on() {
-        let dir = tempfile::tempdir().unwrap();
-        let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(dir.path(), "m", 1).unwrap());
-        let dlq: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(dir.path(), DLQ_TOPIC, 1).unwrap());
-        let store: Arc<dyn HistoryStore> =
-            Arc::new(EmbeddedStore::open(&dir.path().join("h"), "v1").unwrap());
-        log.append(vec![posted("r", 0), read("r", "bob", 0), posted("r", 2)])
-            .await
-            .unwrap();
         let v1 = schemas::Decoder::released_through("v1").unwrap();
-        let stop = CancellationToken::new();
-        let projector = Projector::new(log.clone(), store.clone(), Some(dlq.clone()), config())
-            .with_decoder(v1);
-        let task = tokio::spawn(projector.run(stop.clone()));
-        caught_up(&*log, &*store).await;
-        stop.cancel();
-        tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+        let records = vec![posted("r", 0), read("r", "bob", 0), posted("r", 2)];
+        let (_dir, store, dlq) = projected_by(records, Some(v1)).await;
         let page = store.page("r", None, 100).await.unwrap();
         assert_eq!(bodies(&page), ["message 0", "message 2"]);
         assert_eq!(store.read_position("r", "bob").await.unwrap(), None);
@@ -882,12 +894,7 @@ mod tests {
     #[tokio::test]
     async fn a_v2_build_dead_letters_changes_and_moves_on() {
         use schemas::Change;
-        let dir = tempfile::tempdir().unwrap();
-        let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(dir.path(), "m", 1).unwrap());
-        let dlq: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(dir.path(), DLQ_TOPIC, 1).unwrap());
-        let store: Arc<dyn HistoryStore> =
-            Arc::new(EmbeddedStore::open(&dir.path().join("h"), "v1").unwrap());
-        log.append(vec![
+        let records = vec![
             posted("r", 0),
             changed("r", "ada", 0, Change::Edit { body: "e".into() }),
             changed(
@@ -909,17 +916,9 @@ mod tests {
             ),
             changed("r", "ada", 3, Change::Delete),
             posted("r", 6),
-        ])
-        .await
-        .unwrap();
+        ];
         let v2 = schemas::Decoder::released_through("v2").unwrap();
-        let stop = CancellationToken::new();
-        let projector = Projector::new(log.clone(), store.clone(), Some(dlq.clone()), config())
-            .with_decoder(v2);
-        let task = tokio::spawn(projector.run(stop.clone()));
-        caught_up(&*log, &*store).await;
-        stop.cancel();
-        tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+        let (_dir, store, dlq) = projected_by(records, Some(v2)).await;
         let page = store.page("r", None, 100).await.unwrap();
         assert_eq!(bodies(&page), ["message 0", "message 3", "message 6"]);
         assert!(page.iter().all(|m| m.edited_ts.is_none() && !m.deleted));
@@ -960,12 +959,8 @@ mod tests {
     #[tokio::test]
     async fn changes_are_projected_into_their_targets() {
         use schemas::Change;
-        let dir = tempfile::tempdir().unwrap();
-        let log: Arc<dyn EventLog> = Arc::new(EmbeddedLog::open(dir.path(), "m", 1).unwrap());
-        let store: Arc<dyn HistoryStore> =
-            Arc::new(EmbeddedStore::open(&dir.path().join("h"), "v1").unwrap());
         let author = "ada"; // who `posted` sends as
-        log.append(vec![
+        let records = vec![
             posted("r", 0),
             changed("r", author, 0, Change::Edit { body: "e".into() }),
             changed(
@@ -980,15 +975,8 @@ mod tests {
             changed("r", "mallory", 3, Change::Delete),
             changed("r", author, 3, Change::Delete),
             changed("r", "bob", 9, Change::Delete),
-        ])
-        .await
-        .unwrap();
-        let stop = CancellationToken::new();
-        let projector = Projector::new(log.clone(), store.clone(), None, config());
-        let task = tokio::spawn(projector.run(stop.clone()));
-        caught_up(&*log, &*store).await;
-        stop.cancel();
-        tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+        ];
+        let (_dir, store, _) = projected_by(records, None).await;
         let page = store.page("r", None, 100).await.unwrap();
         assert_eq!(bodies(&page), ["e", ""]);
         assert!(page[0].edited_ts.is_some());

@@ -546,6 +546,18 @@ fn forbidden(room: &str, id: Option<String>) -> Response {
     error_response(&access::forbidden(room, id))
 }
 
+/// The `too_large` answer (413) to a request body over the limit.
+fn body_too_large(state: &AppState) -> Response {
+    error_response(&FrameError::new(
+        ErrorCode::TooLarge,
+        format!(
+            "the request body is over {} bytes",
+            state.guard.limits.max_body_bytes
+        ),
+        None,
+    ))
+}
+
 /// `POST /rooms/{room}/messages`: the same as a `send`.
 pub(crate) async fn post_message(
     State(state): State<Arc<AppState>>,
@@ -562,14 +574,7 @@ pub(crate) async fn post_message(
     let body = match body {
         Ok(Json(body)) => body,
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return error_response(&FrameError::new(
-                ErrorCode::TooLarge,
-                format!(
-                    "the request body is over {} bytes",
-                    state.guard.limits.max_body_bytes
-                ),
-                None,
-            ));
+            return body_too_large(&state);
         }
         Err(_) => {
             return error_response(&FrameError::new(
@@ -682,14 +687,7 @@ pub(crate) async fn post_change(
     let bytes = match body {
         Ok(bytes) => bytes,
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return error_response(&FrameError::new(
-                ErrorCode::TooLarge,
-                format!(
-                    "the request body is over {} bytes",
-                    state.guard.limits.max_body_bytes
-                ),
-                None,
-            ));
+            return body_too_large(&state);
         }
         Err(_) => {
             return error_response(&FrameError::new(

@@ -489,20 +489,7 @@ async fn an_id_another_user_used_is_refused() {
 #[tokio::test]
 async fn a_retry_the_history_knows_is_answered_from_it() {
     let node = Node::new();
-    // Appended through another node and projected, unknown to this node.
-    let stored = MessageView {
-        room: ROOM.to_owned(),
-        offset: 7,
-        id: "elsewhere".to_owned(),
-        user: "alice".to_owned(),
-        body: "hi".to_owned(),
-        ts: 1_234,
-        ..MessageView::default()
-    };
-    node.store
-        .apply(node.partition(ROOM), vec![stored], 8)
-        .await
-        .unwrap();
+    stored_message(&node).await;
     let mut alice = Client::connect(&node, "alice").await;
     let ack = alice.post(ROOM, "elsewhere", "hi").await;
     assert_eq!((offset(&ack), ack["ts"].as_i64()), (7, Some(1_234)));

@@ -11,6 +11,8 @@
 //! durable commit, rows and positions together, and the projector applies
 //! the rest of the log again.
 
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -29,7 +31,7 @@ use schemas::Change;
 
 /// What a message row holds besides its key (room, offset): the message as
 /// its changes left it (rows written before changes existed read with none).
-#[derive(Serialize, Deserialize)]
+#[derive(Default, Serialize, Deserialize)]
 struct Row {
     id: String,
     user: String,
@@ -59,6 +61,20 @@ impl Row {
             edited_ts: m.edited_ts,
             deleted: m.deleted,
             reactions: m.reactions.clone(),
+            original: None,
+        }
+    }
+
+    /// The row of `m`, taking its fields.
+    fn from_view(m: MessageView) -> Row {
+        Row {
+            id: m.id,
+            user: m.user,
+            body: m.body,
+            ts: m.ts,
+            edited_ts: m.edited_ts,
+            deleted: m.deleted,
+            reactions: m.reactions,
             original: None,
         }
     }
@@ -343,6 +359,8 @@ fn apply_in(
     if !batch.changes.is_empty() {
         let mut changes = txn.open_table(tables.changes()).map_err(storage)?;
         let mut change_at = txn.open_table(tables.change_at()).map_err(storage)?;
+        // The rows the changes apply to, as they become, and whether changed.
+        let mut touched: HashMap<(&str, u64), (Row, bool)> = HashMap::new();
         for c in &batch.changes {
             let room = c.room.as_str();
             let key = (room, c.id.as_str());
@@ -358,42 +376,45 @@ fn apply_in(
             change_at
                 .insert((room, c.offset), (c.target, c.ts))
                 .map_err(storage)?;
-            let target = if c.target < c.offset {
-                rows.get((room, c.target))
-                    .map_err(storage)?
-                    .map(|v| serde_json::from_slice::<Row>(v.value()))
-                    .transpose()
-                    .map_err(storage)?
-            } else {
+            let target = if c.target >= c.offset {
                 None // a change follows its target in the log
+            } else {
+                match touched.entry((room, c.target)) {
+                    Entry::Occupied(row) => Some(row.into_mut()),
+                    Entry::Vacant(slot) => rows
+                        .get((room, c.target))
+                        .map_err(storage)?
+                        .map(|v| serde_json::from_slice::<Row>(v.value()))
+                        .transpose()
+                        .map_err(storage)?
+                        .map(|row| slot.insert((row, false))),
+                }
             };
             let mut kept = ChangeRow::of(c);
-            if kept.kind == "edit" && target.as_ref().is_some_and(|row| row.deleted) {
+            if kept.kind == "edit" && target.as_ref().is_some_and(|(row, _)| row.deleted) {
                 kept.text = None; // an edit that came after the delete keeps no body either
             }
             let kept = serde_json::to_vec(&kept).map_err(storage)?;
             changes
                 .insert((room, c.target, c.offset), kept.as_slice())
                 .map_err(storage)?;
-            let Some(row) = target else {
+            let Some((row, dirty)) = target else {
                 continue; // no message of the room there
             };
-            let before = row.body.clone();
-            let original = row.original.clone();
-            let mut view = row.view(room, c.target);
-            if !fold(&mut view, c) {
-                continue;
+            if fold_into(row, room, c) {
+                *dirty = true;
+                if row.deleted {
+                    erase_edits(&mut changes, room, c.target)?;
+                }
             }
-            let mut row = Row::of(&view);
-            if !view.deleted {
-                // Kept from the first edit on: what the message said as posted.
-                row.original = original.or_else(|| view.edited_ts.map(|_| before));
-            }
-            let row = serde_json::to_vec(&row).map_err(storage)?;
-            rows.insert((room, c.target), row.as_slice())
-                .map_err(storage)?;
-            if view.deleted {
-                erase_edits(&mut changes, room, c.target)?;
+        }
+        // Each row changed once per batch, however many changes it took: a
+        // popular message is rewritten once, not once per reaction.
+        for ((room, target), (row, dirty)) in touched {
+            if dirty {
+                let row = serde_json::to_vec(&row).map_err(storage)?;
+                rows.insert((room, target), row.as_slice())
+                    .map_err(storage)?;
             }
         }
     }
@@ -417,6 +438,26 @@ fn apply_in(
     }
     positions.insert(partition, next).map_err(storage)?;
     Ok(())
+}
+
+/// Applies `c` to `row`, the message of `room` it targets, by
+/// [`fold`]'s rules; keeps the body as posted once an edit replaces it.
+/// Returns whether the row changed.
+fn fold_into(row: &mut Row, room: &str, c: &ChangeMark) -> bool {
+    let before = matches!(c.change, Change::Edit { .. }).then(|| row.body.clone());
+    let original = row.original.take();
+    let mut view = std::mem::take(row).view(room, c.target);
+    let changed = fold(&mut view, c);
+    *row = Row::from_view(view);
+    if !row.deleted {
+        // Kept from the first edit on: what the message said as posted.
+        row.original = original.or(if row.edited_ts.is_some() {
+            before
+        } else {
+            None
+        });
+    }
+    changed
 }
 
 /// Takes the bodies out of the kept edits of a deleted message: a deleted

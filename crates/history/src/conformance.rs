@@ -396,6 +396,22 @@ pub async fn unread_counts_messages_after_the_read_position(h: &impl StoreHarnes
     assert_eq!(s.count_after("r", Some(39), 1000).await.unwrap(), 0);
     assert_eq!(s.count_after("r", None, 7).await.unwrap(), 7);
     assert_eq!(s.count_after("nowhere", None, 1000).await.unwrap(), 0);
+    // A deleted message is no longer unread; other changes count nothing.
+    s.apply_batch(
+        0,
+        changes(vec![
+            change("r", 40, "d", "alice", 32, Change::Delete),
+            change("r", 41, "x", "bob", 34, react("👍")),
+            change("r", 42, "e", "alice", 36, edit("edited")),
+        ]),
+        43,
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.count_after("r", Some(29), 1000).await.unwrap(), 4);
+    assert_eq!(s.count_after("r", Some(32), 1000).await.unwrap(), 3);
+    assert_eq!(s.count_after("r", None, 1000).await.unwrap(), 19);
+    assert_eq!(s.count_after("r", None, 19).await.unwrap(), 19);
 }
 
 pub async fn changes_fold_into_pages(h: &impl StoreHarness) {

@@ -161,6 +161,7 @@ struct Tables {
     members: String,
     changes: String,
     change_at: String,
+    deleted: String,
 }
 
 impl Tables {
@@ -173,12 +174,19 @@ impl Tables {
             members: format!("members@{namespace}"),
             changes: format!("changes@{namespace}"),
             change_at: format!("change_at@{namespace}"),
+            deleted: format!("deleted@{namespace}"),
         }
     }
 
     /// (room, target offset, change offset) -> [`ChangeRow`] as JSON.
     fn changes(&self) -> TableDefinition<'_, (&'static str, u64, u64), &'static [u8]> {
         TableDefinition::new(&self.changes)
+    }
+
+    /// (room, offset) of each deleted message: what unread counts skip
+    /// while they walk the message keys alone.
+    fn deleted(&self) -> TableDefinition<'_, (&'static str, u64), ()> {
+        TableDefinition::new(&self.deleted)
     }
 
     /// (room, change offset) -> (target offset, the change's time): the
@@ -278,6 +286,7 @@ impl EmbeddedStore {
         txn.open_table(tables.members()).map_err(storage)?;
         txn.open_table(tables.changes()).map_err(storage)?;
         txn.open_table(tables.change_at()).map_err(storage)?;
+        txn.open_table(tables.deleted()).map_err(storage)?;
         let id = {
             let mut meta = txn.open_table(META).map_err(storage)?;
             let existing = meta
@@ -359,6 +368,7 @@ fn apply_in(
     if !batch.changes.is_empty() {
         let mut changes = txn.open_table(tables.changes()).map_err(storage)?;
         let mut change_at = txn.open_table(tables.change_at()).map_err(storage)?;
+        let mut deleted = txn.open_table(tables.deleted()).map_err(storage)?;
         // The rows the changes apply to, as they become, and whether changed.
         let mut touched: HashMap<(&str, u64), (Row, bool)> = HashMap::new();
         for c in &batch.changes {
@@ -405,6 +415,7 @@ fn apply_in(
                 *dirty = true;
                 if row.deleted {
                     erase_edits(&mut changes, room, c.target)?;
+                    deleted.insert((room, c.target), ()).map_err(storage)?;
                 }
             }
         }
@@ -956,14 +967,29 @@ impl HistoryStore for EmbeddedStore {
         self.blocking(move |db, tables| {
             let txn = db.begin_read().map_err(storage)?;
             let rows = txn.open_table(tables.messages()).map_err(storage)?;
+            let deleted = txn.open_table(tables.deleted()).map_err(storage)?;
             let from = after.map_or(0, |a| a.saturating_add(1));
-            // Keys only: the rows' values are never read.
+            let range = (room.as_str(), from)..=(room.as_str(), u64::MAX);
+            // Keys only: the rows' values are never read. The deleted
+            // messages (few) are walked beside them, both in offset order.
+            let mut gone = deleted.range(range.clone()).map_err(storage)?;
+            let mut next_gone = || -> Result<Option<u64>, StoreError> {
+                Ok(gone
+                    .next()
+                    .transpose()
+                    .map_err(storage)?
+                    .map(|(key, _)| key.value().1))
+            };
+            let mut gone_at = next_gone()?;
             let mut count = 0;
-            for entry in rows
-                .range((room.as_str(), from)..=(room.as_str(), u64::MAX))
-                .map_err(storage)?
-            {
-                entry.map_err(storage)?;
+            for entry in rows.range(range).map_err(storage)? {
+                let offset = entry.map_err(storage)?.0.value().1;
+                while gone_at.is_some_and(|at| at < offset) {
+                    gone_at = next_gone()?;
+                }
+                if gone_at == Some(offset) {
+                    continue;
+                }
                 count += 1;
                 if count >= cap {
                     break;

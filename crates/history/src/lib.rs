@@ -289,7 +289,7 @@ pub trait HistoryStore: Send + Sync + 'static {
     async fn user_rooms(&self, user: &str) -> Result<Vec<String>, StoreError>;
 
     /// Messages of `room` with an offset above `after` (all when `None`),
-    /// counted up to `cap`.
+    /// counted up to `cap`; deleted messages do not count.
     async fn count_after(
         &self,
         room: &str,
@@ -308,7 +308,7 @@ pub trait HistoryStore: Send + Sync + 'static {
             let oldest = oldest.offset as u64;
             let newer = page
                 .iter()
-                .filter(|m| after.is_none_or(|a| m.offset as u64 > a))
+                .filter(|m| !m.deleted && after.is_none_or(|a| m.offset as u64 > a))
                 .count() as u64;
             count += newer;
             if count >= cap {

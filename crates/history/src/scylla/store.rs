@@ -673,7 +673,7 @@ impl<T: Tables> HistoryStore for BucketedStore<T> {
             let oldest = oldest.offset as u64;
             count += page
                 .iter()
-                .filter(|m| after.is_none_or(|a| m.offset as u64 > a))
+                .filter(|m| !m.deleted && after.is_none_or(|a| m.offset as u64 > a))
                 .count() as u64;
             if count >= cap {
                 return Ok(cap);

@@ -940,8 +940,11 @@ async fn edits_deletes_and_reactions_on_two_gateways() {
     let first = acked_offsets(&mut alice, ROOM, 1, &mut heard_a).await[0];
     let second = acked_offsets(&mut bob, ROOM, 1, &mut heard_b).await[0];
     let second_ts = b.history_with(ROOM, 2).await[1]["ts"].as_i64().unwrap();
-    // The edit's time is after the second message's (as_of by time below).
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The edit's time is after the second message's (as_of by time below):
+    // the clock has moved past it before the edit is sent.
+    while schemas::now_ms() <= second_ts {
+        tokio::task::yield_now().await;
+    }
 
     // Alice edits her message: both gateways' members get it live.
     let edit =

@@ -218,6 +218,44 @@ pub const MAX_LISTED: usize = 1000;
 /// least this many".
 pub const UNREAD_CAP: u64 = 1000;
 
+/// Counts the messages that `pages` (`before`, `limit` -> up to `limit` of
+/// the newest messages below `before`, oldest first, as
+/// [`HistoryStore::page`]) holds above `after`, deleted ones left out, up
+/// to `cap`: newest first, a page at a time (growing), until below `after`
+/// or at `cap`.
+pub async fn count_newest_first<F, Fut>(
+    after: Option<u64>,
+    cap: u64,
+    mut pages: F,
+) -> Result<u64, StoreError>
+where
+    F: FnMut(Option<u64>, usize) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<MessageView>, StoreError>>,
+{
+    let mut count = 0;
+    let mut before = None;
+    let mut limit = 16;
+    loop {
+        let page = pages(before, limit).await?;
+        let Some(oldest) = page.first() else {
+            return Ok(count);
+        };
+        let oldest = oldest.offset as u64;
+        count += page
+            .iter()
+            .filter(|m| !m.deleted && after.is_none_or(|a| m.offset as u64 > a))
+            .count() as u64;
+        if count >= cap {
+            return Ok(cap);
+        }
+        if page.len() < limit || after.is_some_and(|a| oldest <= a) {
+            return Ok(count);
+        }
+        before = Some(oldest);
+        limit = (limit * 4).min(MAX_LISTED);
+    }
+}
+
 /// The history of every room, as projected from the log.
 #[async_trait]
 pub trait HistoryStore: Send + Sync + 'static {
@@ -296,30 +334,7 @@ pub trait HistoryStore: Send + Sync + 'static {
         after: Option<u64>,
         cap: u64,
     ) -> Result<u64, StoreError> {
-        // Newest first, a page at a time, until below `after` or at `cap`.
-        let mut count = 0;
-        let mut before = None;
-        let mut limit = 16;
-        loop {
-            let page = self.page(room, before, limit).await?;
-            let Some(oldest) = page.first() else {
-                return Ok(count);
-            };
-            let oldest = oldest.offset as u64;
-            let newer = page
-                .iter()
-                .filter(|m| !m.deleted && after.is_none_or(|a| m.offset as u64 > a))
-                .count() as u64;
-            count += newer;
-            if count >= cap {
-                return Ok(cap);
-            }
-            if page.len() < limit || after.is_some_and(|a| oldest <= a) {
-                return Ok(count);
-            }
-            before = Some(oldest);
-            limit = (limit * 4).min(MAX_LISTED);
-        }
+        count_newest_first(after, cap, |before, limit| self.page(room, before, limit)).await
     }
 
     /// The offset of the message of `room` sent with client id `id`.

@@ -546,6 +546,26 @@ fn forbidden(room: &str, id: Option<String>) -> Response {
     error_response(&access::forbidden(room, id))
 }
 
+/// The `id` of a request that appends to `room`, checked with the room
+/// name, or why it is refused.
+fn checked_id(id: Option<String>, room: &str) -> Result<String, Box<FrameError>> {
+    let Some(id) = id else {
+        return Err(Box::new(FrameError::new(
+            ErrorCode::BadFrame,
+            "missing id",
+            None,
+        )));
+    };
+    check_id(&id)?;
+    if !valid_room(room) {
+        return Err(Box::new(FrameError {
+            id: Some(id),
+            ..bad_room()
+        }));
+    }
+    Ok(id)
+}
+
 /// The `too_large` answer (413) to a request body over the limit.
 fn body_too_large(state: &AppState) -> Response {
     error_response(&FrameError::new(
@@ -584,18 +604,10 @@ pub(crate) async fn post_message(
             ))
         }
     };
-    let Some(id) = body.id else {
-        return error_response(&FrameError::new(ErrorCode::BadFrame, "missing id", None));
+    let id = match checked_id(body.id, &room) {
+        Ok(id) => id,
+        Err(refused) => return error_response(&refused),
     };
-    if let Err(e) = check_id(&id) {
-        return error_response(&e);
-    }
-    if !valid_room(&room) {
-        return error_response(&FrameError {
-            id: Some(id),
-            ..bad_room()
-        });
-    }
     let Some(text) = body.body else {
         return error_response(&FrameError::new(
             ErrorCode::BadFrame,
@@ -715,18 +727,10 @@ pub(crate) async fn post_change(
         .get("id")
         .and_then(serde_json::Value::as_str)
         .or_else(|| query.get("id").map(String::as_str));
-    let Some(id) = id.map(str::to_owned) else {
-        return error_response(&FrameError::new(ErrorCode::BadFrame, "missing id", None));
+    let id = match checked_id(id.map(str::to_owned), &room) {
+        Ok(id) => id,
+        Err(refused) => return error_response(&refused),
     };
-    if let Err(e) = check_id(&id) {
-        return error_response(&e);
-    }
-    if !valid_room(&room) {
-        return error_response(&FrameError {
-            id: Some(id),
-            ..bad_room()
-        });
-    }
     let target = serde_json::Value::from(target.parse::<i64>().ok());
     let target = match schemas::protocol::parse_target(Some(&target), &id) {
         Ok(target) => target,

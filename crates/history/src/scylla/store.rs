@@ -660,30 +660,12 @@ impl<T: Tables> HistoryStore for BucketedStore<T> {
         after: Option<u64>,
         cap: u64,
     ) -> Result<u64, StoreError> {
-        // As the trait's default, newest first a page at a time, but over
-        // the stored rows: a count needs no change.
-        let mut count = 0;
-        let mut before = None;
-        let mut limit = 16;
-        loop {
-            let (page, _) = self.walk(room, before, limit).await?;
-            let Some(oldest) = page.first() else {
-                return Ok(count);
-            };
-            let oldest = oldest.offset as u64;
-            count += page
-                .iter()
-                .filter(|m| !m.deleted && after.is_none_or(|a| m.offset as u64 > a))
-                .count() as u64;
-            if count >= cap {
-                return Ok(cap);
-            }
-            if page.len() < limit || after.is_some_and(|a| oldest <= a) {
-                return Ok(count);
-            }
-            before = Some(oldest);
-            limit = (limit * 4).min(MAX_LISTED);
-        }
+        // As the trait's default, but over the stored rows: a count needs
+        // no change folded in (a deleted row says so itself).
+        crate::count_newest_first(after, cap, |before, limit| async move {
+            Ok(self.walk(room, before, limit).await?.0)
+        })
+        .await
     }
 
     async fn read_position(&self, room: &str, user: &str) -> Result<Option<u64>, StoreError> {
